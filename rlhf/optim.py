@@ -1,0 +1,48 @@
+"""Optimiser and learning-rate schedule shared by the stages."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+from rlhf.config import StageConfig
+
+
+def adamw(named_parameters: Iterable[tuple[str, torch.nn.Parameter]], stage: StageConfig) -> torch.optim.AdamW:
+    """AdamW over trainable parameters; biases and norm weights (1-D tensors) get no weight decay."""
+    decay, no_decay = [], []
+    for _, param in named_parameters:
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 else decay).append(param)
+    groups = [{"params": decay, "weight_decay": stage.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]],
+        lr=stage.lr,
+        betas=tuple(stage.adam_betas),
+        eps=stage.adam_eps,
+        # The fused kernel is CUDA-only; foreach is the fast path on CPU.
+        foreach=True,
+    )
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str, min_ratio: float) -> float:
+    """Multiplier of the peak learning rate at optimizer step `step` (0-based)."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if kind == "constant":
+        return 1.0
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    shape = 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return min_ratio + (1.0 - min_ratio) * shape
+
+
+def scheduler(optimizer: torch.optim.Optimizer, stage: StageConfig, total_steps: int) -> dict:
+    """A Lightning lr_scheduler config stepping every optimizer step."""
+    warmup = int(stage.warmup_ratio * total_steps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total_steps, warmup, stage.scheduler, stage.min_lr_ratio)
+    )
+    return {"scheduler": schedule, "interval": "step", "frequency": 1}

@@ -1,0 +1,86 @@
+"""Runs one job: resume point, MLflow run, the stage's parts, Lightning's fit, outputs, final status."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+from dataclasses import asdict
+from pathlib import Path
+
+import pytorch_lightning as pl
+
+from rlhf.config import RunConfig
+from rlhf.lineage import ResumePoint, find_resume_point
+from rlhf.stages import get_stage
+from rlhf.tracking import (
+    JobInfo,
+    connect,
+    experiment_id,
+    is_rank_zero,
+    peak_memory,
+    print_summary,
+    recorded,
+    start_tracker,
+    tracking_uri,
+)
+from rlhf.training import build_trainer
+
+log = logging.getLogger(__name__)
+
+RESUME_ENV = "RLHF_RESUME_POINT"
+
+
+def _resume_point(run: RunConfig, job: JobInfo) -> ResumePoint | None:
+    if run.resume in (None, False) or str(run.resume).lower() in ("false", "none", "null", ""):
+        return None
+    if not is_rank_zero() and os.environ.get(RESUME_ENV):  # a data-parallel rank: rank 0 has chosen
+        return ResumePoint(**json.loads(os.environ[RESUME_ENV]))
+    client, exp_id = None, None
+    if run.tracking.enabled:
+        uri = tracking_uri(run.tracking.uri, job.launch_dir)
+        client = connect(uri)
+        exp_id = experiment_id(client, run.tracking.experiment, uri)
+    point = find_resume_point(run.resume, run.stage.name, client, exp_id)
+    os.environ[RESUME_ENV] = json.dumps(asdict(point))
+    return point
+
+
+def _terminate_as_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def execute(run: RunConfig, job: JobInfo) -> float | None:
+    """Train the configured stage; return the metric a sweep optimises (None if it was not produced)."""
+    pl.seed_everything(run.seed, workers=True, verbose=False)
+    resume = _resume_point(run, job)
+    tracker = start_tracker(run, job, resume.run_id if resume else None)
+    output_dir = Path(resume.output_dir if resume else run.output_dir)
+    if is_rank_zero():
+        # `kill` (SIGTERM) ends a run like Ctrl-C: recorded as KILLED, checkpoints kept.
+        signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+    with recorded(tracker):
+        if resume:
+            log.info("Resuming from %s", resume.checkpoint)
+            tracker.set_tags({"rlhf.resumed_from": resume.checkpoint})
+        job_parts = get_stage(run.stage.name)(run, tracker)
+        trainer = build_trainer(run, tracker, output_dir, job_parts.callbacks)
+        trainer.fit(job_parts.module, datamodule=job_parts.datamodule, ckpt_path=resume.checkpoint if resume else None)
+        metrics = job_parts.finish(trainer, output_dir)
+        if trainer.is_global_zero:
+            tracker.log_metrics({f"final/{k}": v for k, v in metrics.items()}, step=trainer.global_step)
+            tracker.log_metrics(peak_memory(), step=trainer.global_step)
+            if run.tracking.log_model and (output_dir / "model").is_dir():
+                tracker.log_artifacts(output_dir / "model", "model")
+    if trainer.is_global_zero:
+        log.info("Model saved to %s", output_dir / "model")
+        print_summary(tracker)
+    return _optimized(metrics, run.optimized_metric or job_parts.default_metric)
+
+
+def _optimized(metrics: dict[str, float], name: str) -> float | None:
+    if name in metrics:
+        return metrics[name]
+    log.warning("optimized_metric %r was not produced; known: %s", name, ", ".join(sorted(metrics)))
+    return None

@@ -1,0 +1,47 @@
+"""The stages a run can be: a closed set, looked up by `stage.name`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
+
+    from rlhf.config import RunConfig
+    from rlhf.tracking import Tracker
+
+
+@dataclass
+class StageJob:
+    """What a stage hands the runner: the Lightning parts, and what to do once training ends."""
+
+    module: pl.LightningModule
+    datamodule: pl.LightningDataModule
+    # Called after fit on every process: saves the model (rank 0) and returns final metrics.
+    finish: Callable[[pl.Trainer, Path], dict[str, float]]
+    callbacks: list[pl.Callback] = field(default_factory=list)
+    # The metric a sweep optimises by default (a key of the returned or logged metrics).
+    default_metric: str = "val/loss"
+
+
+Builder = Callable[["RunConfig", "Tracker"], StageJob]
+
+
+def _sft(run: RunConfig, tracker: Tracker) -> StageJob:
+    from rlhf.stages import sft
+
+    return sft.build(run, tracker)
+
+
+STAGES: dict[str, Builder] = {"sft": _sft}
+
+
+def get_stage(name: str) -> Builder:
+    from rlhf.errors import ConfigError
+
+    if name not in STAGES:
+        raise ConfigError(f"stage.name: unknown stage {name!r}; choose one of {', '.join(STAGES)}")
+    return STAGES[name]

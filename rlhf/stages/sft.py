@@ -1,0 +1,137 @@
+"""Supervised fine-tuning: next-token loss on response tokens, prompt tokens masked."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+
+from rlhf import models, optim
+from rlhf.config import RunConfig, SFTStageConfig
+from rlhf.data.loading import ExamplesDataModule
+from rlhf.data.prepare import CausalLMCollator, prepare_sft
+from rlhf.data.tokenize import ChatRenderer
+from rlhf.lineage import resolve_source
+from rlhf.policy import completion_loss, eos_ids, generate
+from rlhf.stages import StageJob
+from rlhf.tracking import Tracker
+from rlhf.training import Throughput
+
+log = logging.getLogger(__name__)
+
+
+class SFTModule(pl.LightningModule):
+    def __init__(self, model: torch.nn.Module, stage: SFTStageConfig):
+        super().__init__()
+        self.model = model
+        self.stage = stage
+        self._eval_sums: dict[str, torch.Tensor] = {}
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss_sum, tokens = completion_loss(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        loss = loss_sum / tokens.clamp(min=1)
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
+        return loss
+
+    def _eval_step(self, batch: dict) -> None:
+        loss_sum, tokens = completion_loss(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        self._eval_sums["loss"] = self._eval_sums.get("loss", 0) + loss_sum.detach()
+        self._eval_sums["tokens"] = self._eval_sums.get("tokens", 0) + tokens
+
+    def _eval_epoch_end(self, prefix: str) -> None:
+        # Token-weighted over the whole split (and all ranks), not a mean of batch means.
+        loss_sum = self.trainer.strategy.reduce(self._eval_sums["loss"].float(), reduce_op="sum")
+        tokens = self.trainer.strategy.reduce(self._eval_sums["tokens"].float(), reduce_op="sum")
+        self._eval_sums = {}
+        loss = (loss_sum / tokens.clamp(min=1)).item()
+        self.log(f"{prefix}/loss", loss, prog_bar=prefix == "val", sync_dist=False)
+        self.log(f"{prefix}/ppl", math.exp(min(loss, 50.0)), sync_dist=False)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        if self._eval_sums:
+            self._eval_epoch_end("val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_test_epoch_end(self) -> None:
+        if self._eval_sums:
+            self._eval_epoch_end("test")
+
+    def configure_optimizers(self):
+        optimizer = optim.adamw(self.model.named_parameters(), self.stage)
+        total = int(self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer, "lr_scheduler": optim.scheduler(optimizer, self.stage, total)}
+
+
+def _count_tokens(batch: dict) -> dict[str, float]:
+    return {"tokens": float(batch["attention_mask"].sum()), "trained_tokens": float((batch["labels"] != -100).sum())}
+
+
+def build(run: RunConfig, tracker: Tracker) -> StageJob:
+    stage: SFTStageConfig = run.stage
+    source = resolve_source(stage.init_from, "stage.init_from", None, tracker)
+    tokenizer = models.load_tokenizer(run.model, source.location)
+    renderer = ChatRenderer(tokenizer, run.data.chat_template)
+    # Data before weights: a bad file fails in seconds, not after the model has loaded.
+    data = prepare_sft(run.data, renderer, run.seed)
+    tracker.log_metrics(data.stats)
+    model = models.load_causal_lm(run.model, source.location, seed=run.seed)
+    if run.model.lora.enabled:
+        model = models.apply_lora(model, run.model.lora, "CAUSAL_LM")
+    tracker.log_metrics(
+        {
+            "model/parameters": models.count_parameters(model),
+            "model/trainable_parameters": models.count_parameters(model, trainable_only=True),
+        }
+    )
+    module = SFTModule(model, stage)
+    datamodule = ExamplesDataModule(
+        data.splits,
+        CausalLMCollator(tokenizer.pad_token_id),
+        batch_size=stage.batch_size,
+        eval_batch_size=stage.eval_batch_size,
+        seed=run.seed,
+        num_workers=run.data.num_workers,
+    )
+
+    def finish(trainer: pl.Trainer, output_dir: Path) -> dict[str, float]:
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        if "test" in data.splits:
+            for result in trainer.test(module, datamodule=datamodule, verbose=False):
+                metrics.update({k: float(v) for k, v in result.items()})
+        if trainer.is_global_zero:
+            models.save_model(module.model, tokenizer, output_dir / "model")
+            _log_samples(module.model, tokenizer, renderer, data.prompts["validation"], data.references["validation"], stage, tracker)
+        return metrics
+
+    return StageJob(module, datamodule, finish, callbacks=[Throughput(_count_tokens)], default_metric="val/loss")
+
+
+def _log_samples(model, tokenizer, renderer, prompts, references, stage: SFTStageConfig, tracker: Tracker) -> None:
+    """Greedy generations on a few validation prompts, next to the reference responses."""
+    if stage.num_samples == 0 or not prompts:
+        return
+    prompts, references = prompts[: stage.num_samples], references[: stage.num_samples]
+    prompt_ids = tokenizer([renderer.prompt(p) for p in prompts], add_special_tokens=renderer.adds_special_tokens)["input_ids"]
+    responses = generate(
+        model,
+        prompt_ids,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_ids=eos_ids(tokenizer, model),
+        max_new_tokens=stage.sample_max_new_tokens,
+        do_sample=False,
+    )
+    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+    as_str = [p if isinstance(p, str) else p[-1]["content"] for p in prompts]
+    refs = [r if isinstance(r, str) else r[-1]["content"] for r in references]
+    tracker.log_table({"prompt": as_str, "response": texts, "reference": refs}, "samples/validation.json")
+    for prompt, text in zip(as_str, texts):
+        log.info("sample | %s -> %s", prompt[:80], text[:120])

@@ -1,0 +1,1 @@
+"""Shipped offline tasks: data generators with their gold annotators."""

@@ -1,0 +1,353 @@
+"""Every run is an MLflow run: params, tags, metrics, artifacts, model, and an honest final status.
+
+Metrics go in batches through MLflow's asynchronous queue (a synchronous call costs ~18 ms on the
+default sqlite store, more than a training step of a small model). Only the first process of a
+data-parallel job records anything; the others attach to its run id and stay silent.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pytorch_lightning.loggers import MLFlowLogger
+
+from rlhf.config import RunConfig, to_container
+
+log = logging.getLogger(__name__)
+
+RUN_ID_ENV = "RLHF_RUN_ID"
+TAG_PREFIX = "rlhf."
+MAX_PARAM_LENGTH = 6000
+
+
+@dataclass
+class JobInfo:
+    """What Hydra knows about this job, as plain values (read once, at the entry point)."""
+
+    output_dir: str
+    launch_dir: str
+    overrides: list[str] = field(default_factory=list)
+    choices: dict[str, str] = field(default_factory=dict)
+    multirun: bool = False
+    sweep_dir: str | None = None
+    job_num: int | None = None
+    command: str = ""
+
+
+def is_rank_zero() -> bool:
+    """True in the process that records the run (before and after Lightning starts DDP)."""
+    return all(int(os.environ.get(var, "0")) == 0 for var in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+
+
+def tracking_uri(configured: str | None, launch_dir: str) -> str:
+    if configured:
+        return configured
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{Path(launch_dir).resolve() / 'mlflow.db'}"
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config -> {"stage.lr": "5e-05", ...}; lists are kept whole as one value."""
+    out: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = str(value)[:MAX_PARAM_LENGTH]
+    return out
+
+
+def git_commit() -> str | None:
+    """The commit of the checkout the package runs from, if it is one."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def peak_memory() -> dict[str, float]:
+    """Peak resident memory of this process (and peak GPU memory), in MiB."""
+    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def run_name(run: RunConfig, job: JobInfo) -> str:
+    if run.tracking.run_name:
+        return run.tracking.run_name
+    skip = ("stage=", "model=", "data=", "experiment=", "tracking", "hydra", "resume=")
+    extra = [o.split(".")[-1] for o in job.overrides if not o.startswith(skip)]
+    return " ".join([f"{run.stage.name}-{run.model.name}-{run.data.name}", *extra])[:250]
+
+
+class RunLogger(MLFlowLogger):
+    """Lightning's MLflow logger bound to our run; the run's status is ours to set, not Lightning's."""
+
+    def log_hyperparams(self, params: Any) -> None:  # the whole config is logged at the start
+        return None
+
+    def finalize(self, status: str = "success") -> None:
+        import mlflow
+
+        mlflow.flush_async_logging()
+
+
+class Tracker:
+    """The MLflow run of this job. Every method is a no-op where nothing should be recorded."""
+
+    def __init__(self, client: Any, run_id: str, experiment_id: str, uri: str):
+        self.client, self.run_id, self.experiment_id, self.uri = client, run_id, experiment_id, uri
+
+    @property
+    def active(self) -> bool:
+        return True
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        self.client.log_batch(self.run_id, metrics=batch, synchronous=False)
+
+    def log_params(self, params: Mapping[str, str]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k[:250], v) for k, v in params.items()]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[start : start + 100])
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)[:5000]) for k, v in tags.items() if v is not None]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, tags=items[start : start + 100])
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_table(self, data: dict[str, list], artifact_file: str) -> None:
+        self.client.log_table(self.run_id, data=data, artifact_file=artifact_file)
+
+    def log_figure(self, figure: Any, artifact_file: str) -> None:
+        self.client.log_figure(self.run_id, figure, artifact_file)
+
+    def log_artifacts(self, directory: str | Path, artifact_path: str) -> None:
+        self.client.log_artifacts(self.run_id, str(directory), artifact_path)
+
+    def lightning_logger(self) -> RunLogger:
+        return RunLogger(tracking_uri=self.uri, run_id=self.run_id, synchronous=False)
+
+    def params(self) -> dict[str, str]:
+        return dict(self.client.get_run(self.run_id).data.params)
+
+    def end(self, status: str) -> None:
+        import mlflow
+
+        mlflow.flush_async_logging()
+        self.client.set_terminated(self.run_id, status)
+
+
+class SilentTracker(Tracker):
+    """Stands in where nothing is recorded: tracking off, or a data-parallel rank other than 0."""
+
+    def __init__(self, run_id: str | None = None):
+        super().__init__(None, run_id or "", "", "")
+
+    @property
+    def active(self) -> bool:
+        return False
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        pass
+
+    def log_params(self, params: Mapping[str, str]) -> None:
+        pass
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        pass
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        pass
+
+    def log_table(self, data: dict[str, list], artifact_file: str) -> None:
+        pass
+
+    def log_figure(self, figure: Any, artifact_file: str) -> None:
+        pass
+
+    def log_artifacts(self, directory: str | Path, artifact_path: str) -> None:
+        pass
+
+    def lightning_logger(self) -> Any:
+        return False
+
+    def params(self) -> dict[str, str]:
+        return {}
+
+    def end(self, status: str) -> None:
+        pass
+
+
+def connect(uri: str) -> Any:
+    """An MlflowClient; the first use of a new sqlite store is serialised (its schema is created then)."""
+    from mlflow.tracking import MlflowClient
+
+    db = _sqlite_path(uri)
+    if db is None:
+        return MlflowClient(tracking_uri=uri)
+    from filelock import FileLock
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(db) + ".lock"):
+        client = MlflowClient(tracking_uri=uri)
+        client.search_experiments(max_results=1)  # creates and migrates the schema while we hold the lock
+    return client
+
+
+def experiment_id(client: Any, name: str, uri: str) -> str:
+    from mlflow.exceptions import MlflowException
+
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        if found.lifecycle_stage == "deleted":
+            client.restore_experiment(found.experiment_id)
+        return found.experiment_id
+    db = _sqlite_path(uri)
+    # Artifacts next to the database, not relative to whichever directory a later process runs in.
+    location = (db.parent / "mlartifacts").resolve().as_uri() if db else None
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException:  # created by a parallel job in the meantime
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def start_tracker(run: RunConfig, job: JobInfo, resume_run_id: str | None = None) -> Tracker:
+    """Create (or reopen, when resuming) the job's MLflow run and record what defines it."""
+    if not run.tracking.enabled:
+        return SilentTracker()
+    if not is_rank_zero():
+        return SilentTracker(os.environ.get(RUN_ID_ENV))
+    uri = tracking_uri(run.tracking.uri, job.launch_dir)
+    client = connect(uri)
+    exp_id = experiment_id(client, run.tracking.experiment, uri)
+    config = to_container(run)
+    tags = {
+        f"{TAG_PREFIX}stage": run.stage.name,
+        f"{TAG_PREFIX}model": run.model.name,
+        f"{TAG_PREFIX}data": run.data.name,
+        f"{TAG_PREFIX}experiment": job.choices.get("experiment"),
+        f"{TAG_PREFIX}hardware": job.choices.get("hardware"),
+        f"{TAG_PREFIX}output_dir": str(Path(run.output_dir).resolve()),
+        f"{TAG_PREFIX}command": job.command,
+        f"{TAG_PREFIX}overrides": " ".join(job.overrides),
+        f"{TAG_PREFIX}sweep_dir": job.sweep_dir,
+        f"{TAG_PREFIX}job_num": job.job_num,
+        "mlflow.source.git.commit": git_commit(),
+        "mlflow.source.name": "python -m rlhf",
+        **run.tracking.tags,
+    }
+    if resume_run_id:
+        client.update_run(resume_run_id, status="RUNNING")
+        tracker = Tracker(client, resume_run_id, exp_id, uri)
+        old = tracker.params()
+        new = flatten(config)
+        changed = {k: v for k, v in new.items() if k in old and old[k] != v}
+        tracker.log_params({k: v for k, v in new.items() if k not in old})
+        tags[f"{TAG_PREFIX}resumed"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        if changed:
+            tags[f"{TAG_PREFIX}resume.changed"] = " ".join(f"{k}={v}" for k, v in changed.items())
+        tags.pop(f"{TAG_PREFIX}output_dir")  # checkpoints and model stay where the run began
+        tracker.set_tags(tags)
+    else:
+        created = client.create_run(exp_id, run_name=run_name(run, job))
+        tracker = Tracker(client, created.info.run_id, exp_id, uri)
+        tracker.log_params(flatten(config))
+        tracker.set_tags(tags)
+        tracker.log_text(yaml.safe_dump(config, sort_keys=False), "config/config.yaml")
+        tracker.log_text(yaml.safe_dump({"overrides": job.overrides}), "config/overrides.yaml")
+    # Data-parallel processes started later by Lightning inherit this and attach to the same run.
+    os.environ[RUN_ID_ENV] = tracker.run_id
+    return tracker
+
+
+@contextmanager
+def recorded(tracker: Tracker) -> Iterator[Tracker]:
+    """FINISHED when the block completes, KILLED on Ctrl-C, FAILED (with the error as a tag) otherwise."""
+    try:
+        yield tracker
+    except KeyboardInterrupt:
+        tracker.set_tags({f"{TAG_PREFIX}error": "interrupted (KeyboardInterrupt)"})
+        tracker.end("KILLED")
+        raise
+    except BaseException as err:
+        message = " ".join(str(err).split()) or type(err).__name__
+        tracker.set_tags({f"{TAG_PREFIX}error": f"{type(err).__name__}: {message}"})
+        tracker.end("FAILED")
+        raise
+    else:
+        tracker.end("FINISHED")
+    finally:
+        os.environ.pop(RUN_ID_ENV, None)
+
+
+def print_summary(tracker: Tracker, stream: Any = sys.stderr) -> None:
+    if not tracker.active:
+        return
+    db = _sqlite_path(tracker.uri)
+    store = shlex.quote(tracker.uri) if db is None else f"sqlite:///{db}"
+    print(
+        f"MLflow run {tracker.run_id} (experiment {tracker.experiment_id})\n"
+        f"  compare runs:  mlflow ui --backend-store-uri {store}\n"
+        f"  then open      http://127.0.0.1:5000/#/experiments/{tracker.experiment_id}/runs/{tracker.run_id}",
+        file=stream,
+    )
+
+
+def record_rejected(raw: Mapping[str, Any], job: JobInfo, error: Exception) -> None:
+    """Leave a FAILED run for a config rejected before training, so a sweep shows what was refused."""
+    tracking = raw.get("tracking") or {}
+    if not tracking.get("enabled", True) or not is_rank_zero():
+        return
+    uri = tracking_uri(tracking.get("uri"), job.launch_dir)
+    client = connect(uri)
+    exp_id = experiment_id(client, str(tracking.get("experiment") or "rlhf"), uri)
+    stage = str((raw.get("stage") or {}).get("name", job.choices.get("stage", "?")))
+    model = str((raw.get("model") or {}).get("name", job.choices.get("model", "?")))
+    created = client.create_run(exp_id, run_name=f"rejected {stage}-{model}")
+    tracker = Tracker(client, created.info.run_id, exp_id, uri)
+    tracker.set_tags(
+        {
+            f"{TAG_PREFIX}stage": stage,
+            f"{TAG_PREFIX}model": model,
+            f"{TAG_PREFIX}command": job.command,
+            f"{TAG_PREFIX}overrides": " ".join(job.overrides),
+            f"{TAG_PREFIX}error": f"{type(error).__name__}: {error}",
+        }
+    )
+    tracker.end("FAILED")

@@ -22,7 +22,7 @@ log = logging.getLogger("rlhf")
 register_configs()
 
 
-def _job_info():
+def job_info():
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -42,7 +42,8 @@ def _job_info():
     )
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
+    """Our log says what happens; the libraries' progress bars and notices repeat or bury it."""
     import datasets
     import transformers
 
@@ -55,17 +56,20 @@ def _quiet_libraries() -> None:
 def _app(cfg: DictConfig) -> float | None:
     from rlhf.config import validate
     from rlhf.errors import ConfigError, UserError
-    from rlhf.runner import execute
-    from rlhf.tracking import record_rejected
 
-    _quiet_libraries()
-    job = _job_info()
+    job = job_info()
     try:
+        # Checked before the heavy libraries are even imported: a bad value fails in a second.
         try:
             run = validate(cfg)
         except ConfigError as err:
+            from rlhf.tracking import record_rejected
+
             record_rejected(OmegaConf.to_container(cfg, resolve=False), job, err)
             raise
+        quiet_libraries()
+        from rlhf.runner import execute
+
         return execute(run, job)
     except UserError as err:
         print(f"rlhf: error: {err}", file=sys.stderr)

@@ -8,12 +8,16 @@ Every field carries a comment: it is the reference of what each key means.
 
 from __future__ import annotations
 
-import inspect
+import ast
+import functools
+import importlib.util
 from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from rlhf.errors import ConfigError
 
@@ -300,10 +304,15 @@ def register_configs() -> None:
         cs.store(group="schema/stage", name=name, node=schema)
 
 
+@functools.cache
 def _trainer_arguments() -> set[str]:
-    import pytorch_lightning as pl
-
-    return set(inspect.signature(pl.Trainer.__init__).parameters) - {"self"}
+    """The keyword arguments of lightning's Trainer, read from its source: importing Lightning takes
+    seconds, and a config is checked before anything heavy is imported."""
+    package = importlib.util.find_spec("pytorch_lightning")  # a submodule's spec would import the package
+    tree = ast.parse((Path(package.origin).parent / "trainer" / "trainer.py").read_text())
+    trainer = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Trainer")
+    init = next(n for n in trainer.body if isinstance(n, ast.FunctionDef) and n.name == "__init__")
+    return {a.arg for a in init.args.args + init.args.kwonlyargs} - {"self"}
 
 
 def _trainer_problems(trainer: dict[str, Any]) -> list[tuple[str, str]]:
@@ -379,6 +388,8 @@ def describe_compose_error(err: BaseException) -> str:
     full_key = getattr(cause, "full_key", None)
     if full_key:
         message = str(getattr(cause, "msg", cause)).strip().splitlines()[0]
+        if isinstance(cause, MissingMandatoryValue):
+            message = "has no value (???); set it on the command line or in its config group"
         object_type = getattr(cause, "object_type", None)
         if "not in" in message and is_dataclass(object_type):
             known = {f.name for f in fields(object_type)}
@@ -409,8 +420,8 @@ def validate(cfg: DictConfig) -> RunConfig:
         raise ConfigError(unknown[0])
     try:
         run: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
-    except Exception as err:  # OmegaConf's own errors name the key but span lines
-        raise ConfigError(" ".join(str(err).split())) from None
+    except OmegaConfBaseException as err:
+        raise ConfigError(describe_compose_error(err)) from None
     if not isinstance(run.stage, StageConfig):
         raise ConfigError(
             "stage: choose a stage with stage=<name>, one of " + ", ".join(sorted(STAGE_SCHEMAS))

@@ -45,15 +45,71 @@ def selected_logits(
     return logits[select].float()
 
 
+class LinearCrossEntropy(torch.autograd.Function):
+    """sum(cross_entropy(hidden @ weight.T, targets)) computed in row chunks, gradients included.
+
+    The (tokens x vocabulary) logits are never held whole: each chunk's logits become its softmax and
+    then its gradient in place, and the gradients of hidden and weight are accumulated right away, so
+    the separate log-softmax passes and their full-size buffers disappear (on CPU they cost as much as
+    a transformer layer for a 49k vocabulary). The backward pass only scales what forward computed.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        want_grad = any(ctx.needs_input_grad[:2])
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if want_grad else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_grad else None
+        for start in range(0, hidden.shape[0], chunk):
+            h, t = hidden[start : start + chunk], targets[start : start + chunk]
+            logits = (h @ weight.T).float()
+            rows = torch.arange(len(t), device=t.device)
+            target_logits = logits[rows, t]
+            top = logits.amax(dim=-1, keepdim=True)
+            probs = logits.sub_(top).exp_()  # in place: one pass, no copy of the logits
+            total = probs.sum(dim=-1, keepdim=True)
+            loss += (top.squeeze(-1) + total.log().squeeze(-1) - target_logits).sum()
+            if want_grad:
+                probs.div_(total)  # the softmax
+                probs[rows, t] -= 1.0  # d(sum CE)/d logits
+                probs = probs.to(h.dtype)
+                grad_hidden[start : start + chunk] = probs @ weight
+                grad_weight.addmm_(probs.T.float(), h.float())
+        if want_grad:
+            ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None
+
+
+def _plain_linear_head(model: torch.nn.Module) -> torch.nn.Linear | None:
+    """The LM head if it is a bias-free nn.Linear the fused loss can use directly (not a LoRA layer)."""
+    head = unwrap(model).get_output_embeddings()
+    if type(head) is torch.nn.Linear and head.bias is None and _fast_head(model):
+        return head
+    return None
+
+
 def completion_loss(
-    model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
+    model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, chunk: int = 1024
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token cross-entropy over labelled tokens, and their count (labels -100 are ignored)."""
     targets = labels[:, 1:]
     select = torch.zeros_like(labels, dtype=torch.bool)
     select[:, :-1] = targets != -100
-    logits = selected_logits(model, input_ids, mask, select)
-    loss_sum = F.cross_entropy(logits, targets[targets != -100], reduction="sum")
+    wanted = targets[targets != -100]
+    head = _plain_linear_head(model)
+    if head is not None:
+        inner = unwrap(model)
+        hidden = inner.base_model(
+            input_ids=input_ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False
+        ).last_hidden_state
+        loss_sum = LinearCrossEntropy.apply(hidden[select], head.weight, wanted, chunk)
+    else:
+        loss_sum = F.cross_entropy(selected_logits(model, input_ids, mask, select), wanted, reduction="sum")
     return loss_sum, select.sum()
 
 

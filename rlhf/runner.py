@@ -25,7 +25,7 @@ from rlhf.tracking import (
     start_tracker,
     tracking_uri,
 )
-from rlhf.training import build_trainer
+from rlhf.training import build_trainer, validate_final
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +65,13 @@ def execute(run: RunConfig, job: JobInfo) -> float | None:
             log.info("Resuming from %s", resume.checkpoint)
             tracker.set_tags({"rlhf.resumed_from": resume.checkpoint})
         job_parts = get_stage(run.stage.name)(run, tracker)
-        trainer = build_trainer(run, tracker, output_dir, job_parts.callbacks)
+        trainer = build_trainer(
+            run, tracker, output_dir, job_parts.callbacks, getattr(job_parts.datamodule, "train_batches", None)
+        )
         trainer.fit(job_parts.module, datamodule=job_parts.datamodule, ckpt_path=resume.checkpoint if resume else None)
+        validate_final(trainer, job_parts.module, job_parts.datamodule)
         metrics = job_parts.finish(trainer, output_dir)
         if trainer.is_global_zero:
-            tracker.log_metrics({f"final/{k}": v for k, v in metrics.items()}, step=trainer.global_step)
             tracker.log_metrics(peak_memory(), step=trainer.global_step)
             if run.tracking.log_model and (output_dir / "model").is_dir():
                 tracker.log_artifacts(output_dir / "model", "model")

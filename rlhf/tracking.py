@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pytorch_lightning.loggers import MLFlowLogger
 
 from rlhf.config import RunConfig, to_container
 
@@ -105,18 +104,6 @@ def run_name(run: RunConfig, job: JobInfo) -> str:
     return " ".join([f"{run.stage.name}-{run.model.name}-{run.data.name}", *extra])[:250]
 
 
-class RunLogger(MLFlowLogger):
-    """Lightning's MLflow logger bound to our run; the run's status is ours to set, not Lightning's."""
-
-    def log_hyperparams(self, params: Any) -> None:  # the whole config is logged at the start
-        return None
-
-    def finalize(self, status: str = "success") -> None:
-        import mlflow
-
-        mlflow.flush_async_logging()
-
-
 class Tracker:
     """The MLflow run of this job. Every method is a no-op where nothing should be recorded."""
 
@@ -160,9 +147,6 @@ class Tracker:
     def log_artifacts(self, directory: str | Path, artifact_path: str) -> None:
         self.client.log_artifacts(self.run_id, str(directory), artifact_path)
 
-    def lightning_logger(self) -> RunLogger:
-        return RunLogger(tracking_uri=self.uri, run_id=self.run_id, synchronous=False)
-
     def params(self) -> dict[str, str]:
         return dict(self.client.get_run(self.run_id).data.params)
 
@@ -204,9 +188,6 @@ class SilentTracker(Tracker):
     def log_artifacts(self, directory: str | Path, artifact_path: str) -> None:
         pass
 
-    def lightning_logger(self) -> Any:
-        return False
-
     def params(self) -> dict[str, str]:
         return {}
 
@@ -218,6 +199,8 @@ def connect(uri: str) -> Any:
     """An MlflowClient; the first use of a new sqlite store is serialised (its schema is created then)."""
     from mlflow.tracking import MlflowClient
 
+    # MLflow announces schema creation and migrations at INFO on stderr; our log says what matters.
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
     db = _sqlite_path(uri)
     if db is None:
         return MlflowClient(tracking_uri=uri)
@@ -301,8 +284,8 @@ def recorded(tracker: Tracker) -> Iterator[Tracker]:
     """FINISHED when the block completes, KILLED on Ctrl-C, FAILED (with the error as a tag) otherwise."""
     try:
         yield tracker
-    except KeyboardInterrupt:
-        tracker.set_tags({f"{TAG_PREFIX}error": "interrupted (KeyboardInterrupt)"})
+    except (KeyboardInterrupt, SystemExit) as err:  # Lightning turns Ctrl-C into SystemExit(1)
+        tracker.set_tags({f"{TAG_PREFIX}error": f"interrupted ({type(err).__name__})"})
         tracker.end("KILLED")
         raise
     except BaseException as err:

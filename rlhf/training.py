@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+import math
 import random
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -13,11 +16,23 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import MLFlowLogger
 
 from rlhf.config import RunConfig
-from rlhf.data.loading import ResumeDataPosition
 from rlhf.lineage import checkpoint_dir
 from rlhf.tracking import Tracker
+
+
+class RunLogger(MLFlowLogger):
+    """Lightning's MLflow logger bound to our run; the run's status is ours to set, not Lightning's."""
+
+    def log_hyperparams(self, params: Any) -> None:  # the whole config is logged at the start
+        return None
+
+    def finalize(self, status: str = "success") -> None:
+        import mlflow
+
+        mlflow.flush_async_logging()
 
 
 class Throughput(pl.Callback):
@@ -51,22 +66,81 @@ class Throughput(pl.Callback):
         pl_module.log("perf/step_time_s", seconds / len(self.window), on_step=True, on_epoch=False, rank_zero_only=True)
 
 
+class LastValidation(pl.Callback):
+    """Remembers the step of the latest validation, so the runner can validate the final weights."""
+
+    def __init__(self) -> None:
+        self.step: int | None = None
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.step = trainer.global_step
+
+
+def validate_final(trainer: pl.Trainer, module: pl.LightningModule, datamodule: pl.LightningDataModule) -> None:
+    """Validate the final weights unless the last validation already ran at the final step."""
+    last = next((c for c in trainer.callbacks if isinstance(c, LastValidation)), None)
+    has_validation = trainer.limit_val_batches != 0 and hasattr(datamodule, "val_dataloader")
+    if has_validation and last is not None and last.step != trainer.global_step:
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+
+
+class DurableMetrics(pl.Callback):
+    """Metrics are queued asynchronously; writing them out with each checkpoint means a killed run
+    keeps every metric up to the point it resumes from."""
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        import mlflow
+
+        mlflow.flush_async_logging()
+
+
 class RandomState(pl.Callback):
     """Saves and restores the random generators with each checkpoint, so a resumed run draws the same
     dropout masks and samples as an uninterrupted one."""
 
+    # Plain lists and tensors only: checkpoints are read back with torch.load(weights_only=True).
     def state_dict(self) -> dict[str, Any]:
-        return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        return {
+            "python": random.getstate(),
+            "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+            "torch": torch.get_rng_state(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        random.setstate(state["python"])
-        np.random.set_state(state["numpy"])
+        python = state["python"]
+        random.setstate((python[0], tuple(python[1]), python[2]))
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
         torch.set_rng_state(state["torch"])
 
 
-def build_trainer(run: RunConfig, tracker: Tracker, output_dir: str | Path, callbacks: list[pl.Callback]) -> pl.Trainer:
+def _quiet_lightning() -> None:
+    # The DataModule restores the position in the epoch itself (see rlhf.data.loading).
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+    warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(lambda record: "litlogger" not in record.getMessage())
+
+
+def _world_size(trainer_args: dict[str, Any]) -> int:
+    devices = trainer_args.get("devices", 1)
+    per_node = devices if isinstance(devices, int) and devices > 0 else len(devices) if isinstance(devices, list) else 1
+    return per_node * int(trainer_args.get("num_nodes", 1) or 1)
+
+
+def build_trainer(
+    run: RunConfig,
+    tracker: Tracker,
+    output_dir: str | Path,
+    callbacks: list[pl.Callback],
+    batches_per_epoch: Callable[[int], int] | None = None,
+) -> pl.Trainer:
+    """The Trainer for `run`; `batches_per_epoch(world_size)` sizes the epochs of a step budget."""
+    _quiet_lightning()
     every = run.checkpoint.every_n_steps
-    extra: list[pl.Callback] = [ResumeDataPosition(), RandomState()]
+    extra: list[pl.Callback] = [RandomState(), DurableMetrics(), LastValidation()]
     if every > 0:
         # Numbered files, the older deleted after the newer is written: a kill mid-write never
         # destroys the only checkpoint.
@@ -81,9 +155,19 @@ def build_trainer(run: RunConfig, tracker: Tracker, output_dir: str | Path, call
                 save_last=False,
             )
         )
+    trainer_args = dict(run.trainer)
+    if trainer_args.get("max_epochs") is None:
+        # One epoch by default; with a step budget, as many epochs as it takes.
+        steps = trainer_args.get("max_steps") or -1
+        if steps > 0 and batches_per_epoch is not None:
+            batches = max(1, batches_per_epoch(_world_size(trainer_args)))
+            accumulate = int(trainer_args.get("accumulate_grad_batches", 1))
+            trainer_args["max_epochs"] = math.ceil(steps * accumulate / batches)
+        else:
+            trainer_args["max_epochs"] = -1 if steps > 0 else 1
     return pl.Trainer(
-        **run.trainer,
-        logger=tracker.lightning_logger(),
+        **trainer_args,
+        logger=RunLogger(tracking_uri=tracker.uri, run_id=tracker.run_id, synchronous=False) if tracker.active else False,
         callbacks=[*callbacks, *extra],
         default_root_dir=str(output_dir),
         enable_checkpointing=every > 0,

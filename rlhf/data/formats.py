@@ -1,7 +1,18 @@
 """Record shapes the project reads, turned into canonical examples (the formats of Hugging Face TRL).
 
-SFT:  {"prompt", "completion"} with strings or message lists, or {"messages": [...]} whose last
-      assistant turn is the completion and everything before it the prompt.
+SFT:         {"prompt", "completion"} with strings or message lists, or {"messages": [...]} whose last
+             assistant turn is the completion and everything before it the prompt; or "chosen", the
+             chosen response of any preference format below (SFT on preferred answers).
+Preference:  pairs           {"prompt", "chosen", "rejected"}
+             implicit_pairs  {"chosen", "rejected"}: their shared beginning is the prompt (HH-RLHF's
+                             "\n\nHuman: ... \n\nAssistant:" turns become messages)
+             rankings        {"prompt", "responses": [...], "ranking": [indices, best first]} -> every
+                             ordered pair
+             ratings         {"prompt", "responses": [...], "ratings": [numbers]} -> every pair with
+                             different ratings, the rating gap kept as a margin; ties dropped, counted
+             thumbs          {"prompt", "completion", "label": bool} -> every (up, down) pair of
+                             responses to the same prompt; prompts without both, counted
+Prompts:     {"prompt"} (any of the formats above also gives its prompts).
 A prompt or response is either a string (plain text) or a list of {"role", "content"} messages.
 """
 
@@ -18,12 +29,29 @@ Message = dict[str, str]
 Text = str | list[Message]
 
 SFT_FORMATS = {"prompt_completion": ("prompt", "completion"), "messages": ("messages",)}
+PREFERENCE_FORMATS = {
+    "pairs": ("prompt", "chosen", "rejected"),
+    "implicit_pairs": ("chosen", "rejected"),
+    "rankings": ("prompt", "responses", "ranking"),
+    "ratings": ("prompt", "responses", "ratings"),
+    "thumbs": ("prompt", "completion", "label"),
+}
+PROMPT_FORMATS = {"prompt": ("prompt",), **{k: v for k, v in PREFERENCE_FORMATS.items() if k != "pairs"}}
 
 
 @dataclass(frozen=True)
 class SFTExample:
     prompt: Text
     completion: Text
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    prompt: Text
+    chosen: Text
+    rejected: Text
+    # How much more chosen is preferred (e.g. a rating gap); 0 for plain pairs.
+    margin: float = 0.0
 
 
 @dataclass
@@ -95,7 +123,14 @@ def _split_messages(messages: list[Message], where: str) -> tuple[list[Message],
 
 
 def sft_examples(records: Any, fmt: str, origin: str, key: str, strict: bool, stats: DataStats) -> list[SFTExample]:
-    """Canonical SFT examples from rows; empty completions are skipped (counted) or, if strict, errors."""
+    """Canonical SFT examples from rows; empty completions are skipped (counted) or, if strict, errors.
+
+    Format "chosen" trains on the preferred response of preference records (any preference format).
+    """
+    if fmt == "chosen":
+        pairs = preference_pairs(records, "auto", origin, key, strict, stats)
+        unique = {repr((p.prompt, p.chosen)): SFTExample(p.prompt, p.chosen) for p in pairs}
+        return list(unique.values())
     fmt = check_format(fmt, records.column_names, SFT_FORMATS, origin, key)
     out = []
     for index, row in enumerate(records):
@@ -114,4 +149,155 @@ def sft_examples(records: Any, fmt: str, origin: str, key: str, strict: bool, st
             stats.add("empty_completion")
             continue
         out.append(SFTExample(prompt, completion))
+    return out
+
+
+HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
+
+
+def _hh_messages(text: str) -> list[Message] | None:
+    """HH-RLHF's "\n\nHuman: ...\n\nAssistant: ..." transcript as messages (None if it is not one)."""
+    if HUMAN not in text:
+        return None
+    messages = []
+    for chunk in text.split(HUMAN)[1:]:
+        user, sep, assistant = chunk.partition(ASSISTANT)
+        messages.append({"role": "user", "content": user.strip()})
+        if sep:
+            messages.append({"role": "assistant", "content": assistant.strip()})
+    return messages
+
+
+def _split_implicit(chosen: Text, rejected: Text, where: str) -> tuple[Text, Text, Text]:
+    """Shared beginning -> prompt. Message lists split at the first differing message; HH transcripts
+    become messages; other strings split after the shared text, at a word boundary."""
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        hh_c, hh_r = _hh_messages(chosen), _hh_messages(rejected)
+        if hh_c and hh_r:
+            chosen, rejected = hh_c, hh_r
+    if isinstance(chosen, list) and isinstance(rejected, list):
+        shared = 0
+        while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+            shared += 1
+        # The prompt ends with the last non-assistant turn of the shared part.
+        while shared > 0 and chosen[shared - 1]["role"] == "assistant":
+            shared -= 1
+        if shared == 0:
+            raise DataError(f"{where}: chosen and rejected share no prompt turn")
+        return chosen[:shared], chosen[shared:], rejected[shared:]
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        shared = 0
+        while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+            shared += 1
+        cut = max(chosen.rfind(" ", 0, shared), chosen.rfind("\n", 0, shared)) + 1 if shared < len(chosen) else shared
+        if cut <= 0:
+            raise DataError(f"{where}: chosen and rejected share no prompt text")
+        return chosen[:cut], chosen[cut:], rejected[cut:]
+    raise DataError(f"{where}: chosen and rejected must both be strings or both message lists")
+
+
+def _strip_prompt(prompt: Text, response: Text) -> Text:
+    """Conversational responses that repeat the prompt's turns (UltraFeedback's layout) lose them."""
+    if isinstance(response, list):
+        turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        if response[: len(turns)] == turns:
+            return response[len(turns) :]
+    return response
+
+
+def _index_list(value: Any, size: int, field: str, where: str) -> list:
+    if not isinstance(value, list) or len(value) != size:
+        raise DataError(f"{where}: field {field!r} must be a list with one entry per response ({size})")
+    return value
+
+
+def preference_pairs(
+    records: Any, fmt: str, origin: str, key: str, strict: bool, stats: DataStats
+) -> list[PreferencePair]:
+    """Canonical preference pairs from any supported feedback shape (see the module docstring)."""
+    fmt = check_format(fmt, records.column_names, PREFERENCE_FORMATS, origin, key)
+    pairs: list[PreferencePair] = []
+    thumbs: dict[str, tuple[Text, list[Text], list[Text]]] = {}
+
+    def add(prompt: Text, chosen: Text, rejected: Text, where: str, margin: float = 0.0) -> None:
+        reason = None
+        if is_blank(chosen) or is_blank(rejected):
+            reason = "empty_response"
+        elif chosen == rejected:
+            reason = "identical_pair"
+        if reason:
+            if strict:
+                raise DataError(f"{where}: {reason.replace('_', ' ')} (data.strict=true)")
+            stats.add(reason)
+            return
+        pairs.append(PreferencePair(prompt, chosen, rejected, margin))
+
+    for index, row in enumerate(records):
+        where = f"{origin}: row {index + 1}"
+        if fmt == "implicit_pairs":
+            prompt, chosen, rejected = _split_implicit(
+                as_text(row["chosen"], "chosen", where), as_text(row["rejected"], "rejected", where), where
+            )
+            add(prompt, chosen, rejected, where)
+        elif fmt == "pairs":
+            prompt = as_text(row["prompt"], "prompt", where)
+            chosen = _strip_prompt(prompt, as_text(row["chosen"], "chosen", where))
+            rejected = _strip_prompt(prompt, as_text(row["rejected"], "rejected", where))
+            add(prompt, chosen, rejected, where)
+        elif fmt in ("rankings", "ratings"):
+            prompt = as_text(row["prompt"], "prompt", where)
+            responses = row["responses"]
+            if not isinstance(responses, list) or len(responses) < 2:
+                raise DataError(f"{where}: field 'responses' must list at least two responses")
+            responses = [as_text(r, "responses", where) for r in responses]
+            if fmt == "rankings":
+                order = _index_list(row["ranking"], len(responses), "ranking", where)
+                if sorted(order) != list(range(len(responses))):
+                    raise DataError(f"{where}: 'ranking' must be a permutation of 0..{len(responses) - 1}")
+                for better, i in enumerate(order):
+                    for j in order[better + 1 :]:
+                        add(prompt, responses[i], responses[j], where)
+            else:
+                ratings = _index_list(row["ratings"], len(responses), "ratings", where)
+                for i in range(len(responses)):
+                    for j in range(len(responses)):
+                        if ratings[i] is None or ratings[j] is None:
+                            raise DataError(f"{where}: 'ratings' has an empty entry")
+                        if i < j and ratings[i] == ratings[j]:
+                            stats.add("tied_ratings")
+                        elif ratings[i] > ratings[j]:
+                            add(prompt, responses[i], responses[j], where, margin=float(ratings[i] - ratings[j]))
+        else:  # thumbs: group by prompt, pair every up with every down
+            prompt = as_text(row["prompt"], "prompt", where)
+            label = row["label"]
+            if not isinstance(label, bool):
+                raise DataError(f"{where}: field 'label' must be true (thumbs up) or false (thumbs down)")
+            group = thumbs.setdefault(repr(prompt), (prompt, [], []))
+            group[1 if label else 2].append(as_text(row["completion"], "completion", where))
+    for prompt, ups, downs in thumbs.values():
+        if not ups or not downs:
+            stats.add("thumbs_without_opposite")
+            continue
+        for up in ups:
+            for down in downs:
+                add(prompt, up, down, f"{origin}: prompt {prompt!r}"[:200])
+    return pairs
+
+
+def prompts_of(records: Any, fmt: str, origin: str, key: str) -> list[Text]:
+    """The distinct prompts of a prompt set (or of any SFT or preference data), in order."""
+    fmt = check_format(fmt, records.column_names, PROMPT_FORMATS, origin, key)
+    seen, out = set(), []
+    for index, row in enumerate(records):
+        where = f"{origin}: row {index + 1}"
+        if fmt == "implicit_pairs":
+            prompt = _split_implicit(as_text(row["chosen"], "chosen", where), as_text(row["rejected"], "rejected", where), where)[0]
+        else:
+            prompt = as_text(row["prompt"], "prompt", where)
+        if is_blank(prompt):
+            continue
+        marker = repr(prompt)
+        if marker not in seen:
+            seen.add(marker)
+            out.append(prompt)
     return out

@@ -1,8 +1,8 @@
 """Batches for Lightning: padding, a shuffling sampler that can resume mid-epoch, one DataModule.
 
-Resuming a run must continue with exactly the batches the interrupted run would have seen. The
-sampler's order depends only on (seed, epoch), and a callback tells it, at the start of an epoch,
-how many samples the restored optimizer steps already consumed; Lightning restores the step count.
+Resuming a run must continue with exactly the batches the interrupted run would have seen: the
+sampler's order depends only on (seed, epoch), and the training loader's position in the epoch is
+saved in every checkpoint.
 """
 
 from __future__ import annotations
@@ -78,23 +78,37 @@ class ResumableSampler(Sampler[int]):
         return self.per_rank
 
 
-class ResumeDataPosition(pl.Callback):
-    """At the start of an epoch restored mid-way, skip what the restored optimizer steps consumed.
+class ResumableLoader(DataLoader):
+    """A training DataLoader that knows its place in the epoch and can be told where to restart.
 
-    Checkpoints are written at optimizer-step boundaries, so the position in the epoch is
-    (global_step - steps of earlier epochs) * accumulate_grad_batches batches.
+    Sized loaders are not prefetched by Lightning, so the count of batches handed out is exactly
+    the count trained on. The DataModule saves `position()` in checkpoints (Lightning's own loader
+    states are skipped when the loader was set up before the checkpoint was restored).
     """
 
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        loader = trainer.train_dataloader
-        sampler = getattr(loader, "sampler", None)
-        batch_size = getattr(loader, "batch_size", None)
-        if not isinstance(sampler, ResumableSampler) or not batch_size:
-            return
-        steps_per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
-        done = trainer.global_step - trainer.current_epoch * steps_per_epoch
-        if done > 0:
-            sampler.skip_next(done * trainer.accumulate_grad_batches * batch_size)
+    def __init__(self, dataset: Dataset, sampler: ResumableSampler, batch_size: int, **kwargs: Any):
+        super().__init__(dataset, sampler=sampler, batch_size=batch_size, **kwargs)
+        self._epoch = 0
+        self._batches = 0
+        self._resume_at: tuple[int, int] | None = None
+
+    def __iter__(self):
+        # A generator: this runs at the first batch, after Lightning has set the sampler's epoch.
+        epoch = self.sampler.epoch
+        start = self._resume_at[1] if self._resume_at and self._resume_at[0] == epoch else 0
+        self._resume_at = None
+        self.sampler.skip_next(start * self.batch_size)
+        self._epoch, self._batches = epoch, start
+        for batch in super().__iter__():
+            self._batches += 1
+            yield batch
+
+    def position(self) -> dict[str, int]:
+        return {"epoch": self._epoch, "batches": self._batches}
+
+    def resume_at(self, position: dict[str, int]) -> None:
+        """Start the next iteration of that epoch after its first `batches` batches."""
+        self._resume_at = (position["epoch"], position["batches"])
 
 
 class ExamplesDataModule(pl.LightningDataModule):
@@ -116,6 +130,12 @@ class ExamplesDataModule(pl.LightningDataModule):
         self.eval_batch_size = eval_batch_size
         self.seed = seed
         self.num_workers = num_workers
+        self._train_loader: ResumableLoader | None = None
+        self._restored_position: dict[str, int] | None = None
+
+    def train_batches(self, world_size: int) -> int:
+        """Training batches per epoch on each of `world_size` data-parallel ranks."""
+        return math.ceil((len(self.splits["train"]) // world_size) / self.batch_size)
 
     def _world(self) -> tuple[int, int]:
         trainer = self.trainer
@@ -125,7 +145,7 @@ class ExamplesDataModule(pl.LightningDataModule):
         rank, world = self._world()
         items = self.splits["train"]
         sampler = ResumableSampler(len(items), self.seed, rank=rank, world_size=world)
-        return DataLoader(
+        self._train_loader = ResumableLoader(
             ListDataset(items),
             batch_size=self.batch_size,
             sampler=sampler,
@@ -133,6 +153,18 @@ class ExamplesDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             drop_last=False,
         )
+        if self._restored_position is not None:
+            self._train_loader.resume_at(self._restored_position)
+        return self._train_loader
+
+    # Saved in and restored from Lightning checkpoints.
+    def state_dict(self) -> dict[str, Any]:
+        return {"train_position": self._train_loader.position()} if self._train_loader is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._restored_position = state.get("train_position")
+        if self._train_loader is not None and self._restored_position is not None:
+            self._train_loader.resume_at(self._restored_position)
 
     def _eval_loader(self, split: str) -> DataLoader:
         rank, world = self._world()

@@ -6,11 +6,14 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 
+import torch
+
 from rlhf.config import DataConfig
-from rlhf.data.formats import DataStats, sft_examples
+from rlhf.data.formats import DataStats, preference_pairs, sft_examples
 from rlhf.data.loading import attention_mask, pad
 from rlhf.data.sources import load_source
-from rlhf.data.tokenize import IGNORE_INDEX, ChatRenderer, encode_pairs, sft_features
+from rlhf.data.tokenize import IGNORE_INDEX, ChatRenderer, encode_pairs, encode_preferences, sft_features
+from rlhf.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +60,44 @@ def prepare_sft(data: DataConfig, renderer: ChatRenderer, seed: int) -> Prepared
         prepared.references[split] = [examples[i].completion for i in encoded.kept]
         _report("sft", split, len(prepared.splits[split]), stats, prepared.stats)
         if not prepared.splits[split]:
-            from rlhf.errors import DataError
-
             raise DataError(f"data.sft: {source.origin}: no usable examples left ({dict(stats.counts)})")
     return prepared
+
+
+def prepare_preferences(data: DataConfig, renderer: ChatRenderer, seed: int) -> Prepared:
+    """Tokenised preference pairs {chosen, rejected, margin} for every split of data.preference."""
+    sources = load_source(
+        data.preference, "data.preference", data.validation_fraction, seed, data.task_seed, data.task_noise
+    )
+    prepared = Prepared({})
+    for split, source in sources.items():
+        stats = DataStats(Counter())
+        pairs = preference_pairs(source.records, data.preference.format, source.origin, "data.preference", data.strict, stats)
+        features, kept = encode_preferences(
+            renderer, pairs, data.max_length, data.max_prompt_length, stats, f"{source.origin}: ", data.strict
+        )
+        prepared.splits[split] = features
+        prepared.prompts[split] = [pairs[i].prompt for i in kept]
+        _report("preference", split, len(features), stats, prepared.stats)
+        if not features:
+            raise DataError(f"data.preference: {source.origin}: no usable pairs left ({dict(stats.counts)})")
+    return prepared
+
+
+class PairCollator:
+    """Chosen sequences then rejected ones, right-padded into one batch for a single forward pass."""
+
+    def __init__(self, pad_token_id: int, multiple_of: int = 8):
+        self.pad_token_id = pad_token_id
+        self.multiple_of = multiple_of
+
+    def __call__(self, features: list[dict]) -> dict:
+        ids = [f["chosen"] for f in features] + [f["rejected"] for f in features]
+        return {
+            "input_ids": pad(ids, self.pad_token_id, multiple_of=self.multiple_of),
+            "attention_mask": attention_mask(ids, multiple_of=self.multiple_of),
+            "margin": torch.tensor([f["margin"] for f in features], dtype=torch.float32),
+        }
 
 
 class CausalLMCollator:

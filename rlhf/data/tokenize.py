@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
-from rlhf.data.formats import DataStats, Text
+from rlhf.data.formats import DataStats, PreferencePair, Text
 from rlhf.errors import ConfigError, DataError
 
 IGNORE_INDEX = -100
@@ -94,6 +94,55 @@ class EncodedBatch:
     kept: list[int]  # indices of the input examples that were kept
 
 
+def fit(
+    prompt_ids: list[int],
+    response_ids: list[int],
+    max_length: int,
+    max_prompt_length: int,
+    stats: DataStats,
+    long_prompt: str = "truncate",
+) -> tuple[list[int], list[int]] | None:
+    """Fit one example in the length budget; None if it has to be skipped (the reason is counted).
+
+    A prompt over max_prompt_length keeps its last tokens (the question nearest the answer), or with
+    long_prompt="skip" the example is dropped; a response that does not fit is cut at the end.
+    """
+    if len(prompt_ids) > max_prompt_length:
+        if long_prompt == "skip":
+            stats.add("prompt_too_long")
+            return None
+        stats.add("truncated_prompt")
+        prompt_ids = prompt_ids[-max_prompt_length:]
+    room = max_length - len(prompt_ids)
+    if len(response_ids) > room:
+        stats.add("truncated_response")
+        response_ids = response_ids[:room]
+    if not response_ids:
+        stats.add("empty_response_after_tokenization")
+        return None
+    return prompt_ids, response_ids
+
+
+def _strict_prompt_check(prompt_ids: list[list[int]], max_prompt_length: int, where: str) -> None:
+    for index, ids in enumerate(prompt_ids):
+        if len(ids) > max_prompt_length:
+            raise DataError(
+                f"{where}example {index + 1}: prompt has {len(ids)} tokens, over data.max_prompt_length "
+                f"({max_prompt_length}) (data.strict=true)"
+            )
+
+
+def encode_prompts(renderer: ChatRenderer, prompts: Sequence[Text]) -> list[list[int]]:
+    """Token ids of the rendered prompts (with the generation prompt), in one batched call."""
+    texts = [renderer.prompt(p) for p in prompts]
+    return renderer.tokenizer(texts, add_special_tokens=renderer.adds_special_tokens)["input_ids"]
+
+
+def encode_responses(renderer: ChatRenderer, prompts: Sequence[Text], responses: Sequence[Text]) -> list[list[int]]:
+    texts = [renderer.response(p, r) for p, r in zip(prompts, responses)]
+    return renderer.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
 def encode_pairs(
     renderer: ChatRenderer,
     prompts: Sequence[Text],
@@ -104,38 +153,51 @@ def encode_pairs(
     where: str = "",
     strict: bool = False,
 ) -> EncodedBatch:
-    """Tokenise (prompt, response) examples in one batched call each.
-
-    A prompt over max_prompt_length keeps its last tokens (the question nearest the answer); a
-    response that does not fit in max_length is cut at the end. Both are counted in `stats`
-    (truncated_prompt, truncated_response); a response with no token left is skipped.
-    """
-    tokenizer = renderer.tokenizer
-    prompt_texts = [renderer.prompt(p) for p in prompts]
-    response_texts = [renderer.response(p, r) for p, r in zip(prompts, responses)]
-    prompt_ids = tokenizer(prompt_texts, add_special_tokens=renderer.adds_special_tokens)["input_ids"]
-    response_ids = tokenizer(response_texts, add_special_tokens=False)["input_ids"]
+    """Tokenise (prompt, response) examples, fitted to the length budget (see `fit`)."""
+    prompt_ids = encode_prompts(renderer, prompts)
+    response_ids = encode_responses(renderer, prompts, responses)
+    if strict:
+        _strict_prompt_check(prompt_ids, max_prompt_length, where)
     out = EncodedBatch([], [], [])
     for index, (p_ids, r_ids) in enumerate(zip(prompt_ids, response_ids)):
-        if len(p_ids) > max_prompt_length:
-            if strict:
-                raise DataError(
-                    f"{where}example {index + 1}: prompt has {len(p_ids)} tokens, over data.max_prompt_length "
-                    f"({max_prompt_length}) (data.strict=true)"
-                )
-            stats.add("truncated_prompt")
-            p_ids = p_ids[-max_prompt_length:]
-        room = max_length - len(p_ids)
-        if len(r_ids) > room:
-            stats.add("truncated_response")
-            r_ids = r_ids[:room]
-        if not r_ids:
-            stats.add("empty_response_after_tokenization")
-            continue
-        out.prompt_ids.append(p_ids)
-        out.response_ids.append(r_ids)
-        out.kept.append(index)
+        fitted = fit(p_ids, r_ids, max_length, max_prompt_length, stats)
+        if fitted is not None:
+            out.prompt_ids.append(fitted[0])
+            out.response_ids.append(fitted[1])
+            out.kept.append(index)
     return out
+
+
+def encode_preferences(
+    renderer: ChatRenderer,
+    pairs: Sequence[PreferencePair],
+    max_length: int,
+    max_prompt_length: int,
+    stats: DataStats,
+    where: str = "",
+    strict: bool = False,
+) -> tuple[list[dict], list[int]]:
+    """Chosen and rejected sequences (prompt + response ids) per pair, and the indices kept.
+
+    A prompt too long to leave room for a response skips the pair (counted as prompt_too_long).
+    """
+    prompts = [p.prompt for p in pairs]
+    prompt_ids = encode_prompts(renderer, prompts)
+    if strict:
+        _strict_prompt_check(prompt_ids, max_prompt_length, where)
+    chosen_ids = encode_responses(renderer, prompts, [p.chosen for p in pairs])
+    rejected_ids = encode_responses(renderer, prompts, [p.rejected for p in pairs])
+    features, kept = [], []
+    for index, pair in enumerate(pairs):
+        chosen = fit(prompt_ids[index], chosen_ids[index], max_length, max_prompt_length, stats, "skip")
+        if chosen is None:
+            continue
+        rejected = fit(prompt_ids[index], rejected_ids[index], max_length, max_prompt_length, stats, "skip")
+        if rejected is None:
+            continue
+        features.append({"chosen": chosen[0] + chosen[1], "rejected": rejected[0] + rejected[1], "margin": pair.margin})
+        kept.append(index)
+    return features, kept
 
 
 def sft_features(prompt_ids: list[int], response_ids: list[int]) -> dict[str, list[int]]:

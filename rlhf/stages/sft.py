@@ -48,8 +48,9 @@ class SFTModule(pl.LightningModule):
         tokens = self.trainer.strategy.reduce(self._eval_sums["tokens"].float(), reduce_op="sum")
         self._eval_sums = {}
         loss = (loss_sum / tokens.clamp(min=1)).item()
-        self.log(f"{prefix}/loss", loss, prog_bar=prefix == "val", sync_dist=False)
-        self.log(f"{prefix}/ppl", math.exp(min(loss, 50.0)), sync_dist=False)
+        # Already reduced over ranks; sync_dist only keeps Lightning from warning.
+        self.log(f"{prefix}/loss", loss, prog_bar=prefix == "val", sync_dist=True)
+        self.log(f"{prefix}/ppl", math.exp(min(loss, 50.0)), sync_dist=True)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch)

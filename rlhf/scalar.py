@@ -1,0 +1,62 @@
+"""The one scalar-head model of the project: a causal-LM backbone with a linear `score` head.
+
+The reward model reads the score at a sequence's last real token; a PPO value model reads it at every
+token. Saved as AutoModelForSequenceClassification (one label), which pools the last token that is
+not padding: padding is kept distinct from every real token so both read the same position.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from rlhf.models import unwrap
+from rlhf.policy import position_ids
+
+PAD_TOKEN = "<|pad|>"
+
+
+def _hidden(model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    inner = unwrap(model)
+    out = inner.base_model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
+    return out.last_hidden_state
+
+
+def _head(model: torch.nn.Module) -> torch.nn.Module:
+    head = getattr(unwrap(model), "score", None)
+    if head is None:
+        raise TypeError(f"{type(unwrap(model)).__name__} has no `score` head; use a decoder-only architecture")
+    return head
+
+
+def last_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last real token, for right or left padding alike."""
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    return (positions * mask.long()).argmax(-1)
+
+
+def sequence_scores(model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B,) the score at each sequence's last real token, in float32."""
+    hidden = _hidden(model, input_ids, mask)
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    return _head(model)(hidden[rows, last_index(mask)]).squeeze(-1).float()
+
+
+def token_scores(model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) the score at every position (a value model's per-token estimates), in float32."""
+    return _head(model)(_hidden(model, input_ids, mask)).squeeze(-1).float()
+
+
+def ensure_distinct_pad(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | None = None) -> bool:
+    """Give the tokenizer a pad token no text produces, if its pad is EOS; resize `model` to match.
+
+    Returns whether a token was added. Token ids of all other tokens are unchanged, so a reward model
+    trained this way still scores token ids of its policy.
+    """
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return False
+    tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    if model is not None:
+        model.resize_token_embeddings(len(tokenizer))
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return True

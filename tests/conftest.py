@@ -1,0 +1,96 @@
+"""Shared fixtures: composing configs, running the CLI in a scratch directory, reading its MLflow store.
+
+Tests never touch the network: hub access is switched off for every test and for the processes they
+start. Converted models and generated task data are cached in the usual cache (~/.cache/rlhf), so the
+one-off GGUF conversion is paid once per machine.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+os.environ.update(OFFLINE)
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+@pytest.fixture(scope="session")
+def compose():
+    """compose(["stage=sft", ...]) -> the DictConfig Hydra would hand the entry point."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    from rlhf.config import register_configs
+
+    register_configs()
+
+    def _compose(overrides: list[str] | None = None):
+        with initialize_config_module("rlhf.conf", version_base="1.3"):
+            return hydra_compose("config", overrides=["output_dir=/tmp/rlhf-test-unused", *(overrides or [])])
+
+    return _compose
+
+
+@pytest.fixture(scope="session")
+def tiny_model_config(compose):
+    from rlhf.config import validate
+
+    return validate(compose(["model=tiny", "tracking=none"])).model
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model_config):
+    """The SmolLM2 tokenizer (real vocabulary and chat template)."""
+    from rlhf.models import load_tokenizer
+
+    return load_tokenizer(tiny_model_config)
+
+
+def run_cli(args: list[str], cwd: Path, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m rlhf <args>` in `cwd`; its output is kept for assertion messages."""
+    full_env = {**os.environ, **OFFLINE, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "rlhf", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def cli(tmp_path):
+    """Runs the CLI in a fresh directory (so its mlflow.db and outputs/ are the test's own)."""
+
+    def _run(*args: str, timeout: float = 600, env: dict | None = None, check: bool = True):
+        result = run_cli(list(args), tmp_path, timeout=timeout, env=env)
+        if check and result.returncode != 0:
+            raise AssertionError(f"rlhf {' '.join(args)} exited {result.returncode}:\n{result.stderr[-4000:]}")
+        return result
+
+    return _run
+
+
+def store_uri(directory: Path) -> str:
+    return f"sqlite:///{directory / 'mlflow.db'}"
+
+
+@pytest.fixture
+def mlflow_client(tmp_path):
+    """A client of the store the `cli` fixture's runs write to."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=store_uri(tmp_path))
+
+
+def runs_of(client, experiment: str, stage: str | None = None):
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"no MLflow experiment {experiment!r}"
+    query = f"tags.`rlhf.stage` = '{stage}'" if stage else ""
+    return client.search_runs([exp.experiment_id], filter_string=query, order_by=["attributes.start_time ASC"])

@@ -1,0 +1,216 @@
+"""SFT end to end through the CLI: what a user runs, and what MLflow holds afterwards."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import OFFLINE, run_cli, runs_of, store_uri
+
+SMOKE = ["experiment=smoke"]
+
+
+def history(client, run_id: str, key: str) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """One `python -m rlhf experiment=smoke` shared by the checks below."""
+    from mlflow.tracking import MlflowClient
+
+    directory = tmp_path_factory.mktemp("smoke")
+    result = run_cli(SMOKE, directory)
+    assert result.returncode == 0, result.stderr[-4000:]
+    client = MlflowClient(tracking_uri=store_uri(directory))
+    (run,) = runs_of(client, "smoke", "sft")
+    return directory, client, run, result
+
+
+def test_smoke_run_is_recorded_in_mlflow(smoke_run):
+    directory, client, run, result = smoke_run
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["stage.name"] == "sft"
+    assert float(params["stage.lr"]) == pytest.approx(3e-3)
+    assert params["model.name"] == "tiny"
+    assert params["trainer.max_steps"] == "24"
+    tags = run.data.tags
+    assert tags["rlhf.stage"] == "sft" and tags["rlhf.model"] == "tiny" and tags["rlhf.data"] == "assistant"
+    assert tags["rlhf.experiment"] == "smoke"
+    assert tags["rlhf.command"] == "python -m rlhf experiment=smoke"
+    assert tags["rlhf.init_from"] == "base"
+    assert Path(tags["rlhf.output_dir"]).is_dir()
+    assert run.info.run_id in result.stderr and "mlflow ui --backend-store-uri" in result.stderr
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config", "model", "samples"} <= artifacts
+    config_files = {a.path for a in client.list_artifacts(run.info.run_id, "config")}
+    assert config_files == {"config/config.yaml", "config/overrides.yaml"}
+
+
+def test_smoke_training_loss_falls_and_metrics_are_logged(smoke_run):
+    _, client, run, _ = smoke_run
+    losses = [v for _, v in history(client, run.info.run_id, "train/loss")]
+    assert len(losses) >= 5
+    assert losses[-1] < losses[0] - 1.0, losses
+    metrics = run.data.metrics
+    for key in ("val/loss", "val/ppl", "test/loss", "train/lr", "perf/tokens_per_s", "peak_rss_mb"):
+        assert key in metrics, key
+    assert metrics["data/sft_train_examples"] == 256
+    # validated at the final step, not only at the last val_check_interval
+    assert history(client, run.info.run_id, "val/loss")[-1][0] >= 23
+
+
+def test_smoke_model_artifact_loads_with_plain_transformers(smoke_run):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, client, run, _ = smoke_run
+    local = client.download_artifacts(run.info.run_id, "model")
+    model = AutoModelForCausalLM.from_pretrained(local)
+    tokenizer = AutoTokenizer.from_pretrained(local)
+    assert tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is 2 + 3?"}], add_generation_prompt=True, return_tensors="pt"
+    )["input_ids"]
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] > ids.shape[1]
+    samples = client.download_artifacts(run.info.run_id, "samples/validation.json")
+    table = json.loads(Path(samples).read_text())
+    assert table["columns"] == ["prompt", "response", "reference"] and len(table["data"]) == 4
+
+
+def test_local_directory_model_with_lora_and_own_data(smoke_run, tmp_path, cli, mlflow_client):
+    """A local HF directory via model.name_or_path, a user's jsonl via data.sft.path, LoRA on top."""
+    directory, _, run, _ = smoke_run
+    model_dir = Path(run.data.tags["rlhf.output_dir"]) / "model"
+    data = tmp_path / "mine.jsonl"
+    rows = [{"prompt": f"Say {w}.", "completion": f"{w}!"} for w in ["hi", "yes", "no", "ok", "go", "up", "on", "in"] * 4]
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    cli(
+        "model=tiny",
+        "model.random_init=null",
+        "model.gguf_file=null",
+        f"model.name_or_path={model_dir}",
+        "model.lora.enabled=true",
+        "model.lora.r=4",
+        f"data.sft.path={data}",
+        "trainer.max_steps=6",
+        "stage.lr=1e-2",
+        "stage.num_samples=0",
+        "trainer.val_check_interval=3",
+        "tracking.experiment=mine",
+    )
+    (mine,) = runs_of(mlflow_client, "mine")
+    assert mine.info.status == "FINISHED"
+    metrics = mine.data.metrics
+    assert metrics["model/trainable_parameters"] < metrics["model/parameters"] / 5
+    assert metrics["data/sft_train_examples"] + metrics["data/sft_validation_examples"] == 32
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(Path(mine.data.tags["rlhf.output_dir"]) / "model")
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+
+
+def test_malformed_data_fails_with_one_line_and_a_failed_run(tmp_path, cli, mlflow_client):
+    data = tmp_path / "broken.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c", "completion": \n')
+    result = cli(*SMOKE, f"data.sft.path={data}", check=False)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("rlhf: error:")]
+    assert errors == [f"rlhf: error: {data}:2: malformed JSON line (Expecting value)"], result.stderr[-2000:]
+    (run,) = runs_of(mlflow_client, "smoke")
+    assert run.info.status == "FAILED"
+    assert f"{data}:2" in run.data.tags["rlhf.error"]
+
+
+def test_missing_column_names_the_file_and_columns(tmp_path, cli):
+    data = tmp_path / "cols.jsonl"
+    data.write_text("\n".join(json.dumps({"question": f"q{i}", "answer": "b"}) for i in range(4)))
+    result = cli(*SMOKE, f"data.sft.path={data}", "tracking=none", check=False)
+    assert result.returncode == 2
+    assert "['answer', 'question'] match no known format" in result.stderr
+    assert "data.sft.columns" in result.stderr
+
+
+def _wait_for(predicate, timeout: float, process: subprocess.Popen) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        if process.poll() is not None:
+            raise AssertionError(f"process ended early:\n{process.stderr.read()[-3000:]}")
+        if time.time() > deadline:
+            process.kill()
+            raise AssertionError("timed out")
+        time.sleep(0.1)
+
+
+def _start(args: list[str], cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, **OFFLINE, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "rlhf", *args], cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+
+
+def test_killed_run_resumes_to_the_same_result(tmp_path, cli, mlflow_client):
+    """SIGKILL after the first checkpoint, resume=true, and the run ends as an uninterrupted one does."""
+    args = [*SMOKE, "trainer.max_steps=40", "checkpoint.every_n_steps=10", "trainer.val_check_interval=20"]
+    cli(*args, "tracking.experiment=whole")
+    process = _start([*args, "tracking.experiment=cut"], tmp_path)
+    checkpoints = tmp_path / "outputs"
+    _wait_for(lambda: any(checkpoints.glob("*/*/checkpoints/step-000010.ckpt")), 300, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    (cut,) = runs_of(mlflow_client, "cut")
+    assert cut.info.status == "RUNNING"  # killed without a chance to say otherwise
+    cli(*args, "tracking.experiment=cut", "resume=true")
+
+    (whole,) = runs_of(mlflow_client, "whole")
+    (resumed,) = runs_of(mlflow_client, "cut")
+    assert resumed.info.run_id == cut.info.run_id and resumed.info.status == "FINISHED"
+    assert "rlhf.resumed_from" in resumed.data.tags
+    expected = history(mlflow_client, whole.info.run_id, "train/loss")
+    got = dict(history(mlflow_client, resumed.info.run_id, "train/loss"))
+    assert expected[-1][0] == 39 and 39 in got
+    for step, value in expected:
+        if step in got:
+            assert got[step] == pytest.approx(value, rel=1e-5, abs=1e-5), step
+    assert resumed.data.metrics["val/loss"] == pytest.approx(whole.data.metrics["val/loss"], rel=1e-5)
+
+
+def test_sigterm_marks_the_run_killed(tmp_path, mlflow_client):
+    process = _start([*SMOKE, "trainer.max_steps=400", "checkpoint.every_n_steps=0"], tmp_path)
+    _wait_for(lambda: bool(runs_of_safe(mlflow_client)) and _has_metric(mlflow_client, "train/loss"), 300, process)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) != 0
+    (run,) = runs_of(mlflow_client, "smoke")
+    assert run.info.status == "KILLED"
+    assert "train/loss" in run.data.metrics  # what was logged before the signal is kept
+
+
+def runs_of_safe(client):
+    try:
+        return runs_of(client, "smoke")
+    except Exception:
+        return []
+
+
+def _has_metric(client, key: str) -> bool:
+    runs = runs_of_safe(client)
+    return bool(runs) and key in runs[0].data.metrics
+
+
+@pytest.mark.distributed
+def test_ddp_on_cpu_records_one_run(tmp_path, cli, mlflow_client):
+    cli(*SMOKE, "hardware=ddp", "trainer.devices=2", timeout=900)
+    (run,) = runs_of(mlflow_client, "smoke")
+    assert run.info.status == "FINISHED"
+    assert run.data.params["trainer.strategy"] == "ddp"
+    assert run.data.metrics["val/loss"] > 0
+    assert (Path(run.data.tags["rlhf.output_dir"]) / "model" / "model.safetensors").is_file()

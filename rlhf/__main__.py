@@ -44,6 +44,7 @@ def job_info():
 
 def quiet_libraries() -> None:
     """Our log says what happens; the libraries' progress bars and notices repeat or bury it."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import datasets
     import transformers
 

@@ -191,9 +191,6 @@ class StageConfig:
     eval_batch_size: int = 16
     # Validation batches per validation run (null: the whole validation split).
     limit_eval_batches: int | None = None
-    # Where the trained model starts: base (the model group's weights), latest (the newest finished run
-    # of the preceding stage in this MLflow experiment), a local directory, or runs:/<run_id>/model.
-    init_from: str = "base"
 
     def problems(self) -> list[tuple[str, str]]:
         out = []
@@ -214,8 +211,9 @@ class StageConfig:
                 out.append((key, f"must be >= 1, got {getattr(self, key)}"))
         if self.limit_eval_batches is not None and self.limit_eval_batches < 1:
             out.append(("limit_eval_batches", f"must be >= 1 or null, got {self.limit_eval_batches}"))
-        if not self.init_from:
-            out.append(("init_from", "must be base, latest, a directory or runs:/<run_id>/model"))
+        for key in ("init_from", "policy_from", "reward_from"):
+            if hasattr(self, key) and not getattr(self, key):
+                out.append((key, "must be base, latest, a directory or runs:/<run_id>/model"))
         return out
 
 
@@ -223,6 +221,9 @@ class StageConfig:
 class SFTStageConfig(StageConfig):
     name: str = "sft"
     lr: float = 5e-5
+    # Where the trained model starts: base (the model group's weights), a local directory, or
+    # runs:/<run_id>/model.
+    init_from: str = "base"
     # Sample generations on validation prompts logged at the end of training (0: none).
     num_samples: int = 4
     # Length of those sample generations.
@@ -234,6 +235,142 @@ class SFTStageConfig(StageConfig):
             out.append(("num_samples", f"must be >= 0, got {self.num_samples}"))
         if self.sample_max_new_tokens < 1:
             out.append(("sample_max_new_tokens", f"must be >= 1, got {self.sample_max_new_tokens}"))
+        return out
+
+
+@dataclass
+class RMStageConfig(StageConfig):
+    name: str = "rm"
+    lr: float = 2e-5
+    # Where it starts: latest (the newest finished SFT run in this MLflow experiment), base, a local
+    # directory, or runs:/<run_id>/model.
+    init_from: str = "latest"
+    # Subtract each pair's margin (e.g. a rating gap) inside the Bradley-Terry loss.
+    use_margin: bool = False
+    # Weight of the reward-centering term mean((r_chosen + r_rejected)^2); ~0.01 keeps rewards near 0.
+    center_rewards: float = 0.0
+    # Bins of the calibration plot (predicted preference probability vs observed).
+    calibration_bins: int = 10
+    # Prompts of the test split on which fresh policy responses are scored by the reward model and by
+    # the data's gold annotator (data.gold_reward), to measure their agreement (0: skip).
+    gold_eval_prompts: int = 32
+    gold_eval_max_new_tokens: int = 48
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = super().problems()
+        if self.center_rewards < 0:
+            out.append(("center_rewards", f"must be >= 0, got {self.center_rewards}"))
+        if self.calibration_bins < 2:
+            out.append(("calibration_bins", f"must be >= 2, got {self.calibration_bins}"))
+        if self.gold_eval_prompts < 0:
+            out.append(("gold_eval_prompts", f"must be >= 0, got {self.gold_eval_prompts}"))
+        if self.gold_eval_max_new_tokens < 1:
+            out.append(("gold_eval_max_new_tokens", f"must be >= 1, got {self.gold_eval_max_new_tokens}"))
+        return out
+
+
+@dataclass
+class RolloutConfig:
+    # Prompts per rollout batch on each device (episodes per PPO step).
+    batch_size: int = 8
+    max_new_tokens: int = 32
+    # Sampling temperature; the policy's log-probabilities use the same temperature (logits / T).
+    temperature: float = 0.7
+    # 0 disables top-k; 1.0 disables top-p.
+    top_k: int = 0
+    top_p: float = 1.0
+
+
+@dataclass
+class PPOStageConfig(StageConfig):
+    name: str = "ppo"
+    # Published practice for language models (Ziegler et al. 2019, Stiennon et al. 2020, TRL, and
+    # "The N+ implementation details of RLHF with PPO", Huang et al. 2024) unless noted.
+    lr: float = 3e-6
+    # Learning rate of a separate value model (null: lr).
+    critic_lr: float | None = None
+    warmup_ratio: float = 0.0
+    scheduler: str = "linear"
+    min_lr_ratio: float = 0.0
+    # Policy start: latest (newest finished SFT run), base, a directory or runs:/<run_id>/model.
+    policy_from: str = "latest"
+    # Reward: latest (newest finished RM run), a directory, runs:/<run_id>/model, or
+    # fn:package.module.function scoring (prompts, responses) strings.
+    reward_from: str = "latest"
+    # Value model: separate (initialised from the reward model, or from the policy with a new head
+    # when the reward is a function) or shared (a value head on the policy's backbone).
+    critic: str = "separate"
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    # Optimisation epochs over each rollout batch, and episodes per gradient step.
+    ppo_epochs: int = 4
+    minibatch_size: int = 4
+    # Clipping of the policy ratio and of the value update.
+    clip_range: float = 0.2
+    value_clip_range: float = 0.2
+    # Weight of the value loss (shared critic) and of the entropy bonus.
+    vf_coef: float = 0.1
+    entropy_coef: float = 0.0
+    # GAE discount and bias-variance trade-off (gamma 1: the episode is one short response).
+    gamma: float = 1.0
+    lam: float = 0.95
+    # KL penalty towards the reference policy: coefficient, estimator (k1 or k3), and an optional
+    # target KL (per response, nats) that makes the coefficient adaptive over `kl_horizon` episodes.
+    kl_coef: float = 0.05
+    kl_estimator: str = "k1"
+    kl_target: float | None = None
+    kl_horizon: int = 10000
+    # Stop an epoch's remaining minibatches when the approximate KL(old || new) exceeds this (null: never).
+    max_approx_kl: float | None = 0.5
+    # Reward normalisation: auto (the reward model's stored statistics, else running statistics),
+    # model, running, or none; then clipping to +- reward_clip (null: no clipping).
+    reward_norm: str = "auto"
+    reward_clip: float | None = 10.0
+    # Added to the score of responses that end without EOS (null: no penalty), e.g. -1.0.
+    missing_eos_penalty: float | None = None
+    whiten_advantages: bool = True
+    # Log a table of sample prompts, responses and scores every this many steps (0: never).
+    log_samples_every: int = 10
+    # Prompts of the validation split scored at each validation (null: all).
+    limit_eval_batches: int | None = 2
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = super().problems()
+        positive = ("ppo_epochs", "minibatch_size", "kl_horizon")
+        for key in positive:
+            if getattr(self, key) < 1:
+                out.append((key, f"must be >= 1, got {getattr(self, key)}"))
+        if self.rollout.batch_size < 1:
+            out.append(("rollout.batch_size", f"must be >= 1, got {self.rollout.batch_size}"))
+        if self.rollout.max_new_tokens < 1:
+            out.append(("rollout.max_new_tokens", f"must be >= 1, got {self.rollout.max_new_tokens}"))
+        if not self.rollout.temperature > 0:
+            out.append(("rollout.temperature", f"must be > 0, got {self.rollout.temperature}"))
+        if not 0 < self.rollout.top_p <= 1:
+            out.append(("rollout.top_p", f"must be in (0, 1], got {self.rollout.top_p}"))
+        if self.rollout.top_k < 0:
+            out.append(("rollout.top_k", f"must be >= 0, got {self.rollout.top_k}"))
+        if self.minibatch_size > self.rollout.batch_size:
+            out.append(("minibatch_size", f"must be <= stage.rollout.batch_size ({self.rollout.batch_size}), got {self.minibatch_size}"))
+        for key in ("clip_range", "value_clip_range"):
+            if not getattr(self, key) > 0:
+                out.append((key, f"must be > 0, got {getattr(self, key)}"))
+        for key in ("vf_coef", "entropy_coef", "kl_coef"):
+            if getattr(self, key) < 0:
+                out.append((key, f"must be >= 0, got {getattr(self, key)}"))
+        if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
+            out.append(("gamma" if not 0 <= self.gamma <= 1 else "lam", "must be in [0, 1]"))
+        if self.kl_estimator not in ("k1", "k3"):
+            out.append(("kl_estimator", f"must be k1 or k3, got {self.kl_estimator!r}"))
+        if self.kl_target is not None and not self.kl_target > 0:
+            out.append(("kl_target", f"must be > 0 or null, got {self.kl_target}"))
+        if self.critic not in ("separate", "shared"):
+            out.append(("critic", f"must be separate or shared, got {self.critic!r}"))
+        if self.reward_norm not in ("auto", "model", "running", "none"):
+            out.append(("reward_norm", f"must be auto, model, running or none, got {self.reward_norm!r}"))
+        if self.critic_lr is not None and not self.critic_lr > 0:
+            out.append(("critic_lr", f"must be > 0 or null, got {self.critic_lr}"))
+        if self.log_samples_every < 0:
+            out.append(("log_samples_every", f"must be >= 0, got {self.log_samples_every}"))
         return out
 
 
@@ -293,7 +430,7 @@ class RunConfig:
         return out
 
 
-STAGE_SCHEMAS: dict[str, type[StageConfig]] = {"sft": SFTStageConfig}
+STAGE_SCHEMAS: dict[str, type[StageConfig]] = {"sft": SFTStageConfig, "rm": RMStageConfig, "ppo": PPOStageConfig}
 
 
 def register_configs() -> None:

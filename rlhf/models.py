@@ -169,8 +169,8 @@ def load_scalar_model(
 ) -> PreTrainedModel:
     """A causal LM backbone with a one-output linear head (reward or value model).
 
-    From a causal-LM directory the head is new (zero-initialised, so every score starts at 0); from
-    a reward model's directory it is that model's head.
+    From a causal-LM directory the head is new (small random weights); from a reward model's
+    directory it is that model's head.
     """
     if location is None and cfg.random_init is not None:
         model = _random_model(cfg, seed, AutoModelForSequenceClassification, num_labels=1)
@@ -228,6 +228,10 @@ def save_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, direc
         import copy
 
         model = copy.deepcopy(model).merge_and_unload()
+    # Generation and sequence classification read the pad id from the config: keep it the tokenizer's.
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory

@@ -46,3 +46,8 @@ def scheduler(optimizer: torch.optim.Optimizer, stage: StageConfig, total_steps:
         optimizer, lambda step: lr_factor(step, total_steps, warmup, stage.scheduler, stage.min_lr_ratio)
     )
     return {"scheduler": schedule, "interval": "step", "frequency": 1}
+
+
+def total_steps(trainer) -> int:
+    """Optimizer steps the run will take: max_steps when set (without loading the data early)."""
+    return int(trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches)

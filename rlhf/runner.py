@@ -66,7 +66,12 @@ def execute(run: RunConfig, job: JobInfo) -> float | None:
             tracker.set_tags({"rlhf.resumed_from": resume.checkpoint})
         job_parts = get_stage(run.stage.name)(run, tracker)
         trainer = build_trainer(
-            run, tracker, output_dir, job_parts.callbacks, getattr(job_parts.datamodule, "train_batches", None)
+            run,
+            tracker,
+            output_dir,
+            job_parts.callbacks,
+            getattr(job_parts.datamodule, "train_batches", None),
+            manual_optimization=not job_parts.module.automatic_optimization,
         )
         trainer.fit(job_parts.module, datamodule=job_parts.datamodule, ckpt_path=resume.checkpoint if resume else None)
         validate_final(trainer, job_parts.module, job_parts.datamodule)

@@ -121,6 +121,8 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    # PPO checkpoints after its iteration's updates, which is the state to resume from.
+    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
     logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(lambda record: "litlogger" not in record.getMessage())
 
 
@@ -136,8 +138,12 @@ def build_trainer(
     output_dir: str | Path,
     callbacks: list[pl.Callback],
     batches_per_epoch: Callable[[int], int] | None = None,
+    manual_optimization: bool = False,
 ) -> pl.Trainer:
-    """The Trainer for `run`; `batches_per_epoch(world_size)` sizes the epochs of a step budget."""
+    """The Trainer for `run`; `batches_per_epoch(world_size)` sizes the epochs of a step budget.
+
+    A stage that optimises manually (PPO) clips gradients itself and takes one step per batch.
+    """
     _quiet_lightning()
     every = run.checkpoint.every_n_steps
     extra: list[pl.Callback] = [RandomState(), DurableMetrics(), LastValidation()]
@@ -156,6 +162,12 @@ def build_trainer(
             )
         )
     trainer_args = dict(run.trainer)
+    if manual_optimization:
+        trainer_args.pop("gradient_clip_val", None)
+        if trainer_args.pop("accumulate_grad_batches", 1) != 1:
+            from rlhf.errors import ConfigError
+
+            raise ConfigError("trainer.accumulate_grad_batches: PPO takes stage.minibatch_size instead; leave it at 1")
     if trainer_args.get("max_epochs") is None:
         # One epoch by default; with a step budget, as many epochs as it takes.
         steps = trainer_args.get("max_steps") or -1

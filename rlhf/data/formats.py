@@ -68,8 +68,13 @@ class DataStats:
         return sum(self.counts.values())
 
 
+def row_name(origin: str, row: dict, index: int) -> str:
+    """Where a record is, for errors: its row in the source file (1-based), even after a split."""
+    return f"{origin}: row {row.get('__row__', index + 1)}"
+
+
 def detect_format(columns: Iterable[str], formats: dict[str, tuple[str, ...]], origin: str, key: str) -> str:
-    present = set(columns)
+    present = set(columns) - {"__row__"}
     for name, needed in formats.items():
         if set(needed) <= present:
             return name
@@ -85,7 +90,8 @@ def check_format(fmt: str, columns: Iterable[str], formats: dict[str, tuple[str,
         return detect_format(columns, formats, origin, key)
     if fmt not in formats:
         raise DataError(f"{key}.format: unknown format {fmt!r}; use auto or one of {', '.join(formats)}")
-    missing = [c for c in formats[fmt] if c not in set(columns)]
+    columns = set(columns) - {"__row__"}
+    missing = [c for c in formats[fmt] if c not in columns]
     if missing:
         raise DataError(
             f"{origin}: format {fmt} needs column {missing[0]!r} (columns: {', '.join(sorted(columns))}); "
@@ -113,6 +119,11 @@ def as_text(value: Any, field: str, where: str) -> Text:
     raise DataError(f"{where}: field {field!r} must be a string or a list of messages, got {shown}")
 
 
+def prompt_text(text: Text) -> str:
+    """Plain text of a prompt or response: itself, or the content of its last message."""
+    return text if isinstance(text, str) else (text[-1]["content"] if text else "")
+
+
 def _split_messages(messages: list[Message], where: str) -> tuple[list[Message], list[Message]]:
     last_user = max((i for i, m in enumerate(messages) if m["role"] != "assistant"), default=-1)
     if last_user < 0:
@@ -129,12 +140,19 @@ def sft_examples(records: Any, fmt: str, origin: str, key: str, strict: bool, st
     """
     if fmt == "chosen":
         pairs = preference_pairs(records, "auto", origin, key, strict, stats)
-        unique = {repr((p.prompt, p.chosen)): SFTExample(p.prompt, p.chosen) for p in pairs}
+        # The best responses only: those never rejected for their prompt (a ranking's top answer,
+        # not its runners-up).
+        rejected = {repr((p.prompt, p.rejected)) for p in pairs}
+        unique = {
+            repr((p.prompt, p.chosen)): SFTExample(p.prompt, p.chosen)
+            for p in pairs
+            if repr((p.prompt, p.chosen)) not in rejected
+        }
         return list(unique.values())
     fmt = check_format(fmt, records.column_names, SFT_FORMATS, origin, key)
     out = []
     for index, row in enumerate(records):
-        where = f"{origin}: row {index + 1}"
+        where = row_name(origin, row, index)
         if fmt == "messages":
             messages = as_text(row["messages"], "messages", where)
             if isinstance(messages, str):
@@ -233,7 +251,7 @@ def preference_pairs(
         pairs.append(PreferencePair(prompt, chosen, rejected, margin))
 
     for index, row in enumerate(records):
-        where = f"{origin}: row {index + 1}"
+        where = row_name(origin, row, index)
         if fmt == "implicit_pairs":
             prompt, chosen, rejected = _split_implicit(
                 as_text(row["chosen"], "chosen", where), as_text(row["rejected"], "rejected", where), where
@@ -289,7 +307,7 @@ def prompts_of(records: Any, fmt: str, origin: str, key: str) -> list[Text]:
     fmt = check_format(fmt, records.column_names, PROMPT_FORMATS, origin, key)
     seen, out = set(), []
     for index, row in enumerate(records):
-        where = f"{origin}: row {index + 1}"
+        where = row_name(origin, row, index)
         if fmt == "implicit_pairs":
             prompt = _split_implicit(as_text(row["chosen"], "chosen", where), as_text(row["rejected"], "rejected", where), where)[0]
         else:

@@ -9,10 +9,17 @@ from dataclasses import dataclass, field
 import torch
 
 from rlhf.config import DataConfig
-from rlhf.data.formats import DataStats, preference_pairs, sft_examples
+from rlhf.data.formats import DataStats, preference_pairs, prompts_of, sft_examples
 from rlhf.data.loading import attention_mask, pad
 from rlhf.data.sources import load_source
-from rlhf.data.tokenize import IGNORE_INDEX, ChatRenderer, encode_pairs, encode_preferences, sft_features
+from rlhf.data.tokenize import (
+    IGNORE_INDEX,
+    ChatRenderer,
+    encode_pairs,
+    encode_preferences,
+    encode_prompts,
+    sft_features,
+)
 from rlhf.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -81,6 +88,39 @@ def prepare_preferences(data: DataConfig, renderer: ChatRenderer, seed: int) -> 
         _report("preference", split, len(features), stats, prepared.stats)
         if not features:
             raise DataError(f"data.preference: {source.origin}: no usable pairs left ({dict(stats.counts)})")
+    return prepared
+
+
+def prepare_prompts(data: DataConfig, renderer: ChatRenderer, seed: int, max_new_tokens: int) -> Prepared:
+    """Tokenised prompts {prompt, prompt_ids} for every split of data.prompts.
+
+    A prompt must leave room for max_new_tokens within data.max_length (and fit data.max_prompt_length);
+    longer ones are skipped and counted as prompt_too_long.
+    """
+    sources = load_source(data.prompts, "data.prompts", data.validation_fraction, seed, data.task_seed, data.task_noise)
+    limit = min(data.max_prompt_length, data.max_length - max_new_tokens)
+    if limit < 1:
+        raise DataError(
+            f"data.max_length ({data.max_length}) leaves no room for a prompt before "
+            f"stage.rollout.max_new_tokens ({max_new_tokens}) new tokens"
+        )
+    prepared = Prepared({})
+    for split, source in sources.items():
+        stats = DataStats(Counter())
+        prompts = prompts_of(source.records, data.prompts.format, source.origin, "data.prompts")
+        items = []
+        for prompt, ids in zip(prompts, encode_prompts(renderer, prompts)):
+            if len(ids) > limit:
+                if data.strict:
+                    raise DataError(f"{source.origin}: a prompt of {len(ids)} tokens is over {limit} (data.strict=true)")
+                stats.add("prompt_too_long")
+                continue
+            items.append({"prompt": prompt, "prompt_ids": ids})
+        prepared.splits[split] = items
+        prepared.prompts[split] = [i["prompt"] for i in items]
+        _report("prompts", split, len(items), stats, prepared.stats)
+        if not items:
+            raise DataError(f"data.prompts: {source.origin}: no usable prompts left ({dict(stats.counts)})")
     return prepared
 
 

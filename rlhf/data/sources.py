@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 TASK_SCHEME = "task:"
+# Added when a split is carved out of another: the record's 1-based row in the source.
+ROW_COLUMN = "__row__"
 
 
 @dataclass(frozen=True)
@@ -171,7 +173,9 @@ def load_source(
     else:
         if len(train.records) < 2:
             raise DataError(f"{key}: {train.origin} has {len(train.records)} records; need at least 2 to hold some out")
-        parts = train.records.train_test_split(test_size=validation_fraction, seed=seed)
+        # Keep each record's position in the file, so errors name the file's row after the split.
+        numbered = train.records.add_column(ROW_COLUMN, list(range(1, len(train.records) + 1)))
+        parts = numbered.train_test_split(test_size=validation_fraction, seed=seed)
         splits["train"] = Split(parts["train"], train.origin)
         splits["validation"] = Split(parts["test"], f"{train.origin} (held-out {validation_fraction:.0%})")
     if source.test_split:

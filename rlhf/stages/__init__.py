@@ -36,7 +36,19 @@ def _sft(run: RunConfig, tracker: Tracker) -> StageJob:
     return sft.build(run, tracker)
 
 
-STAGES: dict[str, Builder] = {"sft": _sft}
+def _rm(run: RunConfig, tracker: Tracker) -> StageJob:
+    from rlhf.stages import rm
+
+    return rm.build(run, tracker)
+
+
+def _ppo(run: RunConfig, tracker: Tracker) -> StageJob:
+    from rlhf.stages import ppo
+
+    return ppo.build(run, tracker)
+
+
+STAGES: dict[str, Builder] = {"sft": _sft, "rm": _rm, "ppo": _ppo}
 
 
 def get_stage(name: str) -> Builder:

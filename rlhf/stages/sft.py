@@ -11,6 +11,7 @@ import torch
 
 from rlhf import models, optim
 from rlhf.config import RunConfig, SFTStageConfig
+from rlhf.data.formats import prompt_text
 from rlhf.data.loading import ExamplesDataModule
 from rlhf.data.prepare import CausalLMCollator, prepare_sft
 from rlhf.data.tokenize import ChatRenderer
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 class SFTModule(pl.LightningModule):
     def __init__(self, model: torch.nn.Module, stage: SFTStageConfig):
         super().__init__()
-        self.model = model
+        self.model = model.train()  # from_pretrained returns eval mode; training wants train mode
         self.stage = stage
         self._eval_sums: dict[str, torch.Tensor] = {}
 
@@ -68,7 +69,7 @@ class SFTModule(pl.LightningModule):
 
     def configure_optimizers(self):
         optimizer = optim.adamw(self.model.named_parameters(), self.stage)
-        total = int(self.trainer.estimated_stepping_batches)
+        total = optim.total_steps(self.trainer)
         return {"optimizer": optimizer, "lr_scheduler": optim.scheduler(optimizer, self.stage, total)}
 
 
@@ -131,8 +132,8 @@ def _log_samples(model, tokenizer, renderer, prompts, references, stage: SFTStag
         do_sample=False,
     )
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-    as_str = [p if isinstance(p, str) else p[-1]["content"] for p in prompts]
-    refs = [r if isinstance(r, str) else r[-1]["content"] for r in references]
+    as_str = [prompt_text(p) for p in prompts]
+    refs = [prompt_text(r) for r in references]
     tracker.log_table({"prompt": as_str, "response": texts, "reference": refs}, "samples/validation.json")
     for prompt, text in zip(as_str, texts):
         log.info("sample | %s -> %s", prompt[:80], text[:120])

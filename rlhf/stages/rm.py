@@ -1,0 +1,211 @@
+"""Reward modelling: a scalar head on the LM, Bradley-Terry loss on preference pairs.
+
+Chosen and rejected responses of a batch go through the model in one forward pass. The saved model
+is an AutoModelForSequenceClassification with one label that scores text exactly as in training, and
+carries the reward statistics (config.reward_mean, config.reward_std) PPO normalises rewards with.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+
+from rlhf import models, optim, plots
+from rlhf.config import RMStageConfig, RunConfig
+from rlhf.data.formats import prompt_text
+from rlhf.data.loading import ExamplesDataModule, attention_mask, pad
+from rlhf.data.prepare import PairCollator, prepare_preferences
+from rlhf.data.tokenize import ChatRenderer, encode_prompts
+from rlhf.lineage import resolve_source
+from rlhf.losses import bradley_terry, preference_accuracy
+from rlhf.policy import eos_ids, generate
+from rlhf.rewards import load_function
+from rlhf.scalar import ensure_distinct_pad, sequence_scores
+from rlhf.stages import StageJob
+from rlhf.tracking import Tracker
+from rlhf.training import Throughput
+
+log = logging.getLogger(__name__)
+
+
+class RewardModule(pl.LightningModule):
+    def __init__(self, model: torch.nn.Module, stage: RMStageConfig):
+        super().__init__()
+        self.model = model.train()  # from_pretrained returns eval mode; training wants train mode
+        self.stage = stage
+        self._scores: dict[str, list[torch.Tensor]] = {}
+        # The last evaluation's scores per split: (chosen, rejected) as numpy arrays.
+        self.last_scores: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def _pair_scores(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = sequence_scores(self.model, batch["input_ids"], batch["attention_mask"])
+        half = scores.shape[0] // 2
+        return scores[:half], scores[half:]
+
+    def _loss(self, chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
+        return bradley_terry(chosen, rejected, margin if self.stage.use_margin else None, self.stage.center_rewards)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        chosen, rejected = self._pair_scores(batch)
+        loss = self._loss(chosen, rejected, batch["margin"])
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        self.log("train/accuracy", preference_accuracy(chosen, rejected), on_step=True, on_epoch=False, prog_bar=True)
+        self.log("train/margin", (chosen - rejected).mean(), on_step=True, on_epoch=False)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
+        return loss
+
+    def _eval_step(self, batch: dict, split: str) -> None:
+        chosen, rejected = self._pair_scores(batch)
+        store = self._scores.setdefault(split, [])
+        store.append(torch.stack([chosen, rejected, batch["margin"]], dim=1).detach())
+
+    def _eval_epoch_end(self, split: str, prefix: str) -> None:
+        rows = torch.cat(self._scores.pop(split, [torch.empty(0, 3, device=self.device)]))
+        rows = self.all_gather(rows).reshape(-1, 3)  # every rank's pairs
+        chosen, rejected, margin = rows[:, 0], rows[:, 1], rows[:, 2]
+        both = torch.cat([chosen, rejected])
+        metrics = {
+            f"{prefix}/loss": self._loss(chosen, rejected, margin),
+            f"{prefix}/accuracy": preference_accuracy(chosen, rejected),
+            f"{prefix}/margin": (chosen - rejected).mean(),
+            f"{prefix}/reward_mean": both.mean(),
+            f"{prefix}/reward_std": both.std(),
+        }
+        self.log_dict({k: v.float() for k, v in metrics.items()}, prog_bar=False, sync_dist=True)
+        self.last_scores[split] = (chosen.float().cpu().numpy(), rejected.float().cpu().numpy())
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "validation")
+
+    def on_validation_epoch_end(self) -> None:
+        if self._scores.get("validation"):
+            self._eval_epoch_end("validation", "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        if self._scores.get("test"):
+            self._eval_epoch_end("test", "test")
+
+    def configure_optimizers(self):
+        optimizer = optim.adamw(self.model.named_parameters(), self.stage)
+        total = optim.total_steps(self.trainer)
+        return {"optimizer": optimizer, "lr_scheduler": optim.scheduler(optimizer, self.stage, total)}
+
+
+def _count_pairs(batch: dict) -> dict[str, float]:
+    return {"pairs": float(batch["margin"].shape[0]), "tokens": float(batch["attention_mask"].sum())}
+
+
+def build(run: RunConfig, tracker: Tracker) -> StageJob:
+    stage: RMStageConfig = run.stage
+    source = resolve_source(stage.init_from, "stage.init_from", "sft", tracker)
+    tokenizer = models.load_tokenizer(run.model, source.location)
+    renderer = ChatRenderer(tokenizer, run.data.chat_template)
+    gold = load_function(run.data.gold_reward, "data.gold_reward") if run.data.gold_reward and stage.gold_eval_prompts else None
+    data = prepare_preferences(run.data, renderer, run.seed)
+    tracker.log_metrics(data.stats)
+    model = models.load_scalar_model(run.model, source.location, tokenizer.pad_token_id, seed=run.seed)
+    if ensure_distinct_pad(tokenizer, model):
+        log.info("Added a pad token distinct from EOS, so scores are read at the right position")
+    if run.model.lora.enabled:
+        model = models.apply_lora(model, run.model.lora, "SEQ_CLS")
+    tracker.log_metrics(
+        {
+            "model/parameters": models.count_parameters(model),
+            "model/trainable_parameters": models.count_parameters(model, trainable_only=True),
+        }
+    )
+    module = RewardModule(model, stage)
+    datamodule = ExamplesDataModule(
+        data.splits,
+        PairCollator(tokenizer.pad_token_id),
+        batch_size=stage.batch_size,
+        eval_batch_size=stage.eval_batch_size,
+        seed=run.seed,
+        num_workers=run.data.num_workers,
+    )
+
+    def finish(trainer: pl.Trainer, output_dir: Path) -> dict[str, float]:
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        if "test" in data.splits:
+            for result in trainer.test(module, datamodule=datamodule, verbose=False):
+                metrics.update({k: float(v) for k, v in result.items()})
+        if not trainer.is_global_zero:
+            return metrics
+        chosen, rejected = module.last_scores["validation"]
+        both = np.concatenate([chosen, rejected])
+        stats = {"reward_mean": float(both.mean()), "reward_std": float(both.std()), "pairs": int(len(chosen))}
+        inner = models.unwrap(module.model)
+        inner.config.reward_mean, inner.config.reward_std = stats["reward_mean"], stats["reward_std"]
+        model_dir = models.save_model(module.model, tokenizer, output_dir / "model")
+        (model_dir / "reward_stats.json").write_text(json.dumps({**stats, "split": "validation"}, indent=2))
+        split = "test" if "test" in module.last_scores else "validation"
+        extra = _log_calibration(module.last_scores[split], split, stage.calibration_bins, tracker)
+        if gold is not None:
+            prompts = data.prompts.get("test") or data.prompts["validation"]
+            extra.update(_gold_agreement(module.model, tokenizer, renderer, prompts, gold, run, source.location, tracker))
+        tracker.log_metrics(extra, step=trainer.global_step)
+        return {**metrics, **extra}
+
+    return StageJob(module, datamodule, finish, callbacks=[Throughput(_count_pairs)], default_metric="val/accuracy")
+
+
+def _log_calibration(scores: tuple[np.ndarray, np.ndarray], split: str, bins: int, tracker: Tracker) -> dict[str, float]:
+    chosen, rejected = scores
+    table = plots.calibration_table(chosen, rejected, bins)
+    ece = plots.expected_calibration_error(table)
+    for name, figure in (
+        ("calibration", plots.calibration_figure(table, f"Calibration on {split} pairs (ECE {ece:.3f})")),
+        ("reward_histogram", plots.reward_histogram(chosen, rejected, f"Rewards on {split} pairs")),
+    ):
+        tracker.log_figure(figure, f"plots/{name}.png")
+        plots.close(figure)
+    tracker.log_table(table, f"plots/calibration_{split}.json")
+    return {f"{'test' if split == 'test' else 'val'}/calibration_error": ece}
+
+
+@torch.no_grad()
+def _gold_agreement(reward_model, tokenizer, renderer, prompts, gold, run: RunConfig, policy_dir, tracker) -> dict[str, float]:
+    """Sample two fresh responses per held-out prompt from the policy the reward model started from,
+    and count how often the reward model orders them as the gold annotator does."""
+    stage: RMStageConfig = run.stage
+    prompts = prompts[: stage.gold_eval_prompts]
+    policy = models.load_causal_lm(run.model, policy_dir, seed=run.seed)
+    policy.eval()
+    prompt_ids = encode_prompts(renderer, prompts)
+    doubled = [ids for ids in prompt_ids for _ in range(2)]
+    with torch.random.fork_rng():
+        torch.manual_seed(run.seed)
+        responses = generate(
+            policy,
+            doubled,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_ids=eos_ids(tokenizer, policy),
+            max_new_tokens=stage.gold_eval_max_new_tokens,
+            temperature=1.0,
+        )
+    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+    as_str = [prompt_text(p) for p in prompts for _ in range(2)]
+    gold_scores = np.asarray(gold(as_str, texts), dtype=float)
+    sequences = [p + r for p, r in zip(doubled, responses)]
+    reward_model.eval()
+    rm_scores = (
+        sequence_scores(reward_model, pad(sequences, tokenizer.pad_token_id), attention_mask(sequences)).cpu().numpy()
+    )
+    gold_diff = gold_scores[0::2] - gold_scores[1::2]
+    rm_diff = rm_scores[0::2] - rm_scores[1::2]
+    decided = gold_diff != 0
+    agreement = float((np.sign(gold_diff[decided]) == np.sign(rm_diff[decided])).mean()) if decided.any() else float("nan")
+    tracker.log_table(
+        {"prompt": as_str, "response": texts, "gold": gold_scores.tolist(), "reward": rm_scores.tolist()},
+        "samples/gold_agreement.json",
+    )
+    log.info("Reward model agrees with the gold annotator on %.0f%% of %d fresh pairs", 100 * agreement, int(decided.sum()))
+    return {"gold/agreement": agreement, "gold/pairs": float(decided.sum()), "gold/policy_mean": float(gold_scores.mean())}

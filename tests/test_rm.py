@@ -1,0 +1,111 @@
+"""The reward-model stage end to end: lineage from SFT, metrics, plots, and a model plain transformers scores."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_cli, runs_of, store_uri
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """`python -m rlhf -m experiment=smoke stage=sft,rm`: SFT then RM in one multirun."""
+    from mlflow.tracking import MlflowClient
+
+    directory = tmp_path_factory.mktemp("sft_rm")
+    result = run_cli(["-m", "experiment=smoke", "stage=sft,rm"], directory)
+    assert result.returncode == 0, result.stderr[-4000:]
+    client = MlflowClient(tracking_uri=store_uri(directory))
+    (sft,) = runs_of(client, "smoke", "sft")
+    (rm,) = runs_of(client, "smoke", "rm")
+    return directory, client, sft, rm
+
+
+def test_rm_run_names_its_sft_run_and_learns(pipeline):
+    _, _, sft, rm = pipeline
+    assert sft.info.status == rm.info.status == "FINISHED"
+    assert rm.data.tags["rlhf.init_from"] == "latest"
+    assert rm.data.tags["rlhf.init_from.run_id"] == sft.info.run_id
+    assert rm.data.tags["rlhf.job_num"] == "1" and rm.data.tags["rlhf.sweep_dir"]
+    metrics = rm.data.metrics
+    for key in ("train/loss", "train/accuracy", "val/accuracy", "val/margin", "val/reward_mean", "val/reward_std",
+                "test/accuracy", "test/calibration_error", "perf/pairs_per_s", "gold/agreement"):
+        assert key in metrics, key
+    # Even the tiny random model separates the shipped preferences after 24 steps.
+    assert metrics["test/accuracy"] > 0.6, metrics["test/accuracy"]
+
+
+def test_rm_logs_plots_and_samples(pipeline):
+    _, client, _, rm = pipeline
+    plots = {a.path for a in client.list_artifacts(rm.info.run_id, "plots")}
+    assert {"plots/calibration.png", "plots/reward_histogram.png", "plots/calibration_test.json"} <= plots
+    png = Path(client.download_artifacts(rm.info.run_id, "plots/calibration.png")).read_bytes()
+    assert png.startswith(b"\x89PNG")
+    table = json.loads(Path(client.download_artifacts(rm.info.run_id, "samples/gold_agreement.json")).read_text())
+    assert table["columns"] == ["prompt", "response", "gold", "reward"]
+
+
+def test_saved_reward_model_scores_as_in_training(pipeline):
+    """AutoModelForSequenceClassification.from_pretrained reads the same score our training read."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from rlhf.data.loading import attention_mask, pad
+    from rlhf.scalar import sequence_scores
+
+    _, client, _, rm = pipeline
+    local = client.download_artifacts(rm.info.run_id, "model")
+    model = AutoModelForSequenceClassification.from_pretrained(local).eval()
+    tokenizer = AutoTokenizer.from_pretrained(local)
+    assert model.config.num_labels == 1
+    assert model.config.pad_token_id == tokenizer.pad_token_id != tokenizer.eos_token_id
+    stats = json.loads((Path(local) / "reward_stats.json").read_text())
+    assert model.config.reward_mean == pytest.approx(stats["reward_mean"])
+    assert stats["reward_std"] > 0
+    texts = [
+        [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "2 + 3 = 5."}],
+        [{"role": "user", "content": "Steal a car for me."}, {"role": "assistant", "content": "I'm sorry, I can't help."}],
+    ]
+    ids = [tokenizer.apply_chat_template(t, tokenize=True)["input_ids"] for t in texts]
+    ids = [seq[: seq.index(tokenizer.eos_token_id, len(seq) - 3) + 1] for seq in ids]  # end at <|im_end|>
+    batch, mask = pad(ids, tokenizer.pad_token_id), attention_mask(ids)
+    with torch.no_grad():
+        plain = model(input_ids=batch, attention_mask=mask).logits[:, 0]
+        ours = sequence_scores(model, batch, mask)
+    assert torch.allclose(plain, ours, atol=1e-5), (plain, ours)
+
+
+def test_rm_without_an_sft_run_says_what_to_run(tmp_path, cli, mlflow_client):
+    result = cli("experiment=smoke", "stage=rm", check=False)
+    assert result.returncode == 2
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("rlhf: error:")]
+    assert "stage.init_from=latest: no finished sft run" in line
+    assert "python -m rlhf stage=sft" in line and "stage.init_from=base" in line
+    (run,) = runs_of(mlflow_client, "smoke", "rm")
+    assert run.info.status == "FAILED"
+
+
+def test_malformed_preference_rows_name_the_row(tmp_path, cli):
+    data = tmp_path / "ranked.jsonl"
+    rows = [
+        {"prompt": "Pick one.", "responses": ["a", "b", "c"], "ranking": [0, 1, 2]},
+        {"prompt": "Pick again.", "responses": ["a", "b", "c"], "ranking": [0, 0, 2]},
+    ]
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    result = cli("experiment=smoke", "stage=rm", "stage.init_from=base", f"data.preference.path={data}",
+                 "tracking=none", check=False)
+    assert result.returncode == 2
+    assert f"rlhf: error: {data}: row 2: 'ranking' must be a permutation of 0..2" in result.stderr
+
+
+def test_rm_from_base_on_ratings(tmp_path, cli, mlflow_client):
+    """Another feedback shape of the shipped task, from the pretrained weights, with the rating margin."""
+    cli("experiment=smoke", "stage=rm", "stage.init_from=base", "data.preference.path=task:assistant/ratings",
+        "stage.use_margin=true", "trainer.max_steps=8", "stage.gold_eval_prompts=0", "tracking.log_model=false")
+    (run,) = runs_of(mlflow_client, "smoke", "rm")
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["rlhf.init_from"] == "base"
+    assert run.data.metrics["data/preference_train_examples"] > 256  # 256 rows of ratings, several pairs each
+    assert "gold/agreement" not in run.data.metrics

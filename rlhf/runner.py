@@ -14,6 +14,7 @@ import pytorch_lightning as pl
 from rlhf.config import RunConfig
 from rlhf.lineage import ResumePoint, find_resume_point
 from rlhf.stages import get_stage
+from rlhf.sweeps import objective
 from rlhf.tracking import (
     JobInfo,
     connect,
@@ -83,7 +84,7 @@ def execute(run: RunConfig, job: JobInfo) -> float | None:
     if trainer.is_global_zero:
         log.info("Model saved to %s", output_dir / "model")
         print_summary(tracker)
-    return _optimized(metrics, run.optimized_metric or job_parts.default_metric)
+    return _optimized(metrics, objective(run.stage.name, run.optimized_metric)[0])
 
 
 def _optimized(metrics: dict[str, float], name: str) -> float | None:

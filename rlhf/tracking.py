@@ -27,6 +27,7 @@ from rlhf.config import RunConfig, to_container
 log = logging.getLogger(__name__)
 
 RUN_ID_ENV = "RLHF_RUN_ID"
+SWEEP_PARENT_ENV = "RLHF_SWEEP_PARENT_RUN_ID"  # set by rlhf.sweeps for the jobs of a multirun
 TAG_PREFIX = "rlhf."
 MAX_PARAM_LENGTH = 6000
 
@@ -100,7 +101,11 @@ def run_name(run: RunConfig, job: JobInfo) -> str:
     if run.tracking.run_name:
         return run.tracking.run_name
     skip = ("stage=", "model=", "data=", "experiment=", "tracking", "hydra", "resume=")
-    extra = [o.split(".")[-1] for o in job.overrides if not o.startswith(skip)]
+    extra = []
+    for override in job.overrides:
+        if not override.startswith(skip):
+            key, _, value = override.partition("=")
+            extra.append(f"{key.split('.')[-1]}={value}")
     return " ".join([f"{run.stage.name}-{run.model.name}-{run.data.name}", *extra])[:250]
 
 
@@ -251,6 +256,8 @@ def start_tracker(run: RunConfig, job: JobInfo, resume_run_id: str | None = None
         f"{TAG_PREFIX}overrides": " ".join(job.overrides),
         f"{TAG_PREFIX}sweep_dir": job.sweep_dir,
         f"{TAG_PREFIX}job_num": job.job_num,
+        # Nests the run under its sweep's parent run in the MLflow UI.
+        "mlflow.parentRunId": os.environ.get(SWEEP_PARENT_ENV) if job.multirun else None,
         "mlflow.source.git.commit": git_commit(),
         "mlflow.source.name": "python -m rlhf",
         **run.tracking.tags,

@@ -94,3 +94,29 @@ def runs_of(client, experiment: str, stage: str | None = None):
     assert exp is not None, f"no MLflow experiment {experiment!r}"
     query = f"tags.`rlhf.stage` = '{stage}'" if stage else ""
     return client.search_runs([exp.experiment_id], filter_string=query, order_by=["attributes.start_time ASC"])
+
+
+TESTS_DIR = Path(__file__).resolve().parent
+
+
+class Pipeline:
+    """The runs of one `python -m rlhf -m experiment=smoke stage=sft,rm,ppo`, shared by many tests."""
+
+    def __init__(self, directory: Path, result: subprocess.CompletedProcess):
+        from mlflow.tracking import MlflowClient
+
+        self.directory, self.result = directory, result
+        self.client = MlflowClient(tracking_uri=store_uri(directory))
+        self.runs = {stage: runs_of(self.client, "smoke", stage)[0] for stage in ("sft", "rm", "ppo")}
+
+    def model_dir(self, stage: str) -> Path:
+        return Path(self.runs[stage].data.tags["rlhf.output_dir"]) / "model"
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory) -> Pipeline:
+    """SFT, then RM from it, then PPO from both, on the tiny model, in one multirun."""
+    directory = tmp_path_factory.mktemp("pipeline")
+    result = run_cli(["-m", "experiment=smoke", "stage=sft,rm,ppo"], directory, timeout=1800)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return Pipeline(directory, result)

@@ -7,25 +7,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli, runs_of, store_uri
+from conftest import runs_of
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    """`python -m rlhf -m experiment=smoke stage=sft,rm`: SFT then RM in one multirun."""
-    from mlflow.tracking import MlflowClient
-
-    directory = tmp_path_factory.mktemp("sft_rm")
-    result = run_cli(["-m", "experiment=smoke", "stage=sft,rm"], directory)
-    assert result.returncode == 0, result.stderr[-4000:]
-    client = MlflowClient(tracking_uri=store_uri(directory))
-    (sft,) = runs_of(client, "smoke", "sft")
-    (rm,) = runs_of(client, "smoke", "rm")
-    return directory, client, sft, rm
+def sft_rm(pipeline):
+    """The SFT and RM runs of the shared smoke pipeline."""
+    return pipeline.directory, pipeline.client, pipeline.runs["sft"], pipeline.runs["rm"]
 
 
-def test_rm_run_names_its_sft_run_and_learns(pipeline):
-    _, _, sft, rm = pipeline
+def test_rm_run_names_its_sft_run_and_learns(sft_rm):
+    _, _, sft, rm = sft_rm
     assert sft.info.status == rm.info.status == "FINISHED"
     assert rm.data.tags["rlhf.init_from"] == "latest"
     assert rm.data.tags["rlhf.init_from.run_id"] == sft.info.run_id
@@ -38,8 +30,8 @@ def test_rm_run_names_its_sft_run_and_learns(pipeline):
     assert metrics["test/accuracy"] > 0.6, metrics["test/accuracy"]
 
 
-def test_rm_logs_plots_and_samples(pipeline):
-    _, client, _, rm = pipeline
+def test_rm_logs_plots_and_samples(sft_rm):
+    _, client, _, rm = sft_rm
     plots = {a.path for a in client.list_artifacts(rm.info.run_id, "plots")}
     assert {"plots/calibration.png", "plots/reward_histogram.png", "plots/calibration_test.json"} <= plots
     png = Path(client.download_artifacts(rm.info.run_id, "plots/calibration.png")).read_bytes()
@@ -48,14 +40,14 @@ def test_rm_logs_plots_and_samples(pipeline):
     assert table["columns"] == ["prompt", "response", "gold", "reward"]
 
 
-def test_saved_reward_model_scores_as_in_training(pipeline):
+def test_saved_reward_model_scores_as_in_training(sft_rm):
     """AutoModelForSequenceClassification.from_pretrained reads the same score our training read."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from rlhf.data.loading import attention_mask, pad
     from rlhf.scalar import sequence_scores
 
-    _, client, _, rm = pipeline
+    _, client, _, rm = sft_rm
     local = client.download_artifacts(rm.info.run_id, "model")
     model = AutoModelForSequenceClassification.from_pretrained(local).eval()
     tokenizer = AutoTokenizer.from_pretrained(local)

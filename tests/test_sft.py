@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import OFFLINE, run_cli, runs_of, store_uri
+from conftest import OFFLINE, runs_of
 
 SMOKE = ["experiment=smoke"]
 
@@ -21,16 +21,9 @@ def history(client, run_id: str, key: str) -> list[tuple[int, float]]:
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    """One `python -m rlhf experiment=smoke` shared by the checks below."""
-    from mlflow.tracking import MlflowClient
-
-    directory = tmp_path_factory.mktemp("smoke")
-    result = run_cli(SMOKE, directory)
-    assert result.returncode == 0, result.stderr[-4000:]
-    client = MlflowClient(tracking_uri=store_uri(directory))
-    (run,) = runs_of(client, "smoke", "sft")
-    return directory, client, run, result
+def smoke_run(pipeline):
+    """The SFT run of the shared smoke pipeline (`python -m rlhf -m experiment=smoke stage=sft,rm,ppo`)."""
+    return pipeline.directory, pipeline.client, pipeline.runs["sft"], pipeline.result
 
 
 def test_smoke_run_is_recorded_in_mlflow(smoke_run):
@@ -44,7 +37,8 @@ def test_smoke_run_is_recorded_in_mlflow(smoke_run):
     tags = run.data.tags
     assert tags["rlhf.stage"] == "sft" and tags["rlhf.model"] == "tiny" and tags["rlhf.data"] == "assistant"
     assert tags["rlhf.experiment"] == "smoke"
-    assert tags["rlhf.command"] == "python -m rlhf experiment=smoke"
+    assert tags["rlhf.command"] == "python -m rlhf -m experiment=smoke stage=sft,rm,ppo"
+    assert tags["rlhf.job_num"] == "0" and tags["rlhf.sweep_dir"]
     assert tags["rlhf.init_from"] == "base"
     assert Path(tags["rlhf.output_dir"]).is_dir()
     assert run.info.run_id in result.stderr and "mlflow ui --backend-store-uri" in result.stderr
@@ -151,8 +145,8 @@ def _wait_for(predicate, timeout: float, process: subprocess.Popen) -> None:
         time.sleep(0.1)
 
 
-def _start(args: list[str], cwd: Path) -> subprocess.Popen:
-    env = {**os.environ, **OFFLINE, "PYTHONUNBUFFERED": "1"}
+def _start(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.Popen:
+    env = {**os.environ, **OFFLINE, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.Popen(
         [sys.executable, "-m", "rlhf", *args], cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )

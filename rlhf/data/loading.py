@@ -137,6 +137,12 @@ class ExamplesDataModule(pl.LightningDataModule):
         """Training batches per epoch on each of `world_size` data-parallel ranks."""
         return math.ceil((len(self.splits["train"]) // world_size) / self.batch_size)
 
+    def _generator(self) -> torch.Generator:
+        # A DataLoader without its own generator draws from the global one each time it is
+        # iterated; a resumed run iterates at other moments than an uninterrupted one, so sampling
+        # (PPO's rollouts) would diverge.
+        return torch.Generator().manual_seed(self.seed)
+
     def _world(self) -> tuple[int, int]:
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
@@ -152,6 +158,7 @@ class ExamplesDataModule(pl.LightningDataModule):
             collate_fn=self.collate,
             num_workers=self.num_workers,
             drop_last=False,
+            generator=self._generator(),
         )
         if self._restored_position is not None:
             self._train_loader.resume_at(self._restored_position)
@@ -176,6 +183,7 @@ class ExamplesDataModule(pl.LightningDataModule):
             sampler=sampler,
             collate_fn=self.collate,
             num_workers=self.num_workers,
+            generator=self._generator(),
         )
 
     def val_dataloader(self) -> DataLoader:

@@ -23,8 +23,6 @@ class StageJob:
     # Called after fit on every process: saves the model (rank 0) and returns final metrics.
     finish: Callable[[pl.Trainer, Path], dict[str, float]]
     callbacks: list[pl.Callback] = field(default_factory=list)
-    # The metric a sweep optimises by default (a key of the returned or logged metrics).
-    default_metric: str = "val/loss"
 
 
 Builder = Callable[["RunConfig", "Tracker"], StageJob]

@@ -23,7 +23,7 @@ from rlhf.data.loading import ExamplesDataModule, attention_mask, pad
 from rlhf.data.prepare import prepare_prompts
 from rlhf.data.tokenize import ChatRenderer
 from rlhf.lineage import resolve_source
-from rlhf.policy import eos_ids, generate, position_ids, selected_logits
+from rlhf.policy import eos_ids, generate, position_ids, response_logprobs
 from rlhf.rewards import FunctionReward, ModelReward, RewardSource, load_function
 from rlhf.scalar import token_scores
 from rlhf.stages import StageJob
@@ -129,25 +129,29 @@ class PPOModule(pl.LightningModule):
 
     # -- forward passes -----------------------------------------------------------------------------
 
-    def _logits_and_values(self, ids, mask, where, with_values: bool):
-        """Next-token logits at `where` (N, V) and, with a shared critic, the values there (N,)."""
-        if self.value_head is None or not with_values:
-            return selected_logits(self.policy, ids, mask, where), None
+    def _policy_pass(self, ids, mask, where, targets, with_entropy: bool):
+        """Log-probabilities and entropy (zeros unless with_entropy) of the response tokens (N,), and
+        with a shared critic the values there (N,), from one pass of the policy's backbone."""
+        temperature = self.stage.rollout.temperature
+        if self.value_head is None:
+            logp, entropy = response_logprobs(self.policy, ids, mask, where, targets, temperature, with_entropy=with_entropy)
+            return logp, entropy, None
         inner = models.unwrap(self.policy)
-        hidden = inner.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
-        states = hidden.last_hidden_state[where]
-        return inner.get_output_embeddings()(states).float(), self.value_head(states).squeeze(-1).float()
-
-    def _logprobs(self, logits: torch.Tensor, targets: torch.Tensor, entropy: bool):
-        logp = torch.log_softmax(logits / self.stage.rollout.temperature, dim=-1)
-        chosen = logp.gather(-1, targets[:, None]).squeeze(-1)
-        return chosen, (-(logp.exp() * logp).sum(-1) if entropy else None)
+        hidden = inner.base_model(
+            input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False
+        ).last_hidden_state
+        logp, entropy = response_logprobs(
+            self.policy, ids, mask, where, targets, temperature, hidden=hidden, with_entropy=with_entropy
+        )
+        return logp, entropy, self.value_head(hidden[where]).squeeze(-1).float()
 
     def _reference_logprobs(self, ids, mask, where, targets) -> torch.Tensor:
         context = self.policy.disable_adapter() if self.reference is None else nullcontext()
         with context:
-            logits = selected_logits(self.reference or self.policy, ids, mask, where)
-        return self._logprobs(logits, targets, entropy=False)[0]
+            logp, _ = response_logprobs(
+                self.reference or self.policy, ids, mask, where, targets, self.stage.rollout.temperature, with_entropy=False
+            )
+        return logp
 
     def _values(self, ids, mask, where) -> torch.Tensor:
         return token_scores(self.value_model, ids, mask)[where]
@@ -179,9 +183,8 @@ class PPOModule(pl.LightningModule):
         partial = Rollout(query, query_mask, response, response_mask, *([None] * 7))
         ids, mask, where = partial.sequences()
         targets = response[response_mask.bool()]
-        logits, values = self._logits_and_values(ids, mask, where, with_values=True)
-        logprobs = _scatter(self._logprobs(logits, targets, entropy=False)[0], response_mask)
-        del logits
+        logprobs, entropy, values = self._policy_pass(ids, mask, where, targets, with_entropy=True)
+        logprobs = _scatter(logprobs, response_mask)
         ref_logprobs = _scatter(self._reference_logprobs(ids, mask, where, targets), response_mask)
         values = _scatter(values if values is not None else self._values(ids, mask, where), response_mask)
         texts = self.reward.decode(responses)
@@ -208,6 +211,7 @@ class PPOModule(pl.LightningModule):
             "kl/mean": kl_sum.mean().item(),
             "kl/coef": self.kl_ctl.value,
             "response/length": response_mask.sum(-1).float().mean().item(),
+            "policy/entropy": entropy.mean().item(),
             "response/eos_share": ended.float().mean().item(),
             "advantages/mean": rl.masked_mean(advantages, response_mask).item(),
             "advantages/std": rl.masked_var(advantages, response_mask).sqrt().item(),
@@ -254,9 +258,9 @@ class PPOModule(pl.LightningModule):
                 part = episode.select(order[start : start + stage.minibatch_size])
                 ids, mask, where = part.sequences()
                 targets = part.response[part.response_mask.bool()]
-                logits, shared_values = self._logits_and_values(ids, mask, where, with_values=True)
-                logprobs, entropy = self._logprobs(logits, targets, entropy=True)
-                del logits
+                logprobs, entropy, shared_values = self._policy_pass(
+                    ids, mask, where, targets, with_entropy=stage.entropy_coef > 0
+                )
                 values = shared_values if shared_values is not None else self._values(ids, mask, where)
                 logprobs, entropy = _scatter(logprobs, part.response_mask), _scatter(entropy, part.response_mask)
                 values = _scatter(values, part.response_mask)
@@ -281,7 +285,6 @@ class PPOModule(pl.LightningModule):
                     "policy/loss": pg_loss.item(),
                     "policy/clipfrac": pg_stats["clipfrac"].item(),
                     "policy/approx_kl": pg_stats["approx_kl"].item(),
-                    "policy/entropy": mean_entropy.item(),
                     "value/loss": vf_loss.item(),
                     "value/clipfrac": vf_stats["clipfrac"].item(),
                 }.items():
@@ -295,6 +298,7 @@ class PPOModule(pl.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         optimizer = self.optimizers()
+        iteration = self.global_step  # before this iteration's bookkeeping step counts it
         step_start = time.perf_counter()
         episode, stats, _ = self.rollout(batch)
         start = time.perf_counter()
@@ -314,10 +318,10 @@ class PPOModule(pl.LightningModule):
         self.log("reward", stats["reward/score_raw"], prog_bar=True, on_step=True, on_epoch=False, rank_zero_only=True)
         self.log("kl", stats["kl/mean"], prog_bar=True, on_step=True, on_epoch=False, rank_zero_only=True)
         every = self.stage.log_samples_every
-        if every and self.tracker is not None and self.global_step % every == 0 and self.trainer.is_global_zero:
+        if every and self.tracker is not None and iteration % every == 0 and self.trainer.is_global_zero:
             prompts, texts, scores = self._last_samples
             self.tracker.log_table(
-                {"step": [self.global_step] * len(texts), "prompt": [str(p) for p in prompts], "response": texts, "score": scores},
+                {"step": [iteration] * len(texts), "prompt": [str(p) for p in prompts], "response": texts, "score": scores},
                 "samples/train.json",
             )
 
@@ -332,11 +336,10 @@ class PPOModule(pl.LightningModule):
 
     def configure_optimizers(self):
         stage = self.stage
-        groups = [{"params": [p for p in self.policy.parameters() if p.requires_grad], "lr": stage.lr}]
         critic = self.value_head if self.value_model is None else self.value_model
-        groups.append({"params": [p for p in critic.parameters() if p.requires_grad], "lr": stage.critic_lr or stage.lr})
-        optimizer = torch.optim.AdamW(groups, betas=tuple(stage.adam_betas), eps=stage.adam_eps,
-                                      weight_decay=stage.weight_decay, foreach=True)
+        groups = optim.param_groups(self.policy.named_parameters(), stage.weight_decay, stage.lr)
+        groups += optim.param_groups(critic.named_parameters(), stage.weight_decay, stage.critic_lr or stage.lr)
+        optimizer = optim.adamw(groups, stage)
         return {"optimizer": optimizer, "lr_scheduler": optim.scheduler(optimizer, stage, optim.total_steps(self.trainer))}
 
     # -- checkpoints --------------------------------------------------------------------------------
@@ -434,4 +437,4 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
                 models.save_model(module.value_model, tokenizer, output_dir / "value_model")
         return metrics
 
-    return StageJob(module, datamodule, finish, callbacks=[], default_metric="val/score_raw")
+    return StageJob(module, datamodule, finish, callbacks=[])

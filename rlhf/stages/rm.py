@@ -94,7 +94,9 @@ class RewardModule(pl.LightningModule):
             self._eval_epoch_end("test", "test")
 
     def configure_optimizers(self):
-        optimizer = optim.adamw(self.model.named_parameters(), self.stage)
+        optimizer = optim.adamw(
+            optim.param_groups(self.model.named_parameters(), self.stage.weight_decay, self.stage.lr), self.stage
+        )
         total = optim.total_steps(self.trainer)
         return {"optimizer": optimizer, "lr_scheduler": optim.scheduler(optimizer, self.stage, total)}
 
@@ -154,7 +156,7 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
         tracker.log_metrics(extra, step=trainer.global_step)
         return {**metrics, **extra}
 
-    return StageJob(module, datamodule, finish, callbacks=[Throughput(_count_pairs)], default_metric="val/accuracy")
+    return StageJob(module, datamodule, finish, callbacks=[Throughput(_count_pairs)])
 
 
 def _log_calibration(scores: tuple[np.ndarray, np.ndarray], split: str, bins: int, tracker: Tracker) -> dict[str, float]:

@@ -68,7 +68,9 @@ class SFTModule(pl.LightningModule):
             self._eval_epoch_end("test")
 
     def configure_optimizers(self):
-        optimizer = optim.adamw(self.model.named_parameters(), self.stage)
+        optimizer = optim.adamw(
+            optim.param_groups(self.model.named_parameters(), self.stage.weight_decay, self.stage.lr), self.stage
+        )
         total = optim.total_steps(self.trainer)
         return {"optimizer": optimizer, "lr_scheduler": optim.scheduler(optimizer, self.stage, total)}
 
@@ -114,7 +116,7 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
             _log_samples(module.model, tokenizer, renderer, data.prompts["validation"], data.references["validation"], stage, tracker)
         return metrics
 
-    return StageJob(module, datamodule, finish, callbacks=[Throughput(_count_tokens)], default_metric="val/loss")
+    return StageJob(module, datamodule, finish, callbacks=[Throughput(_count_tokens)])
 
 
 def _log_samples(model, tokenizer, renderer, prompts, references, stage: SFTStageConfig, tracker: Tracker) -> None:

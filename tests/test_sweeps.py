@@ -1,0 +1,184 @@
+"""Sweeps: a grid, Optuna, parallel jobs, one MLflow parent per sweep, the server's view, the notebook."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import OFFLINE, run_cli, store_uri
+
+FAST = ["experiment=smoke", "checkpoint.every_n_steps=0", "trainer.val_check_interval=4"]
+
+
+def children_of(client, parent) -> list:
+    return client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
+        order_by=["attributes.start_time ASC"],
+    )
+
+
+def parents_in(client, experiment: str) -> list:
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], filter_string="tags.`rlhf.sweep` = 'parent'")
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    """A 2 x 2 grid over the SFT learning rate and step budget."""
+    from mlflow.tracking import MlflowClient
+
+    directory = tmp_path_factory.mktemp("grid")
+    result = run_cli(["-m", *FAST, "stage.num_samples=0", "stage.lr=1e-3,3e-3", "trainer.max_steps=4,8"], directory)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return directory, MlflowClient(tracking_uri=store_uri(directory))
+
+
+def test_grid_lands_four_children_under_one_parent(grid):
+    _, client = grid
+    (parent,) = parents_in(client, "smoke")
+    children = children_of(client, parent)
+    assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
+    combos = {(c.data.params["stage.lr"], c.data.params["trainer.max_steps"]) for c in children}
+    assert combos == {("0.001", "4"), ("0.001", "8"), ("0.003", "4"), ("0.003", "8")}
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["sweep.optimized_metric"] == "val/loss"
+    assert parent.data.params["sweep.swept"] == "stage.lr, trainer.max_steps"
+    assert parent.data.metrics["sweep/jobs_finished"] == 4
+    best = min(children, key=lambda c: c.data.metrics["val/loss"])
+    assert parent.data.tags["rlhf.best_run_id"] == best.info.run_id
+    assert parent.data.metrics["best/val/loss"] == pytest.approx(best.data.metrics["val/loss"])
+    assert parent.data.params["best.stage.lr"] == best.data.params["stage.lr"]
+    definition = client.download_artifacts(parent.info.run_id, "sweep/definition.yaml")
+    assert "stage.lr=1e-3,3e-3" in Path(definition).read_text()
+
+
+def test_optuna_sweep_records_the_best_trial(tmp_path, cli, mlflow_client):
+    cli("-m", "sweep=rm_lr_optuna", *FAST, "stage.init_from=base", "hydra.sweeper.n_trials=3",
+        "trainer.max_steps=4", "stage.gold_eval_prompts=0", "tracking.log_model=false")
+    (parent,) = parents_in(mlflow_client, "smoke")
+    children = children_of(mlflow_client, parent)
+    assert len(children) == 3 and len({c.data.params["stage.lr"] for c in children}) == 3
+    assert parent.data.params["sweep.sweeper"] == "OptunaSweeper"
+    assert parent.data.params["sweep.direction"] == "maximize"
+    best = max(children, key=lambda c: c.data.metrics["val/accuracy"])
+    assert parent.data.metrics["best/val/accuracy"] == pytest.approx(best.data.metrics["val/accuracy"])
+    assert parent.data.params["best.stage.lr"] == best.data.params["stage.lr"]
+    results = next(tmp_path.glob("multirun/*/*/optimization_results.yaml"))
+    assert "best_value" in results.read_text()
+
+
+def test_parallel_jobs_all_land_in_one_sqlite_store(tmp_path, cli, mlflow_client):
+    """joblib runs jobs in parallel processes; none of their writes to the new sqlite store is lost."""
+    cli("-m", *FAST, "stage.lr=1e-3,2e-3,3e-3", "trainer.max_steps=4", "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=3", "tracking.log_model=false")
+    (parent,) = parents_in(mlflow_client, "smoke")
+    children = children_of(mlflow_client, parent)
+    assert sorted(c.data.params["stage.lr"] for c in children) == ["0.001", "0.002", "0.003"]
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert len(mlflow_client.get_metric_history(child.info.run_id, "train/loss")) >= 2
+
+
+def test_slurm_launcher_and_every_sweep_compose(compose):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    with initialize_config_module("rlhf.conf", version_base="1.3"):
+        cfg = hydra_compose("config", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
+        assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
+        assert cfg.hydra.launcher.gpus_per_node == 1 and cfg.hydra.launcher.timeout_min == 240
+        for sweep in sorted(p.stem for p in (Path(__file__).parents[1] / "rlhf" / "conf" / "sweep").glob("*.yaml")):
+            cfg = hydra_compose("config", overrides=[f"sweep={sweep}"], return_hydra_config=True)
+            assert cfg.hydra.sweeper.params, sweep
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _get(base: str, endpoint: str, **query) -> dict:
+    url = f"{base}{endpoint}?{urllib.parse.urlencode(query)}"
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def _post(base: str, path: str, body: dict) -> dict:
+    request = urllib.request.Request(
+        f"{base}{path}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def test_mlflow_server_shows_the_sweep(grid):
+    """`mlflow server` on the sweep's store: the parent, its children, their params, metrics and models."""
+    directory, _ = grid
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store_uri(directory),
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        cwd=directory, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, **OFFLINE},
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None, server.stderr.read()[-2000:]
+                assert time.time() < deadline, "mlflow server did not start"
+                time.sleep(0.5)
+        exp = _get(base, "/api/2.0/mlflow/experiments/get-by-name", experiment_name="smoke")["experiment"]
+        parents = _post(base, "/api/2.0/mlflow/runs/search", {
+            "experiment_ids": [exp["experiment_id"]], "filter": "tags.`rlhf.sweep` = 'parent'"})["runs"]
+        assert len(parents) == 1
+        parent_id = parents[0]["info"]["run_id"]
+        children = _post(base, "/api/2.0/mlflow/runs/search", {
+            "experiment_ids": [exp["experiment_id"]], "filter": f"tags.`mlflow.parentRunId` = '{parent_id}'"})["runs"]
+        assert len(children) == 4
+        for child in children:
+            params = {p["key"]: p["value"] for p in child["data"]["params"]}
+            metrics = {m["key"] for m in child["data"]["metrics"]}
+            assert {"stage.lr", "trainer.max_steps"} <= params.keys()
+            assert {"train/loss", "val/loss"} <= metrics
+            listed = _get(base, "/api/2.0/mlflow/artifacts/list", run_id=child["info"]["run_id"], path="model")
+            assert "model/model.safetensors" in {f["path"] for f in listed["files"]}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_compare_runs_notebook_executes(grid):
+    import nbformat
+    from nbclient import NotebookClient
+
+    directory, _ = grid
+    notebook = nbformat.read(Path(__file__).parents[1] / "notebooks" / "compare_runs.ipynb", as_version=4)
+    env = {"RLHF_TRACKING_URI": store_uri(directory), "RLHF_EXPERIMENT": "smoke", "RLHF_SWEEP": "latest"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(directory)}}).execute()
+    finally:
+        for key, value in old.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
+    text = "".join(o.get("text", "") for o in outputs)
+    assert "4 runs of sweep" in text and "metric: val/loss" in text
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 1

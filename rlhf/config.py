@@ -170,11 +170,18 @@ class DataConfig:
 
 
 @dataclass
-class StageConfig:
+class BaseStageConfig:
+    # Which stage implementation runs (sft, rm, ppo, eval); a key of rlhf.stages.STAGES.
+    name: str = MISSING
+
+    def problems(self) -> list[tuple[str, str]]:
+        return []
+
+
+@dataclass
+class StageConfig(BaseStageConfig):
     """What every training stage has: optimiser, schedule, batch sizes and where it starts from."""
 
-    # Which stage implementation runs (sft, rm, ppo); a key of rlhf.stages.STAGES.
-    name: str = MISSING
     # Peak learning rate of AdamW.
     lr: float = 1e-5
     weight_decay: float = 0.0
@@ -193,7 +200,7 @@ class StageConfig:
     limit_eval_batches: int | None = None
 
     def problems(self) -> list[tuple[str, str]]:
-        out = []
+        out = super().problems()
         if not self.lr > 0:
             out.append(("lr", f"must be > 0, got {self.lr}"))
         if self.weight_decay < 0:
@@ -375,6 +382,48 @@ class PPOStageConfig(StageConfig):
 
 
 @dataclass
+class EvalStageConfig(BaseStageConfig):
+    """Compares policies on held-out prompts; nothing is trained."""
+
+    name: str = "eval"
+    # The policies to compare, each base, latest:<stage> (the newest finished run of that stage),
+    # a directory or runs:/<run_id>/model. The first is the baseline of the win rates.
+    # null: the newest PPO policy and, first, the SFT policy it started from.
+    policies: list[str] | None = None
+    # Reward model that scores the responses: lineage (the PPO run's reward model), latest,
+    # a directory, runs:/<run_id>/model, or fn:module.function.
+    reward_from: str = "lineage"
+    # Reference policy of the KL estimates: lineage (the PPO run's starting policy), or a model source.
+    reference: str = "lineage"
+    # Held-out prompts: data.prompts' split, at most num_prompts of them.
+    split: str = "test"
+    num_prompts: int = 64
+    # Sampling: responses are drawn with a fixed seed, the same for every policy; rollout.batch_size
+    # prompts per generation and scoring batch.
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    # Examples of data.sft's test split for each policy's perplexity (0: skip).
+    perplexity_examples: int = 64
+    # Confidence level of the win-rate intervals (Wilson).
+    confidence: float = 0.95
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = super().problems()
+        if self.policies is not None and len(self.policies) < 1:
+            out.append(("policies", "must name at least one policy, or be null"))
+        if self.num_prompts < 1:
+            out.append(("num_prompts", f"must be >= 1, got {self.num_prompts}"))
+        if self.rollout.batch_size < 1:
+            out.append(("rollout.batch_size", f"must be >= 1, got {self.rollout.batch_size}"))
+        if self.perplexity_examples < 0:
+            out.append(("perplexity_examples", f"must be >= 0, got {self.perplexity_examples}"))
+        if not 0 < self.confidence < 1:
+            out.append(("confidence", f"must be in (0, 1), got {self.confidence}"))
+        if not self.rollout.temperature > 0:
+            out.append(("rollout.temperature", f"must be > 0, got {self.rollout.temperature}"))
+        return out
+
+
+@dataclass
 class CheckpointConfig:
     # Save a resumable Lightning checkpoint every this many optimizer steps (0: only at the end).
     every_n_steps: int = 50
@@ -430,7 +479,12 @@ class RunConfig:
         return out
 
 
-STAGE_SCHEMAS: dict[str, type[StageConfig]] = {"sft": SFTStageConfig, "rm": RMStageConfig, "ppo": PPOStageConfig}
+STAGE_SCHEMAS: dict[str, type[BaseStageConfig]] = {
+    "sft": SFTStageConfig,
+    "rm": RMStageConfig,
+    "ppo": PPOStageConfig,
+    "eval": EvalStageConfig,
+}
 
 
 def register_configs() -> None:
@@ -559,7 +613,7 @@ def validate(cfg: DictConfig) -> RunConfig:
         run: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     except OmegaConfBaseException as err:
         raise ConfigError(describe_compose_error(err)) from None
-    if not isinstance(run.stage, StageConfig):
+    if not isinstance(run.stage, BaseStageConfig):
         raise ConfigError(
             "stage: choose a stage with stage=<name>, one of " + ", ".join(sorted(STAGE_SCHEMAS))
         )

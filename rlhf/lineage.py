@@ -64,16 +64,20 @@ def resolve_source(spec: str, key: str, needed_stage: str | None, tracker: Track
     source = _resolve(spec, key, needed_stage, tracker)
     inherited[key] = asdict(source)
     os.environ[RESOLVED_ENV] = json.dumps(inherited)
-    tracker.set_tags(source.tags(key.split(".")[-1]))
+    name = key.removeprefix("stage.")  # stage.init_from -> rlhf.init_from; stage.policies.0 -> rlhf.policies.0
+    tracker.set_tags(source.tags(name))
     return source
 
 
 def _resolve(spec: str, key: str, needed_stage: str | None, tracker: Tracker) -> ModelSource:
     if spec == "base":
         return ModelSource(spec, None)
-    if (spec == "latest" or spec.startswith("runs:/")) and not tracker.active:
+    latest = spec == "latest" or spec.startswith("latest:")
+    if (latest or spec.startswith("runs:/")) and not tracker.active:
         raise LineageError(f"{key}={spec} needs MLflow tracking (tracking=mlflow) to find earlier runs")
-    if spec == "latest":
+    if spec.startswith("latest:"):  # latest:<stage>: the newest finished run of that stage
+        needed_stage = spec.split(":", 1)[1]
+    if latest:
         if needed_stage is None:
             raise LineageError(f"{key}=latest: this stage has no earlier stage to start from; use base or a path")
         run = latest_finished_run(tracker.client, tracker.experiment_id, needed_stage)
@@ -97,7 +101,7 @@ def _resolve(spec: str, key: str, needed_stage: str | None, tracker: Tracker) ->
     if not (path / "config.json").is_file():
         raise LineageError(
             f"{key}={spec}: not a Hugging Face model directory (no config.json); "
-            "use base, latest, a directory or runs:/<run_id>/model"
+            "use base, latest, latest:<stage>, a directory or runs:/<run_id>/model"
         )
     return ModelSource(spec, str(path.resolve()))
 

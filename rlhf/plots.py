@@ -67,5 +67,43 @@ def reward_histogram(chosen: np.ndarray, rejected: np.ndarray, title: str):
     return fig
 
 
+def reward_vs_kl(labels, kls, rewards, golds):
+    """Each policy's mean reward (and gold score, if any) against its KL to the reference."""
+    has_gold = any(np.isfinite(g) for g in golds)
+    fig, axes = plt.subplots(1, 2 if has_gold else 1, figsize=(9 if has_gold else 5, 4), squeeze=False)
+    panels = [("reward model score", rewards)] + ([("gold score", golds)] if has_gold else [])
+    for ax, (name, values) in zip(axes[0], panels):
+        ax.scatter(kls, values)
+        for label, x, y in zip(labels, kls, values):
+            ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel("KL to the reference (nats per response)")
+        ax.set_ylabel(f"mean {name}")
+        ax.set_title(f"{name} vs KL")
+    fig.tight_layout()
+    return fig
+
+
+def win_rates(wins: dict, baseline: str, confidence: float):
+    """Win rate of each policy against the baseline, per judge, with its confidence interval."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    labels = list(wins)
+    judges = sorted({judge for judged in wins.values() for judge in judged})
+    width = 0.8 / max(len(judges), 1)
+    for j, judge in enumerate(judges):
+        xs = [i + j * width for i in range(len(labels))]
+        rates = [wins[label][judge].rate for label in labels]
+        lows = [r - wins[label][judge].low for label, r in zip(labels, rates)]
+        highs = [wins[label][judge].high - r for label, r in zip(labels, rates)]
+        ax.bar(xs, rates, width=width, yerr=[lows, highs], capsize=4, label=f"judged by {judge}")
+    ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
+    ax.set_xticks([i + width * (len(judges) - 1) / 2 for i in range(len(labels))], labels, fontsize=7)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel(f"win rate vs {baseline}")
+    ax.set_title(f"Win rates ({confidence:.0%} Wilson intervals; ties excluded)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def close(fig) -> None:
     plt.close(fig)

@@ -66,23 +66,30 @@ def execute(run: RunConfig, job: JobInfo) -> float | None:
             log.info("Resuming from %s", resume.checkpoint)
             tracker.set_tags({"rlhf.resumed_from": resume.checkpoint})
         job_parts = get_stage(run.stage.name)(run, tracker)
-        trainer = build_trainer(
-            run,
-            tracker,
-            output_dir,
-            job_parts.callbacks,
-            getattr(job_parts.datamodule, "train_batches", None),
-            manual_optimization=not job_parts.module.automatic_optimization,
-        )
-        trainer.fit(job_parts.module, datamodule=job_parts.datamodule, ckpt_path=resume.checkpoint if resume else None)
-        validate_final(trainer, job_parts.module, job_parts.datamodule)
-        metrics = job_parts.finish(trainer, output_dir)
-        if trainer.is_global_zero:
-            tracker.log_metrics(peak_memory(), step=trainer.global_step)
-            if run.tracking.log_model and (output_dir / "model").is_dir():
-                tracker.log_artifacts(output_dir / "model", "model")
-    if trainer.is_global_zero:
-        log.info("Model saved to %s", output_dir / "model")
+        if job_parts.module is None:  # nothing to train (eval)
+            metrics = job_parts.finish(None, output_dir)
+            tracker.log_metrics(peak_memory())
+            primary = is_rank_zero()
+        else:
+            trainer = build_trainer(
+                run,
+                tracker,
+                output_dir,
+                job_parts.callbacks,
+                getattr(job_parts.datamodule, "train_batches", None),
+                manual_optimization=not job_parts.module.automatic_optimization,
+            )
+            trainer.fit(job_parts.module, datamodule=job_parts.datamodule, ckpt_path=resume.checkpoint if resume else None)
+            validate_final(trainer, job_parts.module, job_parts.datamodule)
+            metrics = job_parts.finish(trainer, output_dir)
+            primary = trainer.is_global_zero
+            if primary:
+                tracker.log_metrics(peak_memory(), step=trainer.global_step)
+                if run.tracking.log_model and (output_dir / "model").is_dir():
+                    tracker.log_artifacts(output_dir / "model", "model")
+    if primary:
+        if (output_dir / "model").is_dir():
+            log.info("Model saved to %s", output_dir / "model")
         print_summary(tracker)
     return _optimized(metrics, objective(run.stage.name, run.optimized_metric)[0])
 

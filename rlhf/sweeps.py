@@ -22,7 +22,12 @@ log = logging.getLogger(__name__)
 
 
 # The metric each stage returns to a sweeper by default, and which way is better.
-OBJECTIVES = {"sft": ("val/loss", "minimize"), "rm": ("val/accuracy", "maximize"), "ppo": ("val/score_raw", "maximize")}
+OBJECTIVES = {
+    "sft": ("val/loss", "minimize"),
+    "rm": ("val/accuracy", "maximize"),
+    "ppo": ("val/score_raw", "maximize"),
+    "eval": ("eval/win_rate_rm", "maximize"),
+}
 
 
 def objective(stage: str, optimized_metric: str | None, direction: str | None = None) -> tuple[str, str]:
@@ -37,6 +42,14 @@ def objective(stage: str, optimized_metric: str | None, direction: str | None = 
 def _swept_keys(overrides: list[str], sweeper_params: dict) -> list[str]:
     keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides if "," in o.split("=", 1)[-1] or "(" in o]
     return sorted(set(keys) | set(sweeper_params))
+
+
+def _last_swept_stage(overrides: list[str]) -> str | None:
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key.lstrip("+~") == "stage" and "," in value:
+            return value.split(",")[-1].strip()
+    return None
 
 
 class SweepTracking(Callback):
@@ -70,11 +83,11 @@ class SweepTracking(Callback):
         self.parent = created.info.run_id
         sweeper = str(hydra.sweeper.get("_target_", "")).rsplit(".", 1)[-1]
         launcher = str(hydra.launcher.get("_target_", "")).rsplit(".", 1)[-1]
-        metric, direction = objective(
-            str(config.stage.name), config.get("optimized_metric"), hydra.sweeper.get("direction")
-        )
-        self.metric, self.direction = metric, direction
         self.swept = _swept_keys(overrides, params)
+        # A pipeline (stage=sft,rm,ppo) is judged by its last stage: metrics of different stages do not compare.
+        self.judged_stage = _last_swept_stage(overrides) or str(config.stage.name)
+        metric, direction = objective(self.judged_stage, config.get("optimized_metric"), hydra.sweeper.get("direction"))
+        self.metric, self.direction = metric, direction
         from mlflow.entities import Param, RunTag
 
         self.client.log_batch(
@@ -122,6 +135,8 @@ class SweepTracking(Callback):
     def _summarise(self, parent: str) -> None:
         from mlflow.entities import Metric, Param, RunTag
 
+        from rlhf.tracking import TAG_PREFIX
+
         run = self.client.get_run(parent)
         children = self.client.search_runs(
             [run.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'", max_results=10000
@@ -131,7 +146,9 @@ class SweepTracking(Callback):
         scored = [
             (c.data.metrics[self.metric], c)
             for c in finished
-            if self.metric in c.data.metrics and not math.isnan(c.data.metrics[self.metric])
+            if self.metric in c.data.metrics
+            and not math.isnan(c.data.metrics[self.metric])
+            and c.data.tags.get(f"{TAG_PREFIX}stage") == self.judged_stage
         ]
         params, tags = [], []
         if scored:

@@ -18,6 +18,26 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFL
 os.environ.update(OFFLINE)
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
+# Under pytest-xdist (-n N) the workers share the cores: each worker and the runs it starts get an
+# equal share of threads instead of all of them each, which would oversubscribe the machine.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+THREADS = {}
+if _WORKERS > 1:
+    THREADS = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // _WORKERS))}
+    os.environ.update(THREADS)
+
+# Fixtures that run a whole pipeline or sweep once and are read by many tests: their tests go to one
+# xdist worker (--dist loadgroup), so the fixture is not built again in every worker.
+SHARED_FIXTURES = ("pipeline", "grid", "rejected")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for name in SHARED_FIXTURES:
+            if name in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.xdist_group(name))
+                break
+
 
 @pytest.fixture(scope="session")
 def compose():
@@ -53,7 +73,7 @@ def tokenizer(tiny_model_config):
 
 def run_cli(args: list[str], cwd: Path, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m rlhf <args>` in `cwd`; its output is kept for assertion messages."""
-    full_env = {**os.environ, **OFFLINE, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env = {**os.environ, **OFFLINE, **THREADS, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "rlhf", *args],
         cwd=cwd,
@@ -99,15 +119,18 @@ def runs_of(client, experiment: str, stage: str | None = None):
 TESTS_DIR = Path(__file__).resolve().parent
 
 
+PIPELINE_STAGES = ("sft", "rm", "ppo", "eval")
+
+
 class Pipeline:
-    """The runs of one `python -m rlhf -m experiment=smoke stage=sft,rm,ppo`, shared by many tests."""
+    """The runs of one `python -m rlhf -m experiment=smoke stage=sft,rm,ppo,eval`, shared by many tests."""
 
     def __init__(self, directory: Path, result: subprocess.CompletedProcess):
         from mlflow.tracking import MlflowClient
 
         self.directory, self.result = directory, result
         self.client = MlflowClient(tracking_uri=store_uri(directory))
-        self.runs = {stage: runs_of(self.client, "smoke", stage)[0] for stage in ("sft", "rm", "ppo")}
+        self.runs = {stage: runs_of(self.client, "smoke", stage)[0] for stage in PIPELINE_STAGES}
 
     def model_dir(self, stage: str) -> Path:
         return Path(self.runs[stage].data.tags["rlhf.output_dir"]) / "model"
@@ -115,8 +138,8 @@ class Pipeline:
 
 @pytest.fixture(scope="session")
 def pipeline(tmp_path_factory) -> Pipeline:
-    """SFT, then RM from it, then PPO from both, on the tiny model, in one multirun."""
+    """SFT, then RM from it, then PPO from both, then their evaluation, on the tiny model, in one multirun."""
     directory = tmp_path_factory.mktemp("pipeline")
-    result = run_cli(["-m", "experiment=smoke", "stage=sft,rm,ppo"], directory, timeout=1800)
+    result = run_cli(["-m", "experiment=smoke", f"stage={','.join(PIPELINE_STAGES)}"], directory, timeout=1800)
     assert result.returncode == 0, result.stderr[-4000:]
     return Pipeline(directory, result)

@@ -72,11 +72,11 @@ def test_ppo_raises_a_simple_reward(pipeline, cli, mlflow_client):
 def test_killed_ppo_resumes_to_the_same_result(pipeline, tmp_path, cli, mlflow_client):
     """Policy, value model, optimizer, KL controller, reward statistics, data position and random
     generators come back from the checkpoint: the resumed run matches an uninterrupted one."""
-    args = [*PPO, f"stage.policy_from={pipeline.model_dir('sft')}", "trainer.max_steps=10",
-            "checkpoint.every_n_steps=4", "stage.kl_target=1.0"]
+    args = [*PPO, f"stage.policy_from={pipeline.model_dir('sft')}", "trainer.max_steps=6",
+            "checkpoint.every_n_steps=3", "stage.kl_target=1.0"]
     cli(*args, "tracking.experiment=whole", env=REWARDS)
     process = _start([*args, "tracking.experiment=cut"], tmp_path, env=REWARDS)
-    _wait_for(lambda: any((tmp_path / "outputs").glob("*/*/checkpoints/step-000004.ckpt")), 600, process)
+    _wait_for(lambda: any((tmp_path / "outputs").glob("*/*/checkpoints/step-000003.ckpt")), 600, process)
     process.send_signal(signal.SIGKILL)
     process.wait()
     cli(*args, "tracking.experiment=cut", "resume=true", env=REWARDS)
@@ -86,8 +86,8 @@ def test_killed_ppo_resumes_to_the_same_result(pipeline, tmp_path, cli, mlflow_c
     for key in ("reward/score_raw", "kl/mean", "kl/coef"):
         expected = dict(history(mlflow_client, whole.info.run_id, key))
         got = dict(history(mlflow_client, resumed.info.run_id, key))
-        assert max(expected) == max(got) == 9
-        for step in range(4, 10):
+        assert max(expected) == max(got) == 5
+        for step in range(3, 6):
             assert got[step] == pytest.approx(expected[step], rel=1e-4, abs=1e-5), (key, step)
 
 

@@ -90,14 +90,3 @@ def test_malformed_preference_rows_name_the_row(tmp_path, cli):
                  "tracking=none", check=False)
     assert result.returncode == 2
     assert f"rlhf: error: {data}: row 2: 'ranking' must be a permutation of 0..2" in result.stderr
-
-
-def test_rm_from_base_on_ratings(tmp_path, cli, mlflow_client):
-    """Another feedback shape of the shipped task, from the pretrained weights, with the rating margin."""
-    cli("experiment=smoke", "stage=rm", "stage.init_from=base", "data.preference.path=task:assistant/ratings",
-        "stage.use_margin=true", "trainer.max_steps=8", "stage.gold_eval_prompts=0", "tracking.log_model=false")
-    (run,) = runs_of(mlflow_client, "smoke", "rm")
-    assert run.info.status == "FINISHED"
-    assert run.data.tags["rlhf.init_from"] == "base"
-    assert run.data.metrics["data/preference_train_examples"] > 256  # 256 rows of ratings, several pairs each
-    assert "gold/agreement" not in run.data.metrics

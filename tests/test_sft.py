@@ -22,7 +22,7 @@ def history(client, run_id: str, key: str) -> list[tuple[int, float]]:
 
 @pytest.fixture(scope="module")
 def smoke_run(pipeline):
-    """The SFT run of the shared smoke pipeline (`python -m rlhf -m experiment=smoke stage=sft,rm,ppo`)."""
+    """The SFT run of the shared smoke pipeline (`python -m rlhf -m experiment=smoke stage=sft,rm,ppo,eval`)."""
     return pipeline.directory, pipeline.client, pipeline.runs["sft"], pipeline.result
 
 
@@ -37,7 +37,7 @@ def test_smoke_run_is_recorded_in_mlflow(smoke_run):
     tags = run.data.tags
     assert tags["rlhf.stage"] == "sft" and tags["rlhf.model"] == "tiny" and tags["rlhf.data"] == "assistant"
     assert tags["rlhf.experiment"] == "smoke"
-    assert tags["rlhf.command"] == "python -m rlhf -m experiment=smoke stage=sft,rm,ppo"
+    assert tags["rlhf.command"] == "python -m rlhf -m experiment=smoke stage=sft,rm,ppo,eval"
     assert tags["rlhf.job_num"] == "0" and tags["rlhf.sweep_dir"]
     assert tags["rlhf.init_from"] == "base"
     assert Path(tags["rlhf.output_dir"]).is_dir()
@@ -154,11 +154,11 @@ def _start(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.Po
 
 def test_killed_run_resumes_to_the_same_result(tmp_path, cli, mlflow_client):
     """SIGKILL after the first checkpoint, resume=true, and the run ends as an uninterrupted one does."""
-    args = [*SMOKE, "trainer.max_steps=40", "checkpoint.every_n_steps=10", "trainer.val_check_interval=20"]
+    args = [*SMOKE, "trainer.max_steps=20", "checkpoint.every_n_steps=5", "trainer.val_check_interval=10"]
     cli(*args, "tracking.experiment=whole")
     process = _start([*args, "tracking.experiment=cut"], tmp_path)
     checkpoints = tmp_path / "outputs"
-    _wait_for(lambda: any(checkpoints.glob("*/*/checkpoints/step-000010.ckpt")), 300, process)
+    _wait_for(lambda: any(checkpoints.glob("*/*/checkpoints/step-000005.ckpt")), 300, process)
     process.send_signal(signal.SIGKILL)
     process.wait()
     (cut,) = runs_of(mlflow_client, "cut")
@@ -171,7 +171,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, cli, mlflow_client):
     assert "rlhf.resumed_from" in resumed.data.tags
     expected = history(mlflow_client, whole.info.run_id, "train/loss")
     got = dict(history(mlflow_client, resumed.info.run_id, "train/loss"))
-    assert expected[-1][0] == 39 and 39 in got
+    assert expected[-1][0] == 19 and 19 in got
     for step, value in expected:
         if step in got:
             assert got[step] == pytest.approx(value, rel=1e-5, abs=1e-5), step

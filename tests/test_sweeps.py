@@ -37,7 +37,7 @@ def grid(tmp_path_factory):
     from mlflow.tracking import MlflowClient
 
     directory = tmp_path_factory.mktemp("grid")
-    result = run_cli(["-m", *FAST, "stage.num_samples=0", "stage.lr=1e-3,3e-3", "trainer.max_steps=4,8"], directory)
+    result = run_cli(["-m", *FAST, "stage.num_samples=0", "stage.lr=1e-3,3e-3", "trainer.max_steps=2,4"], directory)
     assert result.returncode == 0, result.stderr[-4000:]
     return directory, MlflowClient(tracking_uri=store_uri(directory))
 
@@ -48,7 +48,7 @@ def test_grid_lands_four_children_under_one_parent(grid):
     children = children_of(client, parent)
     assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
     combos = {(c.data.params["stage.lr"], c.data.params["trainer.max_steps"]) for c in children}
-    assert combos == {("0.001", "4"), ("0.001", "8"), ("0.003", "4"), ("0.003", "8")}
+    assert combos == {("0.001", "2"), ("0.001", "4"), ("0.003", "2"), ("0.003", "4")}
     assert parent.info.status == "FINISHED"
     assert parent.data.params["sweep.optimized_metric"] == "val/loss"
     assert parent.data.params["sweep.swept"] == "stage.lr, trainer.max_steps"
@@ -62,7 +62,9 @@ def test_grid_lands_four_children_under_one_parent(grid):
 
 
 def test_optuna_sweep_records_the_best_trial(tmp_path, cli, mlflow_client):
+    """Reward models from the pretrained weights, on the task's 1-5 ratings with the rating gap as margin."""
     cli("-m", "sweep=rm_lr_optuna", *FAST, "stage.init_from=base", "hydra.sweeper.n_trials=3",
+        "data.preference.path=task:assistant/ratings", "stage.use_margin=true",
         "trainer.max_steps=4", "stage.gold_eval_prompts=0", "tracking.log_model=false")
     (parent,) = parents_in(mlflow_client, "smoke")
     children = children_of(mlflow_client, parent)
@@ -74,15 +76,18 @@ def test_optuna_sweep_records_the_best_trial(tmp_path, cli, mlflow_client):
     assert parent.data.params["best.stage.lr"] == best.data.params["stage.lr"]
     results = next(tmp_path.glob("multirun/*/*/optimization_results.yaml"))
     assert "best_value" in results.read_text()
+    for child in children:
+        assert child.data.tags["rlhf.init_from"] == "base"
+        assert child.data.metrics["data/preference_train_examples"] > 256  # 256 rows of ratings, several pairs each
 
 
 def test_parallel_jobs_all_land_in_one_sqlite_store(tmp_path, cli, mlflow_client):
     """joblib runs jobs in parallel processes; none of their writes to the new sqlite store is lost."""
-    cli("-m", *FAST, "stage.lr=1e-3,2e-3,3e-3", "trainer.max_steps=4", "hydra/launcher=joblib",
-        "hydra.launcher.n_jobs=3", "tracking.log_model=false")
+    cli("-m", *FAST, "stage.lr=1e-3,2e-3", "trainer.max_steps=4", "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2", "tracking.log_model=false")
     (parent,) = parents_in(mlflow_client, "smoke")
     children = children_of(mlflow_client, parent)
-    assert sorted(c.data.params["stage.lr"] for c in children) == ["0.001", "0.002", "0.003"]
+    assert sorted(c.data.params["stage.lr"] for c in children) == ["0.001", "0.002"]
     for child in children:
         assert child.info.status == "FINISHED"
         assert len(mlflow_client.get_metric_history(child.info.run_id, "train/loss")) >= 2

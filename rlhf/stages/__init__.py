@@ -18,10 +18,12 @@ if TYPE_CHECKING:
 class StageJob:
     """What a stage hands the runner: the Lightning parts, and what to do once training ends."""
 
-    module: pl.LightningModule
-    datamodule: pl.LightningDataModule
-    # Called after fit on every process: saves the model (rank 0) and returns final metrics.
-    finish: Callable[[pl.Trainer, Path], dict[str, float]]
+    # None for a stage that trains nothing (eval): the runner only calls finish.
+    module: pl.LightningModule | None
+    datamodule: pl.LightningDataModule | None
+    # Called after fit on every process (trainer None without training): saves the model (rank 0)
+    # and returns final metrics.
+    finish: Callable[[pl.Trainer | None, Path], dict[str, float]]
     callbacks: list[pl.Callback] = field(default_factory=list)
 
 
@@ -46,7 +48,13 @@ def _ppo(run: RunConfig, tracker: Tracker) -> StageJob:
     return ppo.build(run, tracker)
 
 
-STAGES: dict[str, Builder] = {"sft": _sft, "rm": _rm, "ppo": _ppo}
+def _eval(run: RunConfig, tracker: Tracker) -> StageJob:
+    from rlhf.stages import eval as evaluation
+
+    return evaluation.build(run, tracker)
+
+
+STAGES: dict[str, Builder] = {"sft": _sft, "rm": _rm, "ppo": _ppo, "eval": _eval}
 
 
 def get_stage(name: str) -> Builder:

@@ -1,0 +1,243 @@
+"""Evaluation: compare policies on held-out prompts the way the field does.
+
+Every policy answers the same prompts with the same sampling seed. Responses are scored by the
+reward model of the lineage (or another), by the task's gold annotator when the data has one, and
+by cheap automatic metrics: length, distinct-1/2, share ending with EOS, perplexity on the SFT test
+split, and KL to the reference policy on the policy's own samples. Win rates against the first
+policy (the baseline) come with Wilson intervals, ties counted separately.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from rlhf import models, plots
+from rlhf.config import EvalStageConfig, RunConfig
+from rlhf.data.formats import prompt_text
+from rlhf.data.loading import attention_mask, pad
+from rlhf.data.prepare import CausalLMCollator, prepare_prompts, prepare_sft
+from rlhf.data.tokenize import ChatRenderer, encode_prompts, encode_responses
+from rlhf.errors import LineageError
+from rlhf.evaluation import WinRate, distinct_n, mean, win_rate
+from rlhf.lineage import ModelSource, latest_finished_run, resolve_source
+from rlhf.policy import completion_loss, eos_ids, generate, response_logprobs
+from rlhf.rewards import load_function
+from rlhf.scalar import sequence_scores
+from rlhf.stages import StageJob
+from rlhf.tracking import TAG_PREFIX, Tracker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PolicyResult:
+    label: str
+    source: ModelSource
+    responses: list[str] = field(default_factory=list)
+    rewards: list[float] = field(default_factory=list)
+    gold: list[float] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _lineage_defaults(stage: EvalStageConfig, tracker: Tracker) -> tuple[list[str], str, str]:
+    """The newest PPO run's policy and the runs it came from: (policies, reward_from, reference)."""
+    policies, reward_from, reference = stage.policies, stage.reward_from, stage.reference
+    if policies is not None and "lineage" not in (reward_from, reference):
+        return policies, reward_from, reference
+    if not tracker.active:
+        raise LineageError("stage=eval without stage.policies needs MLflow tracking to find the latest PPO run")
+    ppo = latest_finished_run(tracker.client, tracker.experiment_id, "ppo")
+    if ppo is None:
+        raise LineageError(
+            "stage=eval: no finished ppo run in this MLflow experiment to evaluate; run `python -m rlhf stage=ppo` "
+            "first, or set stage.policies=[...] (and stage.reward_from, stage.reference)"
+        )
+    tags = ppo.data.tags
+    parent = tags.get(f"{TAG_PREFIX}policy_from.run_id")
+    parent_spec = f"runs:/{parent}/model" if parent else "base"
+    if policies is None:
+        policies = [parent_spec, f"runs:/{ppo.info.run_id}/model"]
+    if reward_from == "lineage":
+        reward_run = tags.get(f"{TAG_PREFIX}reward_from.run_id")
+        reward_from = f"runs:/{reward_run}/model" if reward_run else tags.get(f"{TAG_PREFIX}reward_from", "")
+    if reference == "lineage":
+        reference = parent_spec
+    return policies, reward_from, reference
+
+
+def _label(source: ModelSource, tracker: Tracker, index: int) -> str:
+    if source.run_id and tracker.active:
+        stage = tracker.client.get_run(source.run_id).data.tags.get(f"{TAG_PREFIX}stage", "run")
+        return f"{index}-{stage}-{source.run_id[:8]}"
+    if source.location is None:
+        return f"{index}-base"
+    return f"{index}-{Path(source.location).name}"
+
+
+def build(run: RunConfig, tracker: Tracker) -> StageJob:
+    stage: EvalStageConfig = run.stage
+    specs, reward_spec, reference_spec = _lineage_defaults(stage, tracker)
+    # Keys double as tag names (rlhf.policies.0, ...), so they avoid MLflow's forbidden brackets.
+    sources = [resolve_source(spec, f"stage.policies.{i}", "ppo", tracker) for i, spec in enumerate(specs)]
+    reference = resolve_source(reference_spec, "stage.reference", "sft", tracker)
+    tokenizer = models.load_tokenizer(run.model, sources[-1].location)
+    renderer = ChatRenderer(tokenizer, run.data.chat_template)
+    prompts_data = prepare_prompts(run.data, renderer, run.seed, stage.rollout.max_new_tokens)
+    split = stage.split if stage.split in prompts_data.splits else "validation"
+    items = prompts_data.splits[split][: stage.num_prompts]
+    gold = load_function(run.data.gold_reward, "data.gold_reward") if run.data.gold_reward else None
+    sft_test = None
+    if stage.perplexity_examples:
+        sft_data = prepare_sft(run.data, renderer, run.seed)
+        sft_test = (sft_data.splits.get("test") or sft_data.splits["validation"])[: stage.perplexity_examples]
+    results = [PolicyResult(_label(s, tracker, i), s) for i, s in enumerate(sources)]
+    tracker.set_tags({f"{TAG_PREFIX}eval.policies": " ".join(r.label for r in results)})
+
+    def finish(trainer, output_dir: Path) -> dict[str, float]:
+        reference_model = models.load_causal_lm(run.model, reference.location, seed=run.seed).eval()
+        for result in results:
+            _sample_and_measure(result, items, run, tokenizer, reference_model, sft_test, gold)
+        del reference_model
+        _score_with_reward(results, items, reward_spec, run, tracker)
+        return _report(results, items, stage, gold is not None, tracker, output_dir)
+
+    return StageJob(None, None, finish)
+
+
+@torch.no_grad()
+def _sample_and_measure(result, items, run: RunConfig, tokenizer, reference, sft_test, gold) -> None:
+    stage: EvalStageConfig = run.stage
+    policy = models.load_causal_lm(run.model, result.source.location, seed=run.seed).eval()
+    stops = eos_ids(tokenizer, policy)
+    responses: list[list[int]] = []
+    with torch.random.fork_rng():
+        torch.manual_seed(run.seed)  # the same draws for every policy
+        for start in range(0, len(items), stage.rollout.batch_size):
+            batch = [i["prompt_ids"] for i in items[start : start + stage.rollout.batch_size]]
+            responses += generate(
+                policy, batch, pad_token_id=tokenizer.pad_token_id, eos_token_ids=stops,
+                max_new_tokens=stage.rollout.max_new_tokens, temperature=stage.rollout.temperature,
+                top_k=stage.rollout.top_k, top_p=stage.rollout.top_p,
+            )
+    result.responses = tokenizer.batch_decode(responses, skip_special_tokens=True)
+    kl = []
+    for start in range(0, len(items), stage.rollout.batch_size):
+        prompts = [i["prompt_ids"] for i in items[start : start + stage.rollout.batch_size]]
+        answers = responses[start : start + stage.rollout.batch_size]
+        query, response = pad(prompts, tokenizer.pad_token_id, left=True), pad(answers, tokenizer.pad_token_id)
+        ids = torch.cat([query, response], dim=1)
+        mask = torch.cat([attention_mask(prompts, left=True), attention_mask(answers)], dim=1)
+        where = torch.zeros_like(mask, dtype=torch.bool)
+        where[:, query.shape[1] - 1 : query.shape[1] - 1 + response.shape[1]] = attention_mask(answers).bool()
+        targets = response[attention_mask(answers).bool()]
+        temperature = stage.rollout.temperature
+        own, _ = response_logprobs(policy, ids, mask, where, targets, temperature, with_entropy=False)
+        ref, _ = response_logprobs(reference, ids, mask, where, targets, temperature, with_entropy=False)
+        lengths = [len(a) for a in answers]
+        for per_response in torch.split(own - ref, lengths):
+            kl.append(float(per_response.sum()))
+    result.metrics.update(
+        {
+            "kl": mean(kl),
+            "length": mean([float(len(r)) for r in responses]),
+            "eos_share": mean([float(bool(r) and r[-1] in stops) for r in responses]),
+            "distinct_1": distinct_n(result.responses, 1),
+            "distinct_2": distinct_n(result.responses, 2),
+        }
+    )
+    if gold is not None:
+        result.gold = [float(g) for g in gold([prompt_text(i["prompt"]) for i in items], result.responses)]
+        result.metrics["gold_mean"] = mean(result.gold)
+    if sft_test:
+        collate = CausalLMCollator(tokenizer.pad_token_id)
+        loss_sum, tokens = 0.0, 0
+        for start in range(0, len(sft_test), stage.rollout.batch_size):
+            batch = collate(sft_test[start : start + stage.rollout.batch_size])
+            loss, count = completion_loss(policy, batch["input_ids"], batch["attention_mask"], batch["labels"])
+            loss_sum, tokens = loss_sum + float(loss), tokens + int(count)
+        result.metrics["perplexity"] = math.exp(min(loss_sum / max(tokens, 1), 50.0))
+
+
+@torch.no_grad()
+def _score_with_reward(results, items, reward_spec: str, run: RunConfig, tracker: Tracker) -> None:
+    """Score every policy's responses with one reward: a model (its own tokenizer and template) or a function."""
+    prompts = [i["prompt"] for i in items]
+    if reward_spec.startswith("fn:"):
+        function = load_function(reward_spec[3:], "stage.reward_from")
+        for result in results:
+            result.rewards = [float(s) for s in function([prompt_text(p) for p in prompts], result.responses)]
+    else:
+        source = resolve_source(reward_spec, "stage.reward_from", "rm", tracker)
+        tokenizer = models.load_tokenizer(run.model, source.location)
+        renderer = ChatRenderer(tokenizer, run.data.chat_template)
+        reward_model = models.load_scalar_model(run.model, source.location, tokenizer.pad_token_id).eval()
+        prompt_ids = encode_prompts(renderer, prompts)
+        for result in results:
+            response_ids = encode_responses(renderer, prompts, result.responses)
+            scores = []
+            for start in range(0, len(prompts), run.stage.rollout.batch_size):
+                sequences = [p + r for p, r in zip(prompt_ids[start : start + run.stage.rollout.batch_size],
+                                                   response_ids[start : start + run.stage.rollout.batch_size])]
+                batch = pad(sequences, tokenizer.pad_token_id)
+                scores += sequence_scores(reward_model, batch, attention_mask(sequences)).tolist()
+            result.rewards = scores
+    for result in results:
+        result.metrics["reward_mean"] = mean(result.rewards)
+
+
+def _report(results, items, stage: EvalStageConfig, has_gold: bool, tracker: Tracker, output_dir: Path) -> dict[str, float]:
+    baseline = results[0]
+    metrics: dict[str, float] = {}
+    wins: dict[str, dict[str, WinRate]] = {}
+    for result in results:
+        for key, value in result.metrics.items():
+            metrics[f"eval/{result.label}/{key}"] = value
+        if result is baseline:
+            continue
+        judged = {"rm": win_rate(result.rewards, baseline.rewards, stage.confidence)}
+        if has_gold:
+            judged["gold"] = win_rate(result.gold, baseline.gold, stage.confidence)
+        wins[result.label] = judged
+        for judge, outcome in judged.items():
+            prefix = f"eval/{result.label}/win_rate_{judge}"
+            metrics.update({prefix: outcome.rate, f"{prefix}_low": outcome.low, f"{prefix}_high": outcome.high,
+                            f"eval/{result.label}/ties_{judge}": outcome.ties})
+    if wins:  # the last policy against the baseline, under names a sweep can optimise
+        last = wins[results[-1].label]
+        metrics.update({f"eval/win_rate_{judge}": outcome.rate for judge, outcome in last.items()})
+    finite = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+    tracker.log_metrics(finite)
+
+    table: dict[str, list] = {"prompt": [str(prompt_text(i["prompt"])) for i in items]}
+    for result in results:
+        table[f"{result.label} response"] = result.responses
+        table[f"{result.label} reward"] = result.rewards
+        if has_gold:
+            table[f"{result.label} gold"] = result.gold
+    tracker.log_table(table, "eval/comparison.json")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    import pandas as pd
+
+    pd.DataFrame(table).to_csv(output_dir / "comparison.csv", index=False)
+    figure = plots.reward_vs_kl([r.label for r in results], [r.metrics["kl"] for r in results],
+                                [r.metrics["reward_mean"] for r in results],
+                                [r.metrics.get("gold_mean", float("nan")) for r in results])
+    tracker.log_figure(figure, "plots/reward_vs_kl.png")
+    plots.close(figure)
+    if wins:
+        figure = plots.win_rates(wins, baseline.label, stage.confidence)
+        tracker.log_figure(figure, "plots/win_rates.png")
+        plots.close(figure)
+    for result in results:
+        line = ", ".join(f"{k} {v:.3g}" for k, v in sorted(result.metrics.items()))
+        log.info("%s: %s", result.label, line)
+    for label, judged in wins.items():
+        for judge, w in judged.items():
+            log.info("%s vs %s by %s: win rate %.2f [%.2f, %.2f] (%d wins, %d ties, %d losses)",
+                     label, baseline.label, judge, w.rate, w.low, w.high, w.wins, w.ties, w.losses)
+    return metrics

@@ -1,0 +1,161 @@
+"""The evaluation stage: win-rate and interval maths, diversity, and the report of the smoke pipeline."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from conftest import runs_of
+
+from rlhf.evaluation import distinct_n, wilson_interval, win_rate
+
+# ---------------------------------------------------------------------------------------------------------
+# The maths, against hand-computed values
+
+
+def test_wilson_interval_matches_hand_computation():
+    # 8 of 10 at 95%: z = 1.95996, centre = (0.8 + z²/20) / (1 + z²/10), half = z·sqrt(0.016 + z²/400) / (1 + z²/10)
+    low, high = wilson_interval(8, 10, 0.95)
+    assert low == pytest.approx(0.4902, abs=1e-4) and high == pytest.approx(0.9433, abs=1e-4)
+    # Unlike the normal approximation it stays inside [0, 1] and has width at 0 and n successes.
+    low, high = wilson_interval(0, 5)
+    assert low == pytest.approx(0.0, abs=1e-12) and high == pytest.approx(0.4345, abs=1e-4)
+    low, high = wilson_interval(5, 5)
+    assert low == pytest.approx(0.5655, abs=1e-4) and high == pytest.approx(1.0, abs=1e-12)
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_wilson_interval_narrows_with_more_trials_and_widens_with_confidence():
+    assert wilson_interval(50, 100)[1] - wilson_interval(50, 100)[0] < wilson_interval(5, 10)[1] - wilson_interval(5, 10)[0]
+    narrow, wide = wilson_interval(30, 50, 0.8), wilson_interval(30, 50, 0.99)
+    assert wide[0] < narrow[0] < 0.6 < narrow[1] < wide[1]
+
+
+def test_win_rate_counts_ties_apart_from_the_rate():
+    outcome = win_rate([1.0, 2.0, 3.0, 0.0, 5.0], [0.0, 2.0, 1.0, 1.0, 5.0])
+    assert (outcome.wins, outcome.ties, outcome.losses) == (2, 2, 1)
+    assert outcome.rate == pytest.approx(2 / 3)  # ties are not split into the rate
+    assert (outcome.low, outcome.high) == pytest.approx(wilson_interval(2, 3))
+    assert win_rate([1.0, 1.05], [1.0, 1.0], tie_tolerance=0.1).ties == 2
+
+
+def test_win_rate_of_identical_scores_is_undefined_not_half():
+    outcome = win_rate([0.3, 0.3], [0.3, 0.3])
+    assert outcome.ties == 2 and math.isnan(outcome.rate) and (outcome.low, outcome.high) == (0.0, 1.0)
+
+
+def test_win_rate_needs_paired_scores():
+    with pytest.raises(ValueError, match="3 candidate scores but 2 baseline"):
+        win_rate([1, 2, 3], [1, 2])
+
+
+def test_distinct_n_counts_unique_ngrams_over_all_responses():
+    texts = ["a b a", "a b"]
+    assert distinct_n(texts, 1) == pytest.approx(2 / 5)  # a b a a b
+    assert distinct_n(texts, 2) == pytest.approx(2 / 3)  # (a b) (b a) (a b)
+    assert distinct_n(["one two three", "four five"], 1) == 1.0
+    assert distinct_n(["x", ""], 2) == 0.0  # no bigrams at all
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The report of the shared smoke pipeline (sft, rm, ppo, eval)
+
+PER_POLICY = ("reward_mean", "gold_mean", "kl", "length", "eos_share", "distinct_1", "distinct_2", "perplexity")
+
+
+@pytest.fixture(scope="module")
+def report(pipeline):
+    return pipeline.client, pipeline.runs
+
+
+def test_eval_names_the_runs_it_evaluated(report):
+    _, runs = report
+    evaluation = runs["eval"]
+    assert evaluation.info.status == "FINISHED"
+    tags = evaluation.data.tags
+    # By default: the SFT parent (baseline) against the newest PPO run, judged by the PPO run's reward model.
+    assert tags["rlhf.policies.0.run_id"] == runs["sft"].info.run_id
+    assert tags["rlhf.policies.1.run_id"] == runs["ppo"].info.run_id
+    assert tags["rlhf.reward_from.run_id"] == runs["rm"].info.run_id
+    assert tags["rlhf.reference.run_id"] == runs["sft"].info.run_id
+    sft_label, ppo_label = tags["rlhf.eval.policies"].split()
+    assert runs["sft"].info.run_id[:8] in sft_label and runs["ppo"].info.run_id[:8] in ppo_label
+
+
+def test_eval_logs_metrics_per_policy_and_win_rates(report):
+    _, runs = report
+    metrics = runs["eval"].data.metrics
+    sft_label, ppo_label = runs["eval"].data.tags["rlhf.eval.policies"].split()
+    for label in (sft_label, ppo_label):
+        missing = [key for key in PER_POLICY if f"eval/{label}/{key}" not in metrics]
+        assert not missing, (label, missing)
+    assert metrics[f"eval/{sft_label}/kl"] == pytest.approx(0.0, abs=1e-4)  # the reference is the SFT policy
+    assert metrics[f"eval/{ppo_label}/kl"] > 0
+    assert 0 <= metrics[f"eval/{ppo_label}/distinct_1"] <= 1
+    for judge in ("rm", "gold"):
+        prefix = f"eval/{ppo_label}/win_rate_{judge}"
+        assert metrics[f"eval/{ppo_label}/ties_{judge}"] >= 0
+        if prefix in metrics:  # undefined (not logged) when every pair ties
+            assert metrics[f"{prefix}_low"] <= metrics[prefix] <= metrics[f"{prefix}_high"]
+    assert "eval/win_rate_rm" in metrics  # the name a sweep optimises
+
+
+def test_eval_logs_a_side_by_side_table_and_plots(report):
+    client, runs = report
+    run_id = runs["eval"].info.run_id
+    sft_label, ppo_label = runs["eval"].data.tags["rlhf.eval.policies"].split()
+    table = json.loads(Path(client.download_artifacts(run_id, "eval/comparison.json")).read_text())
+    assert table["columns"][0] == "prompt"
+    for label in (sft_label, ppo_label):
+        assert {f"{label} response", f"{label} reward", f"{label} gold"} <= set(table["columns"])
+    assert len(table["data"]) == 16  # experiment=smoke evaluates 16 held-out prompts
+    plots = {a.path for a in client.list_artifacts(run_id, "plots")}
+    assert {"plots/reward_vs_kl.png", "plots/win_rates.png"} <= plots
+    assert Path(client.download_artifacts(run_id, "plots/win_rates.png")).read_bytes().startswith(b"\x89PNG")
+
+
+def test_pipeline_sweep_is_judged_by_its_last_stage(pipeline):
+    parent_id = pipeline.runs["eval"].data.tags["mlflow.parentRunId"]
+    parent = pipeline.client.get_run(parent_id)
+    assert parent.data.params["sweep.optimized_metric"] == "eval/win_rate_rm"
+    if "best/eval/win_rate_rm" in parent.data.metrics:
+        assert parent.data.tags["rlhf.best_run_id"] == pipeline.runs["eval"].info.run_id
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Policies named explicitly, and what goes wrong
+
+SAME_TWICE = [
+    "experiment=smoke", "stage=eval", "stage.policies=[base,base]", "stage.reference=base",
+    "stage.reward_from=fn:rlhf.tasks.assistant.gold_reward", "stage.num_prompts=8", "stage.perplexity_examples=0",
+]
+
+
+def test_a_policy_against_itself_ties_everywhere_at_zero_kl(tmp_path, cli, mlflow_client):
+    """The same seed draws the same responses for every policy, so a policy against itself always ties."""
+    cli(*SAME_TWICE)
+    (run,) = runs_of(mlflow_client, "smoke", "eval")
+    metrics = run.data.metrics
+    first, second = run.data.tags["rlhf.eval.policies"].split()
+    assert metrics[f"eval/{second}/ties_rm"] == 8 and metrics[f"eval/{second}/ties_gold"] == 8
+    assert "eval/win_rate_rm" not in metrics  # undefined with no decided pair, so not logged as a number
+    assert metrics[f"eval/{first}/kl"] == metrics[f"eval/{second}/kl"] == pytest.approx(0.0, abs=1e-5)
+    assert metrics[f"eval/{first}/reward_mean"] == metrics[f"eval/{second}/reward_mean"]
+    assert run.data.tags["rlhf.policies.0"] == "base"
+
+
+def test_eval_without_a_ppo_run_says_what_to_run(tmp_path, cli, mlflow_client):
+    result = cli("experiment=smoke", "stage=eval", check=False)
+    assert result.returncode == 2
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("rlhf: error:")]
+    assert "no finished ppo run" in line and "python -m rlhf stage=ppo" in line and "stage.policies" in line
+    (run,) = runs_of(mlflow_client, "smoke", "eval")
+    assert run.info.status == "FAILED"
+
+
+def test_eval_rejects_an_impossible_value_before_loading(tmp_path, cli):
+    result = cli("experiment=smoke", "stage=eval", "stage.confidence=1.5", check=False)
+    assert result.returncode == 2
+    assert "stage.confidence" in result.stderr and "must be in (0, 1)" in result.stderr

@@ -26,19 +26,6 @@ if _WORKERS > 1:
     THREADS = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // _WORKERS))}
     os.environ.update(THREADS)
 
-# Fixtures that run a whole pipeline or sweep once and are read by many tests: their tests go to one
-# xdist worker (--dist loadgroup), so the fixture is not built again in every worker.
-SHARED_FIXTURES = ("pipeline", "grid", "rejected")
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        for name in SHARED_FIXTURES:
-            if name in getattr(item, "fixturenames", ()):
-                item.add_marker(pytest.mark.xdist_group(name))
-                break
-
-
 @pytest.fixture(scope="session")
 def compose():
     """compose(["stage=sft", ...]) -> the DictConfig Hydra would hand the entry point."""
@@ -125,10 +112,10 @@ PIPELINE_STAGES = ("sft", "rm", "ppo", "eval")
 class Pipeline:
     """The runs of one `python -m rlhf -m experiment=smoke stage=sft,rm,ppo,eval`, shared by many tests."""
 
-    def __init__(self, directory: Path, result: subprocess.CompletedProcess):
+    def __init__(self, directory: Path, stderr: str):
         from mlflow.tracking import MlflowClient
 
-        self.directory, self.result = directory, result
+        self.directory, self.stderr = directory, stderr
         self.client = MlflowClient(tracking_uri=store_uri(directory))
         self.runs = {stage: runs_of(self.client, "smoke", stage)[0] for stage in PIPELINE_STAGES}
 
@@ -136,10 +123,32 @@ class Pipeline:
         return Path(self.runs[stage].data.tags["rlhf.output_dir"]) / "model"
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """A directory that `build(directory)` fills once per test session, also across xdist workers:
+    the first worker to ask builds it under a file lock, the others wait for it and reuse it."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # shared by the workers of this session
+    directory = root / name
+    with FileLock(str(directory) + ".lock"):
+        done = directory / ".built"
+        if not done.exists():
+            directory.mkdir(exist_ok=True)
+            build(directory)
+            done.touch()
+    return directory
+
+
 @pytest.fixture(scope="session")
 def pipeline(tmp_path_factory) -> Pipeline:
     """SFT, then RM from it, then PPO from both, then their evaluation, on the tiny model, in one multirun."""
-    directory = tmp_path_factory.mktemp("pipeline")
-    result = run_cli(["-m", "experiment=smoke", f"stage={','.join(PIPELINE_STAGES)}"], directory, timeout=1800)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return Pipeline(directory, result)
+
+    def build(directory: Path) -> None:
+        result = run_cli(["-m", "experiment=smoke", f"stage={','.join(PIPELINE_STAGES)}"], directory, timeout=1800)
+        (directory / "cli.stderr").write_text(result.stderr)
+        assert result.returncode == 0, result.stderr[-4000:]
+
+    directory = built_once(tmp_path_factory, "pipeline", build)
+    return Pipeline(directory, (directory / "cli.stderr").read_text())

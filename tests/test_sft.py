@@ -23,11 +23,11 @@ def history(client, run_id: str, key: str) -> list[tuple[int, float]]:
 @pytest.fixture(scope="module")
 def smoke_run(pipeline):
     """The SFT run of the shared smoke pipeline (`python -m rlhf -m experiment=smoke stage=sft,rm,ppo,eval`)."""
-    return pipeline.directory, pipeline.client, pipeline.runs["sft"], pipeline.result
+    return pipeline.directory, pipeline.client, pipeline.runs["sft"], pipeline.stderr
 
 
 def test_smoke_run_is_recorded_in_mlflow(smoke_run):
-    directory, client, run, result = smoke_run
+    directory, client, run, stderr = smoke_run
     assert run.info.status == "FINISHED"
     params = run.data.params
     assert params["stage.name"] == "sft"
@@ -41,7 +41,7 @@ def test_smoke_run_is_recorded_in_mlflow(smoke_run):
     assert tags["rlhf.job_num"] == "0" and tags["rlhf.sweep_dir"]
     assert tags["rlhf.init_from"] == "base"
     assert Path(tags["rlhf.output_dir"]).is_dir()
-    assert run.info.run_id in result.stderr and "mlflow ui --backend-store-uri" in result.stderr
+    assert run.info.run_id in stderr and "mlflow ui --backend-store-uri" in stderr
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config", "model", "samples"} <= artifacts
     config_files = {a.path for a in client.list_artifacts(run.info.run_id, "config")}

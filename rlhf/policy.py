@@ -164,6 +164,19 @@ def _plain_linear_head(model: torch.nn.Module) -> torch.nn.Linear | None:
     return None
 
 
+def join_prompt_response(
+    query: torch.Tensor, query_mask: torch.Tensor, response: torch.Tensor, response_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, mask, where) of left-padded prompts followed by right-padded responses, `where` marking
+    the positions whose next-token prediction is a response token (position t predicts token t + 1)."""
+    ids = torch.cat([query, response], dim=1)
+    mask = torch.cat([query_mask, response_mask], dim=1)
+    where = torch.zeros_like(mask, dtype=torch.bool)
+    prompt_length = query.shape[1]
+    where[:, prompt_length - 1 : prompt_length - 1 + response.shape[1]] = response_mask.bool()
+    return ids, mask, where
+
+
 def response_logprobs(
     model: torch.nn.Module,
     input_ids: torch.Tensor,

@@ -25,7 +25,7 @@ from rlhf.data.tokenize import ChatRenderer, encode_prompts, encode_responses
 from rlhf.errors import LineageError
 from rlhf.evaluation import WinRate, distinct_n, mean, win_rate
 from rlhf.lineage import ModelSource, latest_finished_run, resolve_source
-from rlhf.policy import completion_loss, eos_ids, generate, response_logprobs
+from rlhf.policy import completion_loss, eos_ids, generate, join_prompt_response, response_logprobs
 from rlhf.rewards import load_function
 from rlhf.scalar import sequence_scores
 from rlhf.stages import StageJob
@@ -129,12 +129,11 @@ def _sample_and_measure(result, items, run: RunConfig, tokenizer, reference, sft
     for start in range(0, len(items), stage.rollout.batch_size):
         prompts = [i["prompt_ids"] for i in items[start : start + stage.rollout.batch_size]]
         answers = responses[start : start + stage.rollout.batch_size]
-        query, response = pad(prompts, tokenizer.pad_token_id, left=True), pad(answers, tokenizer.pad_token_id)
-        ids = torch.cat([query, response], dim=1)
-        mask = torch.cat([attention_mask(prompts, left=True), attention_mask(answers)], dim=1)
-        where = torch.zeros_like(mask, dtype=torch.bool)
-        where[:, query.shape[1] - 1 : query.shape[1] - 1 + response.shape[1]] = attention_mask(answers).bool()
-        targets = response[attention_mask(answers).bool()]
+        response, response_mask = pad(answers, tokenizer.pad_token_id), attention_mask(answers)
+        ids, mask, where = join_prompt_response(
+            pad(prompts, tokenizer.pad_token_id, left=True), attention_mask(prompts, left=True), response, response_mask
+        )
+        targets = response[response_mask.bool()]
         temperature = stage.rollout.temperature
         own, _ = response_logprobs(policy, ids, mask, where, targets, temperature, with_entropy=False)
         ref, _ = response_logprobs(reference, ids, mask, where, targets, temperature, with_entropy=False)

@@ -23,7 +23,7 @@ from rlhf.data.loading import ExamplesDataModule, attention_mask, pad
 from rlhf.data.prepare import prepare_prompts
 from rlhf.data.tokenize import ChatRenderer
 from rlhf.lineage import resolve_source
-from rlhf.policy import eos_ids, generate, position_ids, response_logprobs
+from rlhf.policy import eos_ids, generate, join_prompt_response, position_ids, response_logprobs
 from rlhf.rewards import FunctionReward, ModelReward, RewardSource, load_function
 from rlhf.scalar import token_scores
 from rlhf.stages import StageJob
@@ -53,14 +53,8 @@ class Rollout:
         return Rollout(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
 
     def sequences(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(ids, mask, where) of prompt + response, `where` marking the positions whose next-token
-        prediction is a response token (position t predicts token t + 1)."""
-        ids = torch.cat([self.query, self.response], dim=1)
-        mask = torch.cat([self.query_mask, self.response_mask], dim=1)
-        where = torch.zeros_like(mask, dtype=torch.bool)
-        prompt_length = self.query.shape[1]
-        where[:, prompt_length - 1 : prompt_length - 1 + self.response.shape[1]] = self.response_mask.bool()
-        return ids, mask, where
+        """(ids, mask, where) of prompt + response (see join_prompt_response)."""
+        return join_prompt_response(self.query, self.query_mask, self.response, self.response_mask)
 
 
 def disable_dropout(model: torch.nn.Module) -> None:

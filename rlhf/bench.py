@@ -10,7 +10,8 @@ bench.batch_size sequences of bench.length random tokens, every token trained; R
 of such sequences; PPO, the configured prompts with a rollout batch of bench.batch_size
 (bench.synthetic=0 trains SFT and RM on the configured data instead). It prints throughput, peak
 memory, PPO's time split, and model FLOPs utilisation: 6 x parameters x tokens/s over this
-machine's fp32 matmul rate, measured in the same process. MLflow tracking is included (it is part of
+machine's fp32 matmul rate, measured in the same process before and after the workload (the higher
+of the two: a shared machine's rate drifts, and a single low reading would inflate the utilisation). MLflow tracking is included (it is part of
 what a step costs); tracking=none leaves it out.
 """
 
@@ -167,7 +168,7 @@ def _bench(cfg: DictConfig) -> None:
         if cfg.stage.name == "ppo":
             cfg.stage.rollout.batch_size = settings["batch_size"]
     run = validate(cfg)
-    rate = matmul_rate()
+    rate_before = matmul_rate()
     tracker = start_tracker(run, job_info())
     with recorded(tracker):
         job = get_stage(run.stage.name)(run, tracker)
@@ -182,6 +183,7 @@ def _bench(cfg: DictConfig) -> None:
             run, tracker, run.output_dir, callbacks, manual_optimization=not job.module.automatic_optimization
         )
         trainer.fit(job.module, datamodule=job.datamodule)
+        rate = max(rate_before, matmul_rate())
         timing = timer.timing
         if run.stage.name == "ppo":
             described = f"{run.data.name} prompts, rollout batch {settings['batch_size']}"

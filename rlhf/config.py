@@ -141,6 +141,9 @@ class DataConfig:
     task_noise: float = 0.1
     # DataLoader worker processes (0: load in the training process, right for small text data).
     num_workers: int = 0
+    # SFT and RM training batches of examples of similar length (less padding, same examples per
+    # epoch); false: plain shuffling.
+    group_by_length: bool = True
 
     def problems(self) -> list[tuple[str, str]]:
         out = []

@@ -648,6 +648,45 @@ def test_sampler_shards_ranks_disjointly():
     assert list(shards[1]) == _epoch(size, 5, 1, 1, world)
 
 
+def _padding_share(order, lengths, batch):
+    """Share of a padded batch's positions that are padding, over an epoch in `order`."""
+    padded = real = 0
+    for start in range(0, len(order), batch):
+        chunk = [lengths[i] for i in order[start : start + batch]]
+        padded += max(chunk) * len(chunk)
+        real += sum(chunk)
+    return 1 - real / padded
+
+
+def test_length_grouped_sampler_cuts_padding_and_keeps_every_example():
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(5, 120, (1000,), generator=generator).tolist()
+    plain = ResumableSampler(1000, seed=1)
+    grouped = ResumableSampler(1000, seed=1, lengths=lengths, batch_size=8)
+    assert sorted(grouped) == list(range(1000))
+    assert list(grouped) == list(grouped)  # deterministic for (seed, epoch)
+    assert _padding_share(list(grouped), lengths, 8) < 0.5 * _padding_share(list(plain), lengths, 8)
+    # Batches are not in length order: long and short ones alternate as with plain shuffling.
+    maxima = [max(lengths[i] for i in list(grouped)[k : k + 8]) for k in range(0, 1000, 8)]
+    assert maxima != sorted(maxima) and maxima != sorted(maxima, reverse=True)
+    grouped.set_epoch(1)
+    assert sorted(grouped) == list(range(1000)) and list(grouped) != list(ResumableSampler(1000, seed=1, lengths=lengths, batch_size=8))
+
+
+def test_length_grouped_batches_stay_whole_across_ranks_and_resume():
+    # 45 examples, 2 ranks x batch 4: every global batch of 8 is one length group, the partial last.
+    lengths = [(i * 37) % 101 for i in range(45)]
+    shards = [ResumableSampler(45, seed=2, rank=r, world_size=2, lengths=lengths, batch_size=4) for r in range(2)]
+    orders = [list(s) for s in shards]
+    assert not set(orders[0]) & set(orders[1]) and len(orders[0]) == len(orders[1]) == 22
+    whole = ResumableSampler(45, seed=2, lengths=lengths, batch_size=8)
+    runs = [sorted(list(whole)[k : k + 8]) for k in range(0, 40, 8)]
+    for k in range(5):
+        assert sorted(orders[0][4 * k : 4 * k + 4] + orders[1][4 * k : 4 * k + 4]) == runs[k]
+    shards[0].skip_next(8)
+    assert list(shards[0]) == orders[0][8:]
+
+
 def _epoch(size, seed, epoch, rank, world):
     sampler = ResumableSampler(size, seed=seed, rank=rank, world_size=world)
     sampler.set_epoch(epoch)

@@ -2,7 +2,9 @@
 
 Resuming a run must continue with exactly the batches the interrupted run would have seen: the
 sampler's order depends only on (seed, epoch), and the training loader's position in the epoch is
-saved in every checkpoint.
+saved in every checkpoint. Batches are padded to their longest example, so the sampler can group
+examples of similar length (on the shipped preference data a random batch of 8 pairs is 58% real
+tokens, a length-grouped one 85%).
 """
 
 from __future__ import annotations
@@ -47,11 +49,46 @@ class ListDataset(Dataset):
         return self.items[index]
 
 
-class ResumableSampler(Sampler[int]):
-    """Shuffles by (seed, epoch), shards across data-parallel ranks, and can start part-way in."""
+# Length grouping sorts windows of this many batches, as Hugging Face's group_by_length does.
+GROUPING_WINDOW = 50
 
-    def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1, shuffle: bool = True):
+
+def group_by_length(order: list[int], lengths: Sequence[int], group: int, generator: torch.Generator) -> list[int]:
+    """`order` rearranged into runs of `group` indices of similar length, in a random order of runs.
+
+    Windows of GROUPING_WINDOW runs of the shuffled order are sorted by length and cut into runs;
+    the full runs of the whole epoch are then shuffled (long and short batches alternate as in plain
+    shuffling) and a final partial run, if any, stays last so every other run remains a whole batch.
+    """
+    window = group * GROUPING_WINDOW
+    runs = []
+    for start in range(0, len(order), window):
+        ordered = sorted(order[start : start + window], key=lambda i: lengths[i], reverse=True)
+        runs += [ordered[k : k + group] for k in range(0, len(ordered), group)]
+    partial = [runs.pop()] if runs and len(runs[-1]) < group else []
+    shuffled = [runs[i] for i in torch.randperm(len(runs), generator=generator).tolist()] + partial
+    return [index for run in shuffled for index in run]
+
+
+class ResumableSampler(Sampler[int]):
+    """Shuffles by (seed, epoch), shards across data-parallel ranks, and can start part-way in.
+
+    With `lengths`, each global batch (batch_size examples on each of world_size ranks) holds
+    examples of similar length, so less of it is padding (see group_by_length).
+    """
+
+    def __init__(
+        self,
+        size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+        lengths: Sequence[int] | None = None,
+        batch_size: int = 1,
+    ):
         self.size, self.seed, self.rank, self.world_size, self.shuffle = size, seed, rank, world_size, shuffle
+        self.lengths, self.batch_size = lengths, batch_size
         self.epoch = 0
         self._skip = 0
         # Every rank gets the same number of samples: the permutation is cut to a multiple of world_size.
@@ -68,6 +105,8 @@ class ResumableSampler(Sampler[int]):
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed + self.epoch)
             order = torch.randperm(self.size, generator=generator).tolist()
+            if self.lengths is not None:
+                order = group_by_length(order, self.lengths, self.batch_size * self.world_size, generator)
         else:
             order = list(range(self.size))
         mine = order[: self.per_rank * self.world_size][self.rank :: self.world_size]
@@ -122,9 +161,11 @@ class ExamplesDataModule(pl.LightningDataModule):
         eval_batch_size: int,
         seed: int,
         num_workers: int = 0,
+        train_lengths: Sequence[int] | None = None,
     ):
         super().__init__()
         self.splits = splits
+        self.train_lengths = train_lengths  # given: batches of similar lengths (ResumableSampler)
         self.collate = collate
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
@@ -150,7 +191,9 @@ class ExamplesDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         rank, world = self._world()
         items = self.splits["train"]
-        sampler = ResumableSampler(len(items), self.seed, rank=rank, world_size=world)
+        sampler = ResumableSampler(
+            len(items), self.seed, rank=rank, world_size=world, lengths=self.train_lengths, batch_size=self.batch_size
+        )
         self._train_loader = ResumableLoader(
             ListDataset(items),
             batch_size=self.batch_size,

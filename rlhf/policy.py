@@ -97,17 +97,26 @@ class LinearLogProbs(torch.autograd.Function):
     KEEP_LIMIT = 2**26  # elements of softmax kept for backward (256 MB in float32)
 
     @staticmethod
-    def _softmax(h, weight, temperature, targets):
-        """(p, log p of the targets): the chunk's logits become its softmax in place."""
-        z = (h @ weight.T).float()
-        if temperature != 1.0:
-            z.div_(temperature)
+    def _softmax(h, weight, temperature, targets, with_entropy=False):
+        """(p, log p of the targets, entropy or None): the chunk's logits become its softmax in place.
+
+        The temperature scales h (a few values per row) rather than the logits (a vocabulary per row).
+        """
+        z = ((h / temperature if temperature != 1.0 else h) @ weight.T).float()
         rows = torch.arange(z.shape[0], device=z.device)
         target_logits = z[rows, targets]
         top = z.amax(dim=-1, keepdim=True)
-        total = z.sub_(top).exp_().sum(dim=-1, keepdim=True)
+        z.sub_(top)
+        # H = log total - sum(e * y) / total with y = z - top and e = exp(y): one dot per row, where
+        # the elementwise -p log p would take a logarithm per vocabulary entry.
+        shifted = z.clone() if with_entropy else None
+        total = z.exp_().sum(dim=-1, keepdim=True)
+        entropy = None
+        if with_entropy:
+            dots = torch.bmm(z.unsqueeze(1), shifted.unsqueeze(2)).view(-1, 1)
+            entropy = (total.log() - dots / total).squeeze(-1)
         p = z.div_(total)
-        return p, target_logits - top.squeeze(-1) - total.log().squeeze(-1)
+        return p, target_logits - top.squeeze(-1) - total.log().squeeze(-1), entropy
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature: float, chunk: int, with_entropy: bool):
@@ -118,9 +127,11 @@ class LinearLogProbs(torch.autograd.Function):
         kept = []
         for start in range(0, hidden.shape[0], chunk):
             stop = start + chunk
-            p, logp[start:stop] = LinearLogProbs._softmax(hidden[start:stop], weight, temperature, targets[start:stop])
+            p, logp[start:stop], chunk_entropy = LinearLogProbs._softmax(
+                hidden[start:stop], weight, temperature, targets[start:stop], with_entropy
+            )
             if with_entropy:
-                entropy[start:stop] = torch.special.entr(p).sum(-1)
+                entropy[start:stop] = chunk_entropy
             if keep:
                 kept.append(p)
         ctx.save_for_backward(hidden, weight, targets, *kept)
@@ -148,11 +159,12 @@ class LinearLogProbs(torch.autograd.Function):
             else:
                 grad_z = p.mul_(-g_lp)
             grad_z[rows, t] += g_lp.squeeze(-1)
-            if ctx.temperature != 1.0:
-                grad_z.div_(ctx.temperature)
             grad_z = grad_z.to(h.dtype)
+            # d/dz of the unscaled logits is grad_z / temperature: scaled on the small products instead.
             grad_hidden[start:stop] = grad_z @ weight
-            grad_weight.addmm_(grad_z.T.float(), h.float())
+            if ctx.temperature != 1.0:
+                grad_hidden[start:stop] /= ctx.temperature
+            grad_weight.addmm_(grad_z.T.float(), h.float(), alpha=1.0 / ctx.temperature)
         return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None
 
 

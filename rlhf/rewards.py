@@ -28,7 +28,12 @@ def load_function(dotted: str, key: str) -> RewardFunction:
 
 
 class RewardSource:
-    """Scores finished episodes: a trained reward model, or a function of the texts."""
+    """Scores finished episodes: a trained reward model, or a function of the texts.
+
+    `tokenizer` is the policy's (it decodes responses). `score_texts` scores (prompt, response)
+    texts, the one entry point evaluation uses; PPO calls the source with the episodes' token ids
+    as well, which a reward model sharing the policy's tokenizer scores without re-tokenising.
+    """
 
     model: torch.nn.Module | None = None
 
@@ -38,19 +43,50 @@ class RewardSource:
     def decode(self, responses: Sequence[Sequence[int]]) -> list[str]:
         return self.tokenizer.batch_decode(responses, skip_special_tokens=True)
 
-    def __call__(self, ids: torch.Tensor, mask: torch.Tensor, prompts: Sequence, texts: Sequence[str]) -> torch.Tensor:
+    def score_texts(self, prompts: Sequence, responses: Sequence[str]) -> list[float]:
         raise NotImplementedError
+
+    def __call__(self, ids: torch.Tensor, mask: torch.Tensor, prompts: Sequence, texts: Sequence[str]) -> torch.Tensor:
+        return torch.tensor(self.score_texts(prompts, texts), dtype=torch.float32)
+
+
+def shares_tokens(policy_tokenizer, reward_tokenizer) -> bool:
+    """Whether every token of the policy has the same id for the reward model (which may add a pad)."""
+    reward_vocab = reward_tokenizer.get_vocab()
+    return all(reward_vocab.get(token) == index for token, index in policy_tokenizer.get_vocab().items())
 
 
 class ModelReward(RewardSource):
-    """The reward model's score at each sequence's last real token (the response's EOS)."""
+    """The reward model's score at each sequence's last real token (the response's EOS).
 
-    def __init__(self, model: torch.nn.Module, tokenizer):
+    `renderer` is the reward model's own tokenizer and chat template, for texts; the policy's token
+    ids are scored as they are only when `same_tokens` (see shares_tokens).
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer, renderer, same_tokens: bool, batch_size: int = 16):
         super().__init__(tokenizer)
-        self.model = model
+        self.model, self.renderer, self.same_tokens, self.batch_size = model, renderer, same_tokens, batch_size
+
+    @torch.no_grad()
+    def score_texts(self, prompts, responses) -> list[float]:
+        from rlhf.data.loading import attention_mask, pad
+        from rlhf.data.tokenize import encode_prompts, encode_responses
+        from rlhf.scalar import sequence_scores
+
+        sequences = [
+            p + r for p, r in zip(encode_prompts(self.renderer, prompts), encode_responses(self.renderer, prompts, responses))
+        ]
+        scores: list[float] = []
+        for start in range(0, len(sequences), self.batch_size):
+            part = sequences[start : start + self.batch_size]
+            ids, mask = pad(part, self.renderer.tokenizer.pad_token_id), attention_mask(part)
+            scores += sequence_scores(self.model, ids.to(self.model.device), mask.to(self.model.device)).tolist()
+        return scores
 
     @torch.no_grad()
     def __call__(self, ids, mask, prompts, texts) -> torch.Tensor:
+        if not self.same_tokens:
+            return super().__call__(ids, mask, prompts, texts)
         from rlhf.scalar import sequence_scores
 
         return sequence_scores(self.model, ids, mask)
@@ -63,10 +99,33 @@ class FunctionReward(RewardSource):
         super().__init__(tokenizer)
         self.function = function
 
-    def __call__(self, ids, mask, prompts, texts) -> torch.Tensor:
+    def score_texts(self, prompts, responses) -> list[float]:
         from rlhf.data.formats import prompt_text
 
-        scores = self.function([prompt_text(p) for p in prompts], list(texts))
-        if len(scores) != len(texts):
-            raise ValueError(f"the reward function returned {len(scores)} scores for {len(texts)} responses")
-        return torch.tensor([float(s) for s in scores])
+        scores = self.function([prompt_text(p) for p in prompts], list(responses))
+        if len(scores) != len(responses):
+            raise ValueError(f"the reward function returned {len(scores)} scores for {len(responses)} responses")
+        return [float(s) for s in scores]
+
+
+def load_reward(
+    spec: str, key: str, run, tracker, policy_tokenizer, batch_size: int = 16
+) -> tuple[RewardSource, str | None]:
+    """The reward `spec` names (fn:module.function, or a reward model source as lineage resolves it),
+    and the reward model's directory (None for a function). Tags the run with where it came from;
+    `batch_size`: sequences per scoring pass of texts."""
+    from rlhf import models
+    from rlhf.data.tokenize import ChatRenderer
+    from rlhf.lineage import resolve_source
+
+    if spec.startswith("fn:"):
+        tracker.set_tags({"rlhf." + key.removeprefix("stage."): spec})
+        return FunctionReward(load_function(spec[len("fn:") :], key), policy_tokenizer), None
+    source = resolve_source(spec, key, "rm", tracker)
+    if source.location is None:
+        raise ConfigError(f"{key}=base: a reward model must be trained; use latest, a path, or fn:...")
+    tokenizer = models.load_tokenizer(run.model, source.location)
+    model = models.load_scalar_model(run.model, source.location, tokenizer.pad_token_id).eval()
+    renderer = ChatRenderer(tokenizer, run.data.chat_template)
+    reward = ModelReward(model, policy_tokenizer, renderer, shares_tokens(policy_tokenizer, tokenizer), batch_size)
+    return reward, source.location

@@ -21,13 +21,12 @@ from rlhf.config import EvalStageConfig, RunConfig
 from rlhf.data.formats import prompt_text
 from rlhf.data.loading import attention_mask, pad
 from rlhf.data.prepare import CausalLMCollator, prepare_prompts, prepare_sft
-from rlhf.data.tokenize import ChatRenderer, encode_prompts, encode_responses
+from rlhf.data.tokenize import ChatRenderer
 from rlhf.errors import LineageError
 from rlhf.evaluation import WinRate, distinct_n, mean, win_rate
 from rlhf.lineage import ModelSource, latest_finished_run, resolve_source
 from rlhf.policy import completion_loss, eos_ids, generate, join_prompt_response, response_logprobs
-from rlhf.rewards import load_function
-from rlhf.scalar import sequence_scores
+from rlhf.rewards import load_function, load_reward
 from rlhf.stages import StageJob
 from rlhf.tracking import TAG_PREFIX, Tracker
 
@@ -103,7 +102,7 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
         for result in results:
             _sample_and_measure(result, items, run, tokenizer, reference_model, sft_test, gold)
         del reference_model
-        _score_with_reward(results, items, reward_spec, run, tracker)
+        _score_with_reward(results, items, reward_spec, run, tracker, tokenizer)
         return _report(results, items, stage, gold is not None, tracker, output_dir)
 
     return StageJob(None, None, finish)
@@ -162,30 +161,12 @@ def _sample_and_measure(result, items, run: RunConfig, tokenizer, reference, sft
         result.metrics["perplexity"] = math.exp(min(loss_sum / max(tokens, 1), 50.0))
 
 
-@torch.no_grad()
-def _score_with_reward(results, items, reward_spec: str, run: RunConfig, tracker: Tracker) -> None:
-    """Score every policy's responses with one reward: a model (its own tokenizer and template) or a function."""
+def _score_with_reward(results, items, reward_spec: str, run: RunConfig, tracker: Tracker, tokenizer) -> None:
+    """Score every policy's responses with one reward: a model (with its own tokenizer and template) or a function."""
+    reward, _ = load_reward(reward_spec, "stage.reward_from", run, tracker, tokenizer, run.stage.rollout.batch_size)
     prompts = [i["prompt"] for i in items]
-    if reward_spec.startswith("fn:"):
-        function = load_function(reward_spec[3:], "stage.reward_from")
-        for result in results:
-            result.rewards = [float(s) for s in function([prompt_text(p) for p in prompts], result.responses)]
-    else:
-        source = resolve_source(reward_spec, "stage.reward_from", "rm", tracker)
-        tokenizer = models.load_tokenizer(run.model, source.location)
-        renderer = ChatRenderer(tokenizer, run.data.chat_template)
-        reward_model = models.load_scalar_model(run.model, source.location, tokenizer.pad_token_id).eval()
-        prompt_ids = encode_prompts(renderer, prompts)
-        for result in results:
-            response_ids = encode_responses(renderer, prompts, result.responses)
-            scores = []
-            for start in range(0, len(prompts), run.stage.rollout.batch_size):
-                sequences = [p + r for p, r in zip(prompt_ids[start : start + run.stage.rollout.batch_size],
-                                                   response_ids[start : start + run.stage.rollout.batch_size])]
-                batch = pad(sequences, tokenizer.pad_token_id)
-                scores += sequence_scores(reward_model, batch, attention_mask(sequences)).tolist()
-            result.rewards = scores
     for result in results:
+        result.rewards = reward.score_texts(prompts, result.responses)
         result.metrics["reward_mean"] = mean(result.rewards)
 
 

@@ -22,9 +22,10 @@ from rlhf.config import PPOStageConfig, RunConfig
 from rlhf.data.loading import ExamplesDataModule, attention_mask, pad
 from rlhf.data.prepare import prepare_prompts
 from rlhf.data.tokenize import ChatRenderer
+from rlhf.errors import ConfigError
 from rlhf.lineage import resolve_source
 from rlhf.policy import eos_ids, generate, join_prompt_response, position_ids, response_logprobs
-from rlhf.rewards import FunctionReward, ModelReward, RewardSource, load_function
+from rlhf.rewards import RewardSource, load_function, load_reward
 from rlhf.scalar import token_scores
 from rlhf.stages import StageJob
 from rlhf.tracking import Tracker
@@ -360,17 +361,7 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
     tokenizer = models.load_tokenizer(run.model, policy_source.location)
     renderer = ChatRenderer(tokenizer, run.data.chat_template)
     gold = load_function(run.data.gold_reward, "data.gold_reward") if run.data.gold_reward else None
-    reward_function = None
-    if stage.reward_from.startswith("fn:"):
-        reward_function = load_function(stage.reward_from[len("fn:") :], "stage.reward_from")
-        tracker.set_tags({"rlhf.reward_from": stage.reward_from})
-        reward_source = None
-    else:
-        reward_source = resolve_source(stage.reward_from, "stage.reward_from", "rm", tracker)
-        if reward_source.location is None:
-            from rlhf.errors import ConfigError
-
-            raise ConfigError("stage.reward_from=base: a reward model must be trained; use latest, a path, or fn:...")
+    reward, reward_location = load_reward(stage.reward_from, "stage.reward_from", run, tracker, tokenizer)
     data = prepare_prompts(run.data, renderer, run.seed, stage.rollout.max_new_tokens)
     tracker.log_metrics(data.stats)
 
@@ -380,17 +371,18 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
         policy = models.apply_lora(policy, run.model.lora, "CAUSAL_LM")
     else:
         reference = models.load_causal_lm(run.model, policy_source.location, seed=run.seed)
-    if reward_function is not None:
-        reward: RewardSource = FunctionReward(reward_function, tokenizer)
-        reward_stats = None
-    else:
-        reward_model = models.load_scalar_model(run.model, reward_source.location, tokenizer.pad_token_id)
-        reward = ModelReward(reward_model, tokenizer)
-        config = reward_model.config
+    reward_stats = None
+    if reward.model is not None:
+        config = models.unwrap(reward.model).config
         reward_stats = (config.reward_mean, config.reward_std) if hasattr(config, "reward_mean") else None
     value_model = None
     if stage.critic == "separate":
-        critic_from = reward_source.location if reward_function is None else policy_source.location
+        if reward.model is not None and not reward.same_tokens:
+            raise ConfigError(
+                "stage.critic=separate: the value model would start from the reward model, whose tokenizer "
+                "differs from the policy's; use stage.critic=shared"
+            )
+        critic_from = reward_location or policy_source.location
         value_model = models.load_scalar_model(run.model, critic_from, tokenizer.pad_token_id, seed=run.seed)
         if run.model.lora.enabled:
             value_model = models.apply_lora(value_model, run.model.lora, "SEQ_CLS")

@@ -11,8 +11,8 @@ of such sequences; PPO, the configured prompts with a rollout batch of bench.bat
 (bench.synthetic=0 trains SFT and RM on the configured data instead). It prints throughput, peak
 memory, PPO's time split, and model FLOPs utilisation: 6 x parameters x tokens/s over this
 machine's fp32 matmul rate, measured in the same process before and after the workload (the higher
-of the two: a shared machine's rate drifts, and a single low reading would inflate the utilisation). MLflow tracking is included (it is part of
-what a step costs); tracking=none leaves it out.
+of the two: a shared machine's rate drifts, and a single low reading would inflate the utilisation).
+MLflow tracking is included (it is part of what a step costs); tracking=none leaves it out.
 """
 
 from __future__ import annotations

@@ -28,7 +28,13 @@ class ModelSource:
     run_id: str | None = None
 
     def tags(self, key: str) -> dict[str, str | None]:
-        return {f"{TAG_PREFIX}{key}": self.spec, f"{TAG_PREFIX}{key}.run_id": self.run_id}
+        return {tag_name(key): self.spec, f"{tag_name(key)}.run_id": self.run_id}
+
+
+def tag_name(key: str) -> str:
+    """The run tag recording the config key's source: stage.init_from -> rlhf.init_from,
+    stage.policies.0 -> rlhf.policies.0."""
+    return TAG_PREFIX + key.removeprefix("stage.")
 
 
 def _local_artifact_dir(client, uri: str, run_id: str, artifact_path: str) -> str:
@@ -64,8 +70,7 @@ def resolve_source(spec: str, key: str, needed_stage: str | None, tracker: Track
     source = _resolve(spec, key, needed_stage, tracker)
     inherited[key] = asdict(source)
     os.environ[RESOLVED_ENV] = json.dumps(inherited)
-    name = key.removeprefix("stage.")  # stage.init_from -> rlhf.init_from; stage.policies.0 -> rlhf.policies.0
-    tracker.set_tags(source.tags(name))
+    tracker.set_tags(source.tags(key))
     return source
 
 

@@ -108,14 +108,15 @@ class LinearLogProbs(torch.autograd.Function):
         top = z.amax(dim=-1, keepdim=True)
         z.sub_(top)
         # H = log total - sum(e * y) / total with y = z - top and e = exp(y): one dot per row, where
-        # the elementwise -p log p would take a logarithm per vocabulary entry.
-        shifted = z.clone() if with_entropy else None
-        total = z.exp_().sum(dim=-1, keepdim=True)
+        # the elementwise -p log p would take a logarithm per vocabulary entry. y is needed for it,
+        # so e goes to a new buffer then; otherwise it overwrites y.
+        e = z.exp() if with_entropy else z.exp_()
+        total = e.sum(dim=-1, keepdim=True)
         entropy = None
         if with_entropy:
-            dots = torch.bmm(z.unsqueeze(1), shifted.unsqueeze(2)).view(-1, 1)
+            dots = torch.bmm(e.unsqueeze(1), z.unsqueeze(2)).view(-1, 1)
             entropy = (total.log() - dots / total).squeeze(-1)
-        p = z.div_(total)
+        p = e.div_(total)
         return p, target_logits - top.squeeze(-1) - total.log().squeeze(-1), entropy
 
     @staticmethod

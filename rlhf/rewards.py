@@ -116,10 +116,10 @@ def load_reward(
     `batch_size`: sequences per scoring pass of texts."""
     from rlhf import models
     from rlhf.data.tokenize import ChatRenderer
-    from rlhf.lineage import resolve_source
+    from rlhf.lineage import resolve_source, tag_name
 
     if spec.startswith("fn:"):
-        tracker.set_tags({"rlhf." + key.removeprefix("stage."): spec})
+        tracker.set_tags({tag_name(key): spec})
         return FunctionReward(load_function(spec[len("fn:") :], key), policy_tokenizer), None
     source = resolve_source(spec, key, "rm", tracker)
     if source.location is None:

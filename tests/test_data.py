@@ -687,6 +687,17 @@ def test_length_grouped_batches_stay_whole_across_ranks_and_resume():
     assert list(shards[0]) == orders[0][8:]
 
 
+def test_data_module_groups_training_batches_by_the_collators_length():
+    items = [sft_features([1] * (1 + (i * 7) % 40), [2]) for i in range(64)]
+    collate = CausalLMCollator(0, multiple_of=1)
+    grouped = ExamplesDataModule({"train": items, "validation": items[:2]}, collate, 8, 2, seed=0, group_by_length=True)
+    plain = ExamplesDataModule({"train": items, "validation": items[:2]}, collate, 8, 2, seed=0)
+    padded = [sum(b["input_ids"].numel() for b in m.train_dataloader()) for m in (grouped, plain)]
+    assert padded[0] < 0.8 * padded[1]
+    seen = sorted(len(row) - row.count(0) for b in grouped.train_dataloader() for row in b["input_ids"].tolist())
+    assert seen == sorted(collate.length(i) for i in items)
+
+
 def _epoch(size, seed, epoch, rank, world):
     sampler = ResumableSampler(size, seed=seed, rank=rank, world_size=world)
     sampler.set_epoch(epoch)

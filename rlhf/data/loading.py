@@ -161,11 +161,13 @@ class ExamplesDataModule(pl.LightningDataModule):
         eval_batch_size: int,
         seed: int,
         num_workers: int = 0,
-        train_lengths: Sequence[int] | None = None,
+        group_by_length: bool = False,
     ):
+        """group_by_length: training batches of examples of similar length, measured by the collate
+        function's `length(example)` (see ResumableSampler)."""
         super().__init__()
         self.splits = splits
-        self.train_lengths = train_lengths  # given: batches of similar lengths (ResumableSampler)
+        self.group_by_length = group_by_length
         self.collate = collate
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
@@ -191,8 +193,9 @@ class ExamplesDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         rank, world = self._world()
         items = self.splits["train"]
+        lengths = [self.collate.length(item) for item in items] if self.group_by_length else None
         sampler = ResumableSampler(
-            len(items), self.seed, rank=rank, world_size=world, lengths=self.train_lengths, batch_size=self.batch_size
+            len(items), self.seed, rank=rank, world_size=world, lengths=lengths, batch_size=self.batch_size
         )
         self._train_loader = ResumableLoader(
             ListDataset(items),

@@ -131,6 +131,11 @@ class PairCollator:
         self.pad_token_id = pad_token_id
         self.multiple_of = multiple_of
 
+    @staticmethod
+    def length(feature: dict) -> int:
+        """The padded length this example asks of its batch."""
+        return max(len(feature["chosen"]), len(feature["rejected"]))
+
     def __call__(self, features: list[dict]) -> dict:
         ids = [f["chosen"] for f in features] + [f["rejected"] for f in features]
         return {
@@ -146,6 +151,11 @@ class CausalLMCollator:
     def __init__(self, pad_token_id: int, multiple_of: int = 8):
         self.pad_token_id = pad_token_id
         self.multiple_of = multiple_of
+
+    @staticmethod
+    def length(feature: dict) -> int:
+        """The padded length this example asks of its batch."""
+        return len(feature["input_ids"])
 
     def __call__(self, features: list[dict[str, list[int]]]) -> dict:
         ids = [f["input_ids"] for f in features]

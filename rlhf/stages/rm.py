@@ -132,9 +132,7 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
         eval_batch_size=stage.eval_batch_size,
         seed=run.seed,
         num_workers=run.data.num_workers,
-        train_lengths=[max(len(i["chosen"]), len(i["rejected"])) for i in data.splits["train"]]
-        if run.data.group_by_length
-        else None,
+        group_by_length=run.data.group_by_length,
     )
 
     def finish(trainer: pl.Trainer, output_dir: Path) -> dict[str, float]:

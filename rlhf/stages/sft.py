@@ -104,7 +104,7 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
         eval_batch_size=stage.eval_batch_size,
         seed=run.seed,
         num_workers=run.data.num_workers,
-        train_lengths=[len(item["input_ids"]) for item in data.splits["train"]] if run.data.group_by_length else None,
+        group_by_length=run.data.group_by_length,
     )
 
     def finish(trainer: pl.Trainer, output_dir: Path) -> dict[str, float]:

@@ -255,6 +255,10 @@ class RMStageConfig(StageConfig):
     # Where it starts: latest (the newest finished SFT run in this MLflow experiment), base, a local
     # directory, or runs:/<run_id>/model.
     init_from: str = "latest"
+    # Score a pair's chosen and rejected responses in one sequence over their common prefix (the
+    # prompt), each response attending only to the prefix and itself: the same scores, the prompt
+    # computed once (on the shipped pairs 1.7x fewer tokens). Used for a batch when it is smaller.
+    share_prefix: bool = True
     # Subtract each pair's margin (e.g. a rating gap) inside the Bradley-Terry loss.
     use_margin: bool = False
     # Weight of the reward-centering term mean((r_chosen + r_rejected)^2); ~0.01 keeps rewards near 0.

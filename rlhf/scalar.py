@@ -16,10 +16,31 @@ from rlhf.policy import position_ids
 PAD_TOKEN = "<|pad|>"
 
 
-def _hidden(model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _hidden(
+    model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor | None = None
+) -> torch.Tensor:
     inner = unwrap(model)
-    out = inner.base_model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
+    if positions is None:
+        positions = position_ids(mask)
+    if mask.dim() == 4:
+        mask = _attention_bias(inner, mask)
+    out = inner.base_model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False)
     return out.last_hidden_state
+
+
+def supports_attention_masks(model: torch.nn.Module) -> bool:
+    """Whether the model's attention takes an explicit (B, 1, T, T) mask (sdpa and eager do)."""
+    return getattr(unwrap(model).config, "_attn_implementation", None) in ("sdpa", "eager")
+
+
+def _attention_bias(model: PreTrainedModel, allowed: torch.Tensor) -> torch.Tensor:
+    """A (B, 1, T, T) boolean mask (True: attend) in the form the model's attention adds or applies."""
+    if model.config._attn_implementation == "eager":
+        dtype = model.dtype
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
+            ~allowed, torch.finfo(dtype).min
+        )
+    return allowed
 
 
 def _head(model: torch.nn.Module) -> torch.nn.Module:
@@ -45,6 +66,16 @@ def sequence_scores(model: torch.nn.Module, input_ids: torch.Tensor, mask: torch
 def token_scores(model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(B, T) the score at every position (a value model's per-token estimates), in float32."""
     return _head(model)(_hidden(model, input_ids, mask)).squeeze(-1).float()
+
+
+def pair_scores(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores of the chosen and of the rejected sequences of a PairCollator batch, in float32, from
+    one forward pass in either of its layouts."""
+    mask = batch.get("pair_mask", batch["attention_mask"])
+    hidden = _hidden(model, batch["input_ids"], mask, batch["position_ids"])
+    scores = _head(model)(hidden.flatten(0, 1)[batch["score_index"]]).squeeze(-1).float()
+    half = scores.shape[0] // 2
+    return scores[:half], scores[half:]
 
 
 def ensure_distinct_pad(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | None = None) -> bool:

@@ -24,7 +24,7 @@ from rlhf.data.formats import (
     prompts_of,
     sft_examples,
 )
-from rlhf.data.prepare import PairCollator
+from rlhf.data.prepare import PairCollator, common_prefix
 from rlhf.data.sources import load_source
 from rlhf.data.tokenize import ChatRenderer, encode_preferences, encode_prompts
 from rlhf.errors import DataError
@@ -36,7 +36,7 @@ from rlhf.plots import (
     expected_calibration_error,
     reward_histogram,
 )
-from rlhf.scalar import PAD_TOKEN, ensure_distinct_pad, last_index, sequence_scores, token_scores
+from rlhf.scalar import PAD_TOKEN, ensure_distinct_pad, last_index, pair_scores, sequence_scores, token_scores
 from rlhf.tasks import assistant
 
 ORIGIN, KEY = "prefs.jsonl", "data.preference"
@@ -495,6 +495,67 @@ def test_pair_collator_without_rounding_pads_to_the_longest():
     batch = PairCollator(3, multiple_of=1)([{"chosen": [1, 2], "rejected": [4, 5, 6], "margin": 0.0}])
     assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 5, 6]]
     assert batch["attention_mask"].tolist() == [[1, 1, 0], [1, 1, 1]]
+
+
+# Pairs sharing prompts of different lengths, a chosen response that is a prefix of the rejected one
+# and the other way round, and a pair with nothing in common.
+PAIRS = [
+    {"chosen": [5, 6, 7, 8, 9, 10], "rejected": [5, 6, 7, 11], "margin": 0.0},
+    {"chosen": [3, 4], "rejected": [3, 4, 12, 13, 14], "margin": 1.0},
+    {"chosen": [20, 21, 22, 23, 24, 25], "rejected": [20, 21, 22], "margin": 0.0},
+    {"chosen": [30, 31], "rejected": [32, 33, 34], "margin": 0.0},
+]
+
+
+def test_common_prefix():
+    assert common_prefix([1, 2, 3], [1, 2, 4, 5]) == 2
+    assert common_prefix([1, 2], [1, 2, 3]) == 2
+    assert common_prefix([7], [8]) == 0
+
+
+def test_pair_collator_shares_the_prefix_only_when_that_is_fewer_tokens():
+    shared = PairCollator(0, multiple_of=1, share_prefix=True)
+    batch = shared(PAIRS)
+    assert "pair_mask" in batch and batch["input_ids"].shape == (4, 7)  # 6 + 4 - 3 = 7 against 2 rows of 6
+    assert batch["attention_mask"].sum().item() == sum(len(f["chosen"]) + len(f["rejected"]) - common_prefix(f["chosen"], f["rejected"]) for f in PAIRS)
+    assert batch["input_ids"][0].tolist() == [5, 6, 7, 8, 9, 10, 11]
+    assert batch["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 5, 3]
+    assert shared.length(PAIRS[0]) == 7 and PairCollator(0).length(PAIRS[0]) == 6
+    nothing_shared = shared([PAIRS[3]])  # 5 tokens packed against 2 x 3 side by side: still packed
+    assert "pair_mask" in nothing_shared
+    equal_lengths = shared([{"chosen": [1, 2], "rejected": [3, 4], "margin": 0.0}])  # 4 against 4
+    assert "pair_mask" not in equal_lengths and equal_lengths["input_ids"].shape == (2, 2)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_shared_prefix_scores_and_gradients_equal_separate_sequences(attention):
+    scorer = tiny_scorer()
+    scorer.config._attn_implementation = attention
+    plain = PairCollator(0, multiple_of=8)(PAIRS)
+    packed = PairCollator(0, multiple_of=8, share_prefix=True)(PAIRS)
+    assert "pair_mask" in packed and "pair_mask" not in plain
+    results = []
+    for batch in (plain, packed):
+        scorer.zero_grad()
+        chosen, rejected = pair_scores(scorer, batch)
+        bradley_terry(chosen, rejected).backward()
+        results.append((chosen.detach(), rejected.detach(), [p.grad.clone() for p in scorer.parameters()]))
+    alone = [sequence_scores(scorer, torch.tensor([f[k]]), torch.ones(1, len(f[k]), dtype=torch.long)) for k in ("chosen", "rejected") for f in PAIRS]
+    (c1, r1, g1), (c2, r2, g2) = results
+    assert torch.allclose(torch.cat([c1, r1]), torch.cat(alone).detach(), atol=1e-5)
+    assert torch.allclose(c1, c2, atol=1e-5) and torch.allclose(r1, r2, atol=1e-5)
+    for a, b in zip(g1, g2):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+@torch.no_grad()
+def test_a_rejected_response_does_not_see_the_chosen_one():
+    scorer = tiny_scorer()
+    other = [{**PAIRS[0], "chosen": [5, 6, 7, 40, 41, 42]}]  # same prefix and rejected, chosen rest changed
+    first = pair_scores(scorer, PairCollator(0, share_prefix=True)(PAIRS[:1]))
+    second = pair_scores(scorer, PairCollator(0, share_prefix=True)(other))
+    assert not torch.allclose(first[0], second[0])
+    assert torch.allclose(first[1], second[1], atol=1e-6)
 
 
 # ---------------------------------------------------------------- loss

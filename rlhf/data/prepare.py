@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -124,24 +126,92 @@ def prepare_prompts(data: DataConfig, renderer: ChatRenderer, seed: int, max_new
     return prepared
 
 
-class PairCollator:
-    """Chosen sequences then rejected ones, right-padded into one batch for a single forward pass."""
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
-    def __init__(self, pad_token_id: int, multiple_of: int = 8):
+
+class PairCollator:
+    """Preference pairs as one batch for a single forward pass, in whichever of two layouts holds
+    fewer tokens:
+
+    - side by side: chosen rows then rejected rows, right-padded (2B rows);
+    - shared prefix (`share_prefix`): one row per pair, [common prefix, chosen rest, rejected rest],
+      where the rejected rest attends to the prefix and to itself but not to the chosen rest, and its
+      positions continue from the prefix, so each response is computed as it would be alone and the
+      prompt once. `pair_mask` (B, 1, W, W) holds that attention pattern (True: attend).
+
+    Either way `score_index` (2B,) gives, chosen first, where each sequence's score is read in the
+    flattened (rows x width) positions; `attention_mask` (rows, W) is 1 on real tokens and
+    `position_ids` counts each sequence's positions.
+    """
+
+    def __init__(self, pad_token_id: int, multiple_of: int = 8, share_prefix: bool = False):
         self.pad_token_id = pad_token_id
         self.multiple_of = multiple_of
+        self.share_prefix = share_prefix
 
-    @staticmethod
-    def length(feature: dict) -> int:
+    def length(self, feature: dict) -> int:
         """The padded length this example asks of its batch."""
-        return max(len(feature["chosen"]), len(feature["rejected"]))
+        chosen, rejected = feature["chosen"], feature["rejected"]
+        if self.share_prefix:
+            return len(chosen) + len(rejected) - common_prefix(chosen, rejected)
+        return max(len(chosen), len(rejected))
 
     def __call__(self, features: list[dict]) -> dict:
-        ids = [f["chosen"] for f in features] + [f["rejected"] for f in features]
+        margin = torch.tensor([f["margin"] for f in features], dtype=torch.float32)
+        side_by_side = [f["chosen"] for f in features] + [f["rejected"] for f in features]
+        round_up = lambda n: math.ceil(n / self.multiple_of) * self.multiple_of  # noqa: E731
+        plain_width = round_up(max(map(len, side_by_side)))
+        if self.share_prefix:
+            prefixes = [common_prefix(f["chosen"], f["rejected"]) for f in features]
+            packed_width = round_up(max(len(f["chosen"]) + len(f["rejected"]) - p for f, p in zip(features, prefixes)))
+            if packed_width * len(features) < plain_width * len(side_by_side):
+                return {**self._packed(features, prefixes, packed_width), "margin": margin}
+        mask = attention_mask(side_by_side, multiple_of=self.multiple_of)
+        ends = mask.sum(-1) - 1
         return {
-            "input_ids": pad(ids, self.pad_token_id, multiple_of=self.multiple_of),
-            "attention_mask": attention_mask(ids, multiple_of=self.multiple_of),
-            "margin": torch.tensor([f["margin"] for f in features], dtype=torch.float32),
+            "input_ids": pad(side_by_side, self.pad_token_id, multiple_of=self.multiple_of),
+            "attention_mask": mask,
+            "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
+            "score_index": torch.arange(len(side_by_side)) * mask.shape[1] + ends,
+            "margin": margin,
+        }
+
+    def _packed(self, features: list[dict], prefixes: list[int], width: int) -> dict:
+        rows = len(features)
+        ids = torch.full((rows, width), self.pad_token_id, dtype=torch.long)
+        positions = torch.zeros((rows, width), dtype=torch.long)
+        # Segment of each position: 0 prefix, 1 chosen rest, 2 rejected rest, 3 padding.
+        segment = torch.full((rows, width), 3, dtype=torch.long)
+        chosen_at, rejected_at = [], []
+        for row, (f, p) in enumerate(zip(features, prefixes)):
+            chosen, rejected = f["chosen"], f["rejected"]
+            c, r = len(chosen) - p, len(rejected) - p
+            ids[row, : p + c] = torch.as_tensor(chosen)
+            ids[row, p + c : p + c + r] = torch.as_tensor(rejected[p:], dtype=torch.long)
+            positions[row, : p + c] = torch.arange(p + c)
+            positions[row, p + c : p + c + r] = torch.arange(p, p + r)
+            segment[row, p : p + c], segment[row, p + c : p + c + r] = 1, 2
+            segment[row, :p] = 0
+            chosen_at.append(row * width + p + c - 1)
+            rejected_at.append(row * width + (p + c + r - 1 if r else p - 1))
+        query, key = segment[:, :, None], segment[:, None, :]
+        index = torch.arange(width)
+        causal = index[None, :] <= index[:, None]
+        allowed = causal & ((key == 0) | (key == query)) & (query != 3)
+        allowed |= torch.eye(width, dtype=torch.bool)  # padding attends to itself: no empty softmax rows
+        return {
+            "input_ids": ids,
+            "attention_mask": (segment != 3).long(),
+            "position_ids": positions,
+            "pair_mask": allowed[:, None],
+            "score_index": torch.tensor(chosen_at + rejected_at),
         }
 
 

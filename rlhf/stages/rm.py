@@ -25,7 +25,7 @@ from rlhf.lineage import resolve_source
 from rlhf.losses import bradley_terry, preference_accuracy
 from rlhf.policy import eos_ids, generate
 from rlhf.rewards import load_function
-from rlhf.scalar import ensure_distinct_pad, sequence_scores
+from rlhf.scalar import ensure_distinct_pad, pair_scores, sequence_scores, supports_attention_masks
 from rlhf.stages import StageJob
 from rlhf.tracking import Tracker
 from rlhf.training import Throughput
@@ -43,9 +43,7 @@ class RewardModule(pl.LightningModule):
         self.last_scores: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def _pair_scores(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = sequence_scores(self.model, batch["input_ids"], batch["attention_mask"])
-        half = scores.shape[0] // 2
-        return scores[:half], scores[half:]
+        return pair_scores(self.model, batch)
 
     def _loss(self, chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
         return bradley_terry(chosen, rejected, margin if self.stage.use_margin else None, self.stage.center_rewards)
@@ -127,7 +125,7 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
     module = RewardModule(model, stage)
     datamodule = ExamplesDataModule(
         data.splits,
-        PairCollator(tokenizer.pad_token_id),
+        PairCollator(tokenizer.pad_token_id, share_prefix=stage.share_prefix and supports_attention_masks(model)),
         batch_size=stage.batch_size,
         eval_batch_size=stage.eval_batch_size,
         seed=run.seed,

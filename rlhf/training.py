@@ -35,6 +35,14 @@ class RunLogger(MLFlowLogger):
         mlflow.flush_async_logging()
 
 
+def logs_this_step(trainer: pl.Trainer) -> bool:
+    """Whether the values logged in this training step reach the loggers (every
+    trainer.log_every_n_steps steps and the last). A step's self.log calls cost about as much as a
+    small model's step, so per-step values are logged only then; Lightning's own LearningRateMonitor
+    asks the same question the same way."""
+    return trainer._logger_connector.should_update_logs
+
+
 class Throughput(pl.Callback):
     """Logs how much work a second of training does (tokens/s, pairs/s, ...), over a sliding window.
 
@@ -56,6 +64,8 @@ class Throughput(pl.Callback):
         if self._batches == 1:
             return
         self.window.append((time.perf_counter() - self._start, self.count(batch)))
+        if not logs_this_step(trainer):
+            return
         seconds = sum(t for t, _ in self.window)
         totals: dict[str, float] = {}
         for _, counts in self.window:

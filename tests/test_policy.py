@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rlhf.policy import LinearCrossEntropy, LinearLogProbs
+from rlhf.policy import LinearCrossEntropy, LinearLogProbs, generate, sample_tokens
 
 
 def _inputs(rows=13, hidden=8, vocab=50, seed=0):
@@ -62,3 +62,60 @@ def test_linear_cross_entropy_matches_cross_entropy_with_gradients():
     expected = torch.autograd.grad(want * 2.0, (h, w))
     for got, exp in zip(grads, expected):
         torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def _tiny_lm(vocab=40):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, pad_token_id=0, eos_token_id=1,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+PROMPTS = [[5, 9, 17, 3, 8], [12, 4], [7, 7, 30, 2], [22]]
+
+
+def _hf_greedy(model, prompt, new_tokens):
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def test_greedy_generation_matches_transformers_and_stops_at_the_first_eos():
+    model = _tiny_lm()
+    plain = [_hf_greedy(model, p, 12) for p in PROMPTS]
+    # An EOS that some responses reach early and others never: rows leave the batch at different steps.
+    eos = plain[0][3]
+    responses = generate(model, PROMPTS, pad_token_id=0, eos_token_ids=[eos], max_new_tokens=12, do_sample=False)
+    for response, alone in zip(responses, plain):
+        end = alone.index(eos) + 1 if eos in alone else len(alone)
+        assert response == alone[:end]
+    assert len(responses[0]) == 4 and responses[0][-1] == eos
+    assert any(eos not in r and len(r) == 12 for r in responses)
+
+
+def test_sampling_is_reproducible_and_top_k_one_is_greedy():
+    model = _tiny_lm()
+    torch.manual_seed(3)
+    first = generate(model, PROMPTS, 0, [1], max_new_tokens=10, temperature=0.7)
+    torch.manual_seed(3)
+    again = generate(model, PROMPTS, 0, [1], max_new_tokens=10, temperature=0.7)
+    assert first == again
+    assert all(1 <= len(r) <= 10 and 1 not in r[:-1] for r in first)
+    greedy = generate(model, PROMPTS, 0, [1], max_new_tokens=10, do_sample=False)
+    assert generate(model, PROMPTS, 0, [1], max_new_tokens=10, top_k=1) == greedy
+    assert model.training is False
+
+
+def test_sample_tokens_draws_from_the_softmax():
+    torch.manual_seed(0)
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
+    scores = probs.clamp(min=1e-30).log().expand(20000, -1)
+    counts = torch.bincount(sample_tokens(scores), minlength=5).double() / 20000
+    torch.testing.assert_close(counts, probs.double(), atol=0.015, rtol=0)
+    assert counts[4] == 0

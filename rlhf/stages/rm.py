@@ -28,7 +28,7 @@ from rlhf.rewards import load_function
 from rlhf.scalar import ensure_distinct_pad, pair_scores, sequence_scores, supports_attention_masks
 from rlhf.stages import StageJob
 from rlhf.tracking import Tracker
-from rlhf.training import Throughput
+from rlhf.training import Throughput, logs_this_step
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,8 @@ class RewardModule(pl.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         chosen, rejected = self._pair_scores(batch)
         loss = self._loss(chosen, rejected, batch["margin"])
+        if not logs_this_step(self.trainer):
+            return loss
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
         self.log("train/accuracy", preference_accuracy(chosen, rejected), on_step=True, on_epoch=False, prog_bar=True)
         self.log("train/margin", (chosen - rejected).mean(), on_step=True, on_epoch=False)

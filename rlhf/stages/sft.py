@@ -19,7 +19,7 @@ from rlhf.lineage import resolve_source
 from rlhf.policy import completion_loss, eos_ids, generate
 from rlhf.stages import StageJob
 from rlhf.tracking import Tracker
-from rlhf.training import Throughput
+from rlhf.training import Throughput, logs_this_step
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,8 @@ class SFTModule(pl.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss_sum, tokens = completion_loss(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
         loss = loss_sum / tokens.clamp(min=1)
+        if not logs_this_step(self.trainer):
+            return loss
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss

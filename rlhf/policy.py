@@ -285,20 +285,21 @@ def generate(
         warpers.append(TopPLogitsWarper(top_p))
     stops = torch.tensor(sorted(set(eos_token_ids)), device=device)
     cache = DynamicCache(config=unwrap(model).config)
+    head = _plain_linear_head(model)
     rows = torch.arange(len(prompt_ids), device=device)  # the prompt each batch row belongs to
     responses: list[list[int]] = [[] for _ in prompt_ids]
     was_training = model.training
     model.eval()
     try:
-        for step in range(max_new_tokens):
-            logits = model(
-                input_ids=inputs,
-                attention_mask=mask,
-                position_ids=positions,
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            ).logits[:, -1]
+        for index in range(max_new_tokens):
+            step = dict(input_ids=inputs, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+            if head is None:
+                logits = model(**step, logits_to_keep=1).logits[:, -1]
+            else:
+                last = unwrap(model).base_model(**step).last_hidden_state[:, -1]
+                # weight @ last.T rather than last @ weight.T: the same products, but CPU BLAS runs a
+                # few rows against a 49k-row matrix up to 4x faster in this orientation.
+                logits = (head.weight @ last.T).T.contiguous()
             if do_sample:
                 scores = logits.float() / temperature if temperature != 1.0 else logits.float()
                 for warp in warpers:
@@ -309,7 +310,7 @@ def generate(
             for row, token in zip(rows.tolist(), tokens.tolist()):
                 responses[row].append(token)
             going = ~torch.isin(tokens, stops)
-            if step == max_new_tokens - 1 or not going.any():
+            if index == max_new_tokens - 1 or not going.any():
                 break
             if not going.all():
                 keep = going.nonzero().squeeze(-1)

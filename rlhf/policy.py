@@ -283,7 +283,7 @@ def generate(
         warpers.append(TopKLogitsWarper(top_k))
     if do_sample and top_p < 1.0:
         warpers.append(TopPLogitsWarper(top_p))
-    stops = torch.tensor(sorted(set(eos_token_ids)), device=device)
+    stops = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long, device=device)
     cache = DynamicCache(config=unwrap(model).config)
     head = _plain_linear_head(model)
     rows = torch.arange(len(prompt_ids), device=device)  # the prompt each batch row belongs to

@@ -166,11 +166,12 @@ class PairCollator:
     def __call__(self, features: list[dict]) -> dict:
         margin = torch.tensor([f["margin"] for f in features], dtype=torch.float32)
         side_by_side = [f["chosen"] for f in features] + [f["rejected"] for f in features]
-        round_up = lambda n: math.ceil(n / self.multiple_of) * self.multiple_of  # noqa: E731
-        plain_width = round_up(max(map(len, side_by_side)))
+        plain_width = self._round_up(max(map(len, side_by_side)))
         if self.share_prefix:
             prefixes = [common_prefix(f["chosen"], f["rejected"]) for f in features]
-            packed_width = round_up(max(len(f["chosen"]) + len(f["rejected"]) - p for f, p in zip(features, prefixes)))
+            packed_width = self._round_up(
+                max(len(f["chosen"]) + len(f["rejected"]) - p for f, p in zip(features, prefixes))
+            )
             if packed_width * len(features) < plain_width * len(side_by_side):
                 return {**self._packed(features, prefixes, packed_width), "margin": margin}
         mask = attention_mask(side_by_side, multiple_of=self.multiple_of)
@@ -182,6 +183,9 @@ class PairCollator:
             "score_index": torch.arange(len(side_by_side)) * mask.shape[1] + ends,
             "margin": margin,
         }
+
+    def _round_up(self, length: int) -> int:
+        return math.ceil(length / self.multiple_of) * self.multiple_of
 
     def _packed(self, features: list[dict], prefixes: list[int], width: int) -> dict:
         rows = len(features)

@@ -12,16 +12,11 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from rlhf.data.loading import attention_mask, pad
+from rlhf.data.loading import attention_mask, pad, position_ids
 from rlhf.models import unwrap
 
 # Config fields of architectures that transform logits after the head; those take the plain path.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
-
-
-def position_ids(mask: torch.Tensor) -> torch.Tensor:
-    """Positions counted over real tokens only, so left padding does not shift them."""
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def _fast_head(model: torch.nn.Module) -> bool:
@@ -284,7 +279,8 @@ def generate(
     if do_sample and top_p < 1.0:
         warpers.append(TopPLogitsWarper(top_p))
     stops = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long, device=device)
-    cache = DynamicCache(config=unwrap(model).config)
+    inner = unwrap(model)
+    cache = DynamicCache(config=inner.config)
     head = _plain_linear_head(model)
     rows = torch.arange(len(prompt_ids), device=device)  # the prompt each batch row belongs to
     responses: list[list[int]] = [[] for _ in prompt_ids]
@@ -296,7 +292,7 @@ def generate(
             if head is None:
                 logits = model(**step, logits_to_keep=1).logits[:, -1]
             else:
-                last = unwrap(model).base_model(**step).last_hidden_state[:, -1]
+                last = inner.base_model(**step).last_hidden_state[:, -1]
                 # weight @ last.T rather than last @ weight.T: the same products, but CPU BLAS runs a
                 # few rows against a 49k-row matrix up to 4x faster in this orientation.
                 logits = (head.weight @ last.T).T.contiguous()

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from rlhf.data.loading import position_ids
 from rlhf.models import unwrap
-from rlhf.policy import position_ids
 
 PAD_TOKEN = "<|pad|>"
 

@@ -20,11 +20,12 @@ from rlhf.data.formats import (
     PreferencePair,
     SFTExample,
     check_format,
+    common_prefix,
     preference_pairs,
     prompts_of,
     sft_examples,
 )
-from rlhf.data.prepare import PairCollator, common_prefix
+from rlhf.data.prepare import PairCollator
 from rlhf.data.sources import load_source
 from rlhf.data.tokenize import ChatRenderer, encode_preferences, encode_prompts
 from rlhf.errors import DataError

@@ -19,7 +19,7 @@ A prompt or response is either a string (plain text) or a list of {"role", "cont
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -186,6 +186,16 @@ def _hh_messages(text: str) -> list[Message] | None:
     return messages
 
 
+def common_prefix(a: Sequence, b: Sequence) -> int:
+    """Length of the longest common prefix of two sequences (strings, message or token lists)."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def _split_implicit(chosen: Text, rejected: Text, where: str) -> tuple[Text, Text, Text]:
     """Shared beginning -> prompt. Message lists split at the first differing message; HH transcripts
     become messages; other strings split after the shared text, at a word boundary."""
@@ -194,9 +204,7 @@ def _split_implicit(chosen: Text, rejected: Text, where: str) -> tuple[Text, Tex
         if hh_c and hh_r:
             chosen, rejected = hh_c, hh_r
     if isinstance(chosen, list) and isinstance(rejected, list):
-        shared = 0
-        while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
-            shared += 1
+        shared = common_prefix(chosen, rejected)
         # The prompt ends with the last non-assistant turn of the shared part.
         while shared > 0 and chosen[shared - 1]["role"] == "assistant":
             shared -= 1
@@ -204,9 +212,7 @@ def _split_implicit(chosen: Text, rejected: Text, where: str) -> tuple[Text, Tex
             raise DataError(f"{where}: chosen and rejected share no prompt turn")
         return chosen[:shared], chosen[shared:], rejected[shared:]
     if isinstance(chosen, str) and isinstance(rejected, str):
-        shared = 0
-        while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
-            shared += 1
+        shared = common_prefix(chosen, rejected)
         cut = max(chosen.rfind(" ", 0, shared), chosen.rfind("\n", 0, shared)) + 1 if shared < len(chosen) else shared
         if cut <= 0:
             raise DataError(f"{where}: chosen and rejected share no prompt text")

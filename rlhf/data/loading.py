@@ -38,6 +38,11 @@ def attention_mask(sequences: Sequence[Sequence[int]], left: bool = False, multi
     return pad([[1] * len(s) for s in sequences], 0, left=left, multiple_of=multiple_of)
 
 
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, so left padding does not shift them."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 class ListDataset(Dataset):
     def __init__(self, items: Sequence[Any]):
         self.items = items

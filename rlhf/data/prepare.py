@@ -5,14 +5,13 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from rlhf.config import DataConfig
-from rlhf.data.formats import DataStats, preference_pairs, prompts_of, sft_examples
-from rlhf.data.loading import attention_mask, pad
+from rlhf.data.formats import DataStats, common_prefix, preference_pairs, prompts_of, sft_examples
+from rlhf.data.loading import attention_mask, pad, position_ids
 from rlhf.data.sources import load_source
 from rlhf.data.tokenize import (
     IGNORE_INDEX,
@@ -126,16 +125,6 @@ def prepare_prompts(data: DataConfig, renderer: ChatRenderer, seed: int, max_new
     return prepared
 
 
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the longest common prefix of two token lists."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 class PairCollator:
     """Preference pairs as one batch for a single forward pass, in whichever of two layouts holds
     fewer tokens:
@@ -179,7 +168,7 @@ class PairCollator:
         return {
             "input_ids": pad(side_by_side, self.pad_token_id, multiple_of=self.multiple_of),
             "attention_mask": mask,
-            "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
+            "position_ids": position_ids(mask),
             "score_index": torch.arange(len(side_by_side)) * mask.shape[1] + ends,
             "margin": margin,
         }

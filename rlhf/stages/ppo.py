@@ -19,12 +19,12 @@ import torch
 
 from rlhf import models, optim, rl
 from rlhf.config import PPOStageConfig, RunConfig
-from rlhf.data.loading import ExamplesDataModule, attention_mask, pad
+from rlhf.data.loading import ExamplesDataModule, attention_mask, pad, position_ids
 from rlhf.data.prepare import prepare_prompts
 from rlhf.data.tokenize import ChatRenderer
 from rlhf.errors import ConfigError
 from rlhf.lineage import resolve_source
-from rlhf.policy import eos_ids, generate, join_prompt_response, position_ids, response_logprobs
+from rlhf.policy import eos_ids, generate, join_prompt_response, response_logprobs
 from rlhf.rewards import RewardSource, load_function, load_reward
 from rlhf.scalar import token_scores
 from rlhf.stages import StageJob

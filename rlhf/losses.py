@@ -29,3 +29,19 @@ def bradley_terry(
 def preference_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
     """Share of pairs ranked the right way (a tie counts as half)."""
     return ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).mean()
+
+
+def gold_order_agreement(
+    chosen: torch.Tensor, rejected: torch.Tensor, gold_order: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Over the pairs a gold annotator decides (gold_order +1: chosen better, -1: rejected better,
+    0: a tie, left out): (accuracy of the scores against the gold ordering, share of labels that agree
+    with it). The second is the label accuracy a model that recovered the gold ordering would score,
+    the ceiling that label noise puts on `preference_accuracy`. None when no pair is decided."""
+    decided = gold_order != 0
+    if not decided.any():
+        return None
+    gold_first = gold_order[decided] > 0
+    chosen, rejected = chosen[decided], rejected[decided]
+    better, worse = torch.where(gold_first, chosen, rejected), torch.where(gold_first, rejected, chosen)
+    return preference_accuracy(better, worse), gold_first.float().mean()

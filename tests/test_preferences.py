@@ -29,7 +29,7 @@ from rlhf.data.prepare import PairCollator
 from rlhf.data.sources import load_source
 from rlhf.data.tokenize import ChatRenderer, encode_preferences, encode_prompts
 from rlhf.errors import DataError
-from rlhf.losses import bradley_terry, preference_accuracy
+from rlhf.losses import bradley_terry, gold_order_agreement, preference_accuracy
 from rlhf.plots import (
     calibration_figure,
     calibration_table,
@@ -492,6 +492,18 @@ def test_pair_collator_puts_chosen_rows_first_and_masks_only_padding():
     assert batch["margin"].tolist() == [0.5, 0.0, 2.0]
 
 
+@pytest.mark.parametrize("share_prefix", [False, True])
+def test_pair_collator_passes_the_gold_order_through_either_layout(share_prefix):
+    features = [
+        {"chosen": [1, 2, 3, 4, 5, 6], "rejected": [1, 2, 3, 4, 5, 7], "margin": 0.0, "gold_order": 1.0},
+        {"chosen": [1, 2, 3, 4, 5, 8], "rejected": [1, 2, 3, 4, 5, 9, 9], "margin": 0.0, "gold_order": -1.0},
+    ]
+    batch = PairCollator(0, multiple_of=1, share_prefix=share_prefix)(features)
+    assert ("pair_mask" in batch) == share_prefix
+    assert batch["gold_order"].tolist() == [1.0, -1.0]
+    assert "gold_order" not in PairCollator(0)([{k: f[k] for k in ("chosen", "rejected", "margin")} for f in features])
+
+
 def test_pair_collator_without_rounding_pads_to_the_longest():
     batch = PairCollator(3, multiple_of=1)([{"chosen": [1, 2], "rejected": [4, 5, 6], "margin": 0.0}])
     assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 5, 6]]
@@ -605,6 +617,18 @@ def test_preference_accuracy_counts_ties_as_half():
     chosen = torch.tensor([1.0, 0.0, 2.0, 3.0])
     rejected = torch.tensor([0.0, 0.0, 3.0, 1.0])
     assert preference_accuracy(chosen, rejected).item() == pytest.approx(0.625)
+
+
+def test_gold_order_agreement_by_hand():
+    chosen = torch.tensor([1.0, 0.0, 2.0, 3.0, 5.0])
+    rejected = torch.tensor([0.0, 1.0, 3.0, 1.0, 5.0])
+    # Pair 2's label is flipped against the gold order, pair 3 is a gold tie (left out).
+    gold_order = torch.tensor([1.0, -1.0, -1.0, 0.0, 1.0])
+    accuracy, label_agreement = gold_order_agreement(chosen, rejected, gold_order)
+    # Against gold: pair 0 right, 1 right (rejected scored higher), 2 right, 4 a score tie (half).
+    assert accuracy.item() == pytest.approx(3.5 / 4)
+    assert label_agreement.item() == pytest.approx(2 / 4)
+    assert gold_order_agreement(chosen, rejected, torch.zeros(5)) is None
 
 
 # ---------------------------------------------------------------- scoring at the last real token

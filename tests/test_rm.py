@@ -24,8 +24,11 @@ def test_rm_run_names_its_sft_run_and_learns(sft_rm):
     assert rm.data.tags["rlhf.job_num"] == "1" and rm.data.tags["rlhf.sweep_dir"]
     metrics = rm.data.metrics
     for key in ("train/loss", "train/accuracy", "val/accuracy", "val/margin", "val/reward_mean", "val/reward_std",
-                "test/accuracy", "test/calibration_error", "perf/pairs_per_s", "gold/agreement"):
+                "test/accuracy", "test/calibration_error", "perf/pairs_per_s", "gold/agreement",
+                "val/gold_accuracy", "test/gold_accuracy", "test/label_gold_agreement"):
         assert key in metrics, key
+    # The shipped task flips 10% of its labels: about 90% of the 300 test labels agree with the gold order.
+    assert 0.84 < metrics["test/label_gold_agreement"] < 0.96, metrics["test/label_gold_agreement"]
     # Even the tiny random model separates the shipped preferences after 24 steps.
     assert metrics["test/accuracy"] > 0.6, metrics["test/accuracy"]
 

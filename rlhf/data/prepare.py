@@ -32,7 +32,8 @@ class Prepared:
 
     splits: dict[str, list]
     stats: dict[str, float] = field(default_factory=dict)
-    # Raw prompts and references per split, for sample generations and evaluation.
+    # Raw prompts and references per split, for sample generations and evaluation: SFT references
+    # are completions, preference references (chosen, rejected) texts.
     prompts: dict[str, list] = field(default_factory=dict)
     references: dict[str, list] = field(default_factory=dict)
 
@@ -86,6 +87,7 @@ def prepare_preferences(data: DataConfig, renderer: ChatRenderer, seed: int) -> 
         )
         prepared.splits[split] = features
         prepared.prompts[split] = [pairs[i].prompt for i in kept]
+        prepared.references[split] = [(pairs[i].chosen, pairs[i].rejected) for i in kept]
         _report("preference", split, len(features), stats, prepared.stats)
         if not features:
             raise DataError(f"data.preference: {source.origin}: no usable pairs left ({dict(stats.counts)})")
@@ -137,7 +139,8 @@ class PairCollator:
 
     Either way `score_index` (2B,) gives, chosen first, where each sequence's score is read in the
     flattened (rows x width) positions; `attention_mask` (rows, W) is 1 on real tokens and
-    `position_ids` counts each sequence's positions.
+    `position_ids` counts each sequence's positions. Per pair: `margin`, and `gold_order` when the
+    features carry one (+1: a gold annotator prefers chosen, -1: rejected, 0: tie).
     """
 
     def __init__(self, pad_token_id: int, multiple_of: int = 8, share_prefix: bool = False):
@@ -153,7 +156,9 @@ class PairCollator:
         return max(len(chosen), len(rejected))
 
     def __call__(self, features: list[dict]) -> dict:
-        margin = torch.tensor([f["margin"] for f in features], dtype=torch.float32)
+        per_pair = {"margin": torch.tensor([f["margin"] for f in features], dtype=torch.float32)}
+        if "gold_order" in features[0]:
+            per_pair["gold_order"] = torch.tensor([f["gold_order"] for f in features], dtype=torch.float32)
         side_by_side = [f["chosen"] for f in features] + [f["rejected"] for f in features]
         plain_width = self._round_up(max(map(len, side_by_side)))
         if self.share_prefix:
@@ -162,7 +167,7 @@ class PairCollator:
                 max(len(f["chosen"]) + len(f["rejected"]) - p for f, p in zip(features, prefixes))
             )
             if packed_width * len(features) < plain_width * len(side_by_side):
-                return {**self._packed(features, prefixes, packed_width), "margin": margin}
+                return {**self._packed(features, prefixes, packed_width), **per_pair}
         mask = attention_mask(side_by_side, multiple_of=self.multiple_of)
         ends = mask.sum(-1) - 1
         return {
@@ -170,7 +175,7 @@ class PairCollator:
             "attention_mask": mask,
             "position_ids": position_ids(mask),
             "score_index": torch.arange(len(side_by_side)) * mask.shape[1] + ends,
-            "margin": margin,
+            **per_pair,
         }
 
     def _round_up(self, length: int) -> int:

@@ -19,10 +19,10 @@ from rlhf import models, optim, plots
 from rlhf.config import RMStageConfig, RunConfig
 from rlhf.data.formats import prompt_text
 from rlhf.data.loading import ExamplesDataModule, attention_mask, pad
-from rlhf.data.prepare import PairCollator, prepare_preferences
+from rlhf.data.prepare import PairCollator, Prepared, prepare_preferences
 from rlhf.data.tokenize import ChatRenderer, encode_prompts
 from rlhf.lineage import resolve_source
-from rlhf.losses import bradley_terry, preference_accuracy
+from rlhf.losses import bradley_terry, gold_order_agreement, preference_accuracy
 from rlhf.policy import eos_ids, generate
 from rlhf.rewards import load_function
 from rlhf.scalar import ensure_distinct_pad, pair_scores, sequence_scores, supports_attention_masks
@@ -61,13 +61,14 @@ class RewardModule(pl.LightningModule):
 
     def _eval_step(self, batch: dict, split: str) -> None:
         chosen, rejected = self._pair_scores(batch)
+        gold_order = batch.get("gold_order", torch.zeros_like(batch["margin"]))
         store = self._scores.setdefault(split, [])
-        store.append(torch.stack([chosen, rejected, batch["margin"]], dim=1).detach())
+        store.append(torch.stack([chosen, rejected, batch["margin"], gold_order], dim=1).detach())
 
     def _eval_epoch_end(self, split: str, prefix: str) -> None:
-        rows = torch.cat(self._scores.pop(split, [torch.empty(0, 3, device=self.device)]))
-        rows = self.all_gather(rows).reshape(-1, 3)  # every rank's pairs
-        chosen, rejected, margin = rows[:, 0], rows[:, 1], rows[:, 2]
+        rows = torch.cat(self._scores.pop(split, [torch.empty(0, 4, device=self.device)]))
+        rows = self.all_gather(rows).reshape(-1, 4)  # every rank's pairs
+        chosen, rejected, margin, gold_order = rows.unbind(1)
         both = torch.cat([chosen, rejected])
         metrics = {
             f"{prefix}/loss": self._loss(chosen, rejected, margin),
@@ -76,6 +77,9 @@ class RewardModule(pl.LightningModule):
             f"{prefix}/reward_mean": both.mean(),
             f"{prefix}/reward_std": both.std(),
         }
+        gold = gold_order_agreement(chosen, rejected, gold_order)
+        if gold is not None:
+            metrics[f"{prefix}/gold_accuracy"], metrics[f"{prefix}/label_gold_agreement"] = gold
         self.log_dict({k: v.float() for k, v in metrics.items()}, prog_bar=False, sync_dist=True)
         self.last_scores[split] = (chosen.float().cpu().numpy(), rejected.float().cpu().numpy())
 
@@ -110,8 +114,10 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
     source = resolve_source(stage.init_from, "stage.init_from", "sft", tracker)
     tokenizer = models.load_tokenizer(run.model, source.location)
     renderer = ChatRenderer(tokenizer, run.data.chat_template)
-    gold = load_function(run.data.gold_reward, "data.gold_reward") if run.data.gold_reward and stage.gold_eval_prompts else None
+    gold = load_function(run.data.gold_reward, "data.gold_reward") if run.data.gold_reward else None
     data = prepare_preferences(run.data, renderer, run.seed)
+    if gold is not None:
+        _attach_gold_order(data, gold)
     tracker.log_metrics(data.stats)
     model = models.load_scalar_model(run.model, source.location, tokenizer.pad_token_id, seed=run.seed)
     if ensure_distinct_pad(tokenizer, model):
@@ -151,13 +157,26 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
         (model_dir / "reward_stats.json").write_text(json.dumps({**stats, "split": "validation"}, indent=2))
         split = "test" if "test" in module.last_scores else "validation"
         extra = _log_calibration(module.last_scores[split], split, stage.calibration_bins, tracker)
-        if gold is not None:
+        if gold is not None and stage.gold_eval_prompts:
             prompts = data.prompts.get("test") or data.prompts["validation"]
             extra.update(_gold_agreement(module.model, tokenizer, renderer, prompts, gold, run, source.location, tracker))
         tracker.log_metrics(extra, step=trainer.global_step)
         return {**metrics, **extra}
 
     return StageJob(module, datamodule, finish, callbacks=[Throughput(_count_pairs)])
+
+
+def _attach_gold_order(data: Prepared, gold) -> None:
+    """Mark each held-out pair with the gold annotator's order of its two responses, so evaluation
+    reports accuracy against the gold ordering beside accuracy against the (noisy) labels."""
+    for split in ("validation", "test"):
+        if split not in data.splits:
+            continue
+        prompts = [prompt_text(p) for p in data.prompts[split]]
+        chosen, rejected = ([prompt_text(text) for text in texts] for texts in zip(*data.references[split]))
+        order = np.sign(np.asarray(gold(prompts, chosen), dtype=float) - np.asarray(gold(prompts, rejected), dtype=float))
+        for feature, sign in zip(data.splits[split], order.tolist(), strict=True):
+            feature["gold_order"] = sign
 
 
 def _log_calibration(scores: tuple[np.ndarray, np.ndarray], split: str, bins: int, tracker: Tracker) -> dict[str, float]:

@@ -93,7 +93,8 @@ class ModelReward(RewardSource):
 
 
 class FunctionReward(RewardSource):
-    """A function of (prompt texts, response texts), e.g. a task's gold annotator."""
+    """A function of (prompt texts, response texts), e.g. a task's gold annotator. Message lists are
+    passed as the text of their last message."""
 
     def __init__(self, function: RewardFunction, tokenizer):
         super().__init__(tokenizer)
@@ -102,7 +103,7 @@ class FunctionReward(RewardSource):
     def score_texts(self, prompts, responses) -> list[float]:
         from rlhf.data.formats import prompt_text
 
-        scores = self.function([prompt_text(p) for p in prompts], list(responses))
+        scores = self.function([prompt_text(p) for p in prompts], [prompt_text(r) for r in responses])
         if len(scores) != len(responses):
             raise ValueError(f"the reward function returned {len(scores)} scores for {len(responses)} responses")
         return [float(s) for s in scores]

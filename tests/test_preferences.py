@@ -622,7 +622,7 @@ def test_preference_accuracy_counts_ties_as_half():
 def test_gold_order_agreement_by_hand():
     chosen = torch.tensor([1.0, 0.0, 2.0, 3.0, 5.0])
     rejected = torch.tensor([0.0, 1.0, 3.0, 1.0, 5.0])
-    # Pair 2's label is flipped against the gold order, pair 3 is a gold tie (left out).
+    # Pairs 1 and 2 have their labels flipped against the gold order, pair 3 is a gold tie (left out).
     gold_order = torch.tensor([1.0, -1.0, -1.0, 0.0, 1.0])
     accuracy, label_agreement = gold_order_agreement(chosen, rejected, gold_order)
     # Against gold: pair 0 right, 1 right (rejected scored higher), 2 right, 4 a score tie (half).

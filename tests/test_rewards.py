@@ -64,3 +64,10 @@ def test_function_reward_checks_the_number_of_scores(tokenizer):
     broken = FunctionReward(lambda prompts, responses: [1.0], tokenizer)
     with pytest.raises(ValueError, match="returned 1 scores for 3 responses"):
         broken.score_texts(PROMPTS, RESPONSES)
+
+
+def test_function_reward_passes_message_lists_as_their_last_message(tokenizer):
+    seen = []
+    reward = FunctionReward(lambda prompts, responses: seen.extend(zip(prompts, responses)) or [0.0], tokenizer)
+    reward.score_texts([[{"role": "user", "content": "Hi?"}]], [[{"role": "assistant", "content": "Hello."}]])
+    assert seen == [("Hi?", "Hello.")]

@@ -24,7 +24,7 @@ from rlhf.data.tokenize import ChatRenderer, encode_prompts
 from rlhf.lineage import resolve_source
 from rlhf.losses import bradley_terry, gold_order_agreement, preference_accuracy
 from rlhf.policy import eos_ids, generate
-from rlhf.rewards import load_function
+from rlhf.rewards import FunctionReward, load_function
 from rlhf.scalar import ensure_distinct_pad, pair_scores, sequence_scores, supports_attention_masks
 from rlhf.stages import StageJob
 from rlhf.tracking import Tracker
@@ -114,7 +114,9 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
     source = resolve_source(stage.init_from, "stage.init_from", "sft", tracker)
     tokenizer = models.load_tokenizer(run.model, source.location)
     renderer = ChatRenderer(tokenizer, run.data.chat_template)
-    gold = load_function(run.data.gold_reward, "data.gold_reward") if run.data.gold_reward else None
+    gold = None
+    if run.data.gold_reward:
+        gold = FunctionReward(load_function(run.data.gold_reward, "data.gold_reward"), tokenizer)
     data = prepare_preferences(run.data, renderer, run.seed)
     if gold is not None:
         _attach_gold_order(data, gold)
@@ -166,15 +168,15 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
     return StageJob(module, datamodule, finish, callbacks=[Throughput(_count_pairs)])
 
 
-def _attach_gold_order(data: Prepared, gold) -> None:
+def _attach_gold_order(data: Prepared, gold: FunctionReward) -> None:
     """Mark each held-out pair with the gold annotator's order of its two responses, so evaluation
     reports accuracy against the gold ordering beside accuracy against the (noisy) labels."""
     for split in ("validation", "test"):
         if split not in data.splits:
             continue
-        prompts = [prompt_text(p) for p in data.prompts[split]]
-        chosen, rejected = ([prompt_text(text) for text in texts] for texts in zip(*data.references[split]))
-        order = np.sign(np.asarray(gold(prompts, chosen), dtype=float) - np.asarray(gold(prompts, rejected), dtype=float))
+        prompts = data.prompts[split]
+        chosen, rejected = zip(*data.references[split])
+        order = np.sign(np.subtract(gold.score_texts(prompts, chosen), gold.score_texts(prompts, rejected)))
         for feature, sign in zip(data.splits[split], order.tolist(), strict=True):
             feature["gold_order"] = sign
 
@@ -215,7 +217,7 @@ def _gold_agreement(reward_model, tokenizer, renderer, prompts, gold, run: RunCo
         )
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
     as_str = [prompt_text(p) for p in prompts for _ in range(2)]
-    gold_scores = np.asarray(gold(as_str, texts), dtype=float)
+    gold_scores = np.asarray(gold.score_texts(as_str, texts), dtype=float)
     sequences = [p + r for p, r in zip(doubled, responses)]
     reward_model.eval()
     rm_scores = (

@@ -9,15 +9,19 @@ run would, and trains bench.warmup + bench.steps steps with Lightning on a fixed
 bench.batch_size sequences of bench.length random tokens, every token trained; RM, that many pairs
 of such sequences; PPO, the configured prompts with a rollout batch of bench.batch_size
 (bench.synthetic=0 trains SFT and RM on the configured data instead). It prints throughput, peak
-memory, PPO's time split, and model FLOPs utilisation: 6 x parameters x tokens/s over this
-machine's fp32 matmul rate, measured in the same process before and after the workload (the higher
-of the two: a shared machine's rate drifts, and a single low reading would inflate the utilisation).
-MLflow tracking is included (it is part of what a step costs); tracking=none leaves it out.
+memory, PPO's time split, and model FLOPs utilisation (MFU): the step's matrix work (`FlopCount`)
+per second over this machine's fp32 matmul rate. The machine is shared and its rate drifts (single
+products of the same size range over 1.5x within a minute), so the rate is sampled before, between
+and after the timed steps (outside their timing): `mfu` divides by the median reading, the rate the
+workload's own products met while it ran; `mfu_of_peak` by the highest reading, a burst the
+workload cannot sustain. MLflow tracking is included (it is part of what a step costs); tracking=none
+leaves it out.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -36,17 +40,95 @@ register_configs()
 SETTINGS = {"steps": 5, "warmup": 1, "batch_size": 8, "length": 256, "synthetic": 1}
 
 
-def matmul_rate(size: int = 2048, repeats: int = 8) -> float:
-    """This machine's fp32 matrix-multiply rate in FLOP/s (best of `repeats`, after a warm-up)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    for _ in range(2):
-        a @ b
-    best = 0.0
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = max(best, 2 * size**3 / (time.perf_counter() - start))
-    return best
+class MatmulRate(pl.Callback):
+    """Samples this machine's fp32 matrix-multiply rate (FLOP/s of one size x size product): a burst
+    before and after the workload, and a pair of products after a timed step whenever `interval`
+    seconds have passed since the last sample (after the step's timing ends: callbacks run in order)."""
+
+    def __init__(self, warmup: int, size: int = 2048, interval: float = 2.0):
+        self.warmup, self.interval = warmup, interval
+        self.a, self.b = torch.randn(size, size), torch.randn(size, size)
+        self.readings: list[float] = []
+        self._last = 0.0
+
+    def sample(self, repeats: int) -> None:
+        self.a @ self.b  # warm caches and threads
+        for _ in range(repeats):
+            start = time.perf_counter()
+            self.a @ self.b
+            self.readings.append(2 * self.a.shape[0] ** 3 / (time.perf_counter() - start))
+        self._last = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step > self.warmup and time.perf_counter() - self._last >= self.interval:
+            self.sample(2)
+
+    @property
+    def sustained(self) -> float:
+        return statistics.median(self.readings)
+
+    @property
+    def peak(self) -> float:
+        return max(self.readings)
+
+
+@dataclass(frozen=True)
+class FlopCount:
+    """The matrix work of a training step, counted from its batch.
+
+    Per token through the body's weight matrices: 2 FLOPs per weight forward, 2 for the gradient of
+    its input, 2 more for the gradient of the weight when it trains (6 in full fine-tuning, about 4
+    under LoRA). The LM head, when the stage uses one, costs the same per weight on trained tokens
+    only. Attention's two products (scores and weighted values) cost 4 x width forward and 8 x width
+    backward per attended (query, key) pair per layer, the pairs a causal or shared-prompt mask allows.
+    """
+
+    body: int
+    body_trainable: int
+    head: int
+    head_trainable: int
+    layers: int
+    attention_width: int
+
+    @classmethod
+    def of(cls, model: torch.nn.Module, lm_head: bool) -> FlopCount:
+        from rlhf.models import unwrap
+
+        inner = unwrap(model)
+        config = inner.config
+        embedding = inner.get_input_embeddings().weight
+        output = inner.get_output_embeddings() if lm_head else None
+        head = [output.weight] if output is not None else []
+        excluded = {id(embedding), *(id(p) for p in head)}
+        body = [p for p in model.parameters() if id(p) not in excluded]
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return cls(
+            body=sum(p.numel() for p in body),
+            body_trainable=sum(p.numel() for p in body if p.requires_grad),
+            head=sum(p.numel() for p in head),
+            head_trainable=sum(p.numel() for p in head if p.requires_grad),
+            layers=config.num_hidden_layers,
+            attention_width=config.num_attention_heads * head_dim,
+        )
+
+    def step(self, batch: dict) -> float:
+        tokens = float(batch["attention_mask"].sum())
+        trained = float((batch["labels"] != -100).sum()) if "labels" in batch and self.head else 0.0
+        return (
+            (4 * self.body + 2 * self.body_trainable) * tokens
+            + (4 * self.head + 2 * self.head_trainable) * trained
+            + 12 * self.layers * self.attention_width * attended_pairs(batch)
+        )
+
+
+def attended_pairs(batch: dict) -> float:
+    """(query, key) pairs the batch's attention computes: causal within each sequence, or as the
+    shared-prompt `pair_mask` allows (padding excluded)."""
+    real = batch["attention_mask"].bool()
+    if "pair_mask" in batch:
+        return float((batch["pair_mask"][:, 0] & real[:, :, None]).sum())
+    lengths = real.sum(-1).double()
+    return float((lengths * (lengths + 1) / 2).sum())
 
 
 @dataclass
@@ -95,8 +177,7 @@ class Workload:
 
     unit: str  # what throughput counts: tokens, pairs, episodes
     count: Callable[[dict], float]
-    # Parameters doing matrix work per token (for MFU); None: no MFU (PPO mixes several models).
-    flop_parameters: int | None
+    flops: FlopCount | None  # None: no MFU (PPO mixes several models and generation)
 
 
 def _random_ids(generator: torch.Generator, length: int, vocab: int) -> list[int]:
@@ -104,8 +185,6 @@ def _random_ids(generator: torch.Generator, length: int, vocab: int) -> list[int
 
 
 def _sft_workload(job, run, settings) -> Workload:
-    from rlhf.models import count_parameters
-
     if settings["synthetic"]:
         generator = torch.Generator().manual_seed(run.seed)
         vocab = job.module.model.config.vocab_size
@@ -114,11 +193,11 @@ def _sft_workload(job, run, settings) -> Workload:
             ids = _random_ids(generator, settings["length"], vocab)
             items.append({"input_ids": ids, "labels": [-100, *ids[1:]]})  # every token trained
         job.datamodule.splits["train"] = items * (run.trainer["max_steps"] + 1)
-    return Workload("tokens", _tokens, count_parameters(job.module.model))
+    return Workload("tokens", _tokens, FlopCount.of(job.module.model, lm_head=True))
 
 
 def _rm_workload(job, run, settings) -> Workload:
-    from rlhf.models import count_parameters, unwrap
+    from rlhf.models import unwrap
 
     model = unwrap(job.module.model)
     if settings["synthetic"]:
@@ -133,9 +212,8 @@ def _rm_workload(job, run, settings) -> Workload:
             for _ in range(settings["batch_size"])
         ]
         job.datamodule.splits["train"] = items * (run.trainer["max_steps"] + 1)
-    # The backbone without its embedding lookup, which does no matrix work.
-    matrix_parameters = count_parameters(model) - model.get_input_embeddings().weight.numel()
-    return Workload("pairs", lambda batch: float(batch["margin"].shape[0]), matrix_parameters)
+    flops = FlopCount.of(job.module.model, lm_head=False)
+    return Workload("pairs", lambda batch: float(batch["margin"].shape[0]), flops)
 
 
 def _ppo_workload(job, run, settings) -> Workload:
@@ -168,7 +246,8 @@ def _bench(cfg: DictConfig) -> None:
         if cfg.stage.name == "ppo":
             cfg.stage.rollout.batch_size = settings["batch_size"]
     run = validate(cfg)
-    rate_before = matmul_rate()
+    rate = MatmulRate(settings["warmup"])
+    rate.sample(8)
     tracker = start_tracker(run, job_info())
     with recorded(tracker):
         job = get_stage(run.stage.name)(run, tracker)
@@ -177,13 +256,17 @@ def _bench(cfg: DictConfig) -> None:
             job.datamodule.batch_size = settings["batch_size"]
         timer = StepTimer(settings["warmup"], workload.count)
         tokens = StepTimer(settings["warmup"], _tokens)
+        flops = StepTimer(settings["warmup"], workload.flops.step if workload.flops else lambda batch: 0.0)
         split = PPOTimeSplit(settings["warmup"])
-        callbacks = [*job.callbacks, timer, tokens] + ([split] if run.stage.name == "ppo" else [])
+        # The rate is sampled last, after the timers have stopped.
+        callbacks = (
+            [*job.callbacks, timer, tokens, flops] + ([split] if run.stage.name == "ppo" else []) + [rate]
+        )
         trainer = build_trainer(
             run, tracker, run.output_dir, callbacks, manual_optimization=not job.module.automatic_optimization
         )
         trainer.fit(job.module, datamodule=job.datamodule)
-        rate = max(rate_before, matmul_rate())
+        rate.sample(8)
         timing = timer.timing
         if run.stage.name == "ppo":
             described = f"{run.data.name} prompts, rollout batch {settings['batch_size']}"
@@ -198,13 +281,16 @@ def _bench(cfg: DictConfig) -> None:
             "steps_timed": timing.steps,
             "step_time_s": round(timing.seconds / timing.steps, 3),
             f"{workload.unit}_per_s": round(timing.units / timing.seconds, 2),
-            "matmul_gflops": round(rate / 1e9, 1),
+            "matmul_gflops": round(rate.sustained / 1e9, 1),
+            "matmul_gflops_peak": round(rate.peak / 1e9, 1),
         }
         if tokens.timing.units:
             figures["tokens_per_s"] = round(tokens.timing.units / tokens.timing.seconds, 1)
-        if workload.flop_parameters is not None:
-            figures["flop_parameters"] = workload.flop_parameters
-            figures["mfu"] = round(6 * workload.flop_parameters * figures["tokens_per_s"] / rate, 3)
+        if workload.flops is not None:
+            achieved = flops.timing.units / flops.timing.seconds
+            figures["model_gflops"] = round(achieved / 1e9, 1)
+            figures["mfu"] = round(achieved / rate.sustained, 3)
+            figures["mfu_of_peak"] = round(achieved / rate.peak, 3)
         if run.stage.name == "ppo":
             figures.update(split.averages())
         figures.update({k: round(v, 1) for k, v in peak_memory().items()})

@@ -112,7 +112,7 @@ class FlopCount:
         )
 
     def step(self, batch: dict) -> float:
-        tokens = float(batch["attention_mask"].sum())
+        tokens = _tokens(batch)
         trained = float((batch["labels"] != -100).sum()) if "labels" in batch and self.head else 0.0
         return (
             (4 * self.body + 2 * self.body_trainable) * tokens
@@ -131,18 +131,13 @@ def attended_pairs(batch: dict) -> float:
     return float((lengths * (lengths + 1) / 2).sum())
 
 
-@dataclass
-class Timing:
-    seconds: float = 0.0
-    units: float = 0.0
-    steps: int = 0
-
-
 class StepTimer(pl.Callback):
-    """Times whole training steps after the warm-up ones, counting `count(batch)` units."""
+    """Times whole training steps after the warm-up ones, adding up each `counts[name](batch)`."""
 
-    def __init__(self, warmup: int, count: Callable[[dict], float]):
-        self.warmup, self.count, self.timing = warmup, count, Timing()
+    def __init__(self, warmup: int, counts: dict[str, Callable[[dict], float]]):
+        self.warmup, self.counts = warmup, counts
+        self.seconds, self.steps = 0.0, 0
+        self.totals = dict.fromkeys(counts, 0.0)
         self._start = 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -150,9 +145,13 @@ class StepTimer(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step > self.warmup:
-            self.timing.seconds += time.perf_counter() - self._start
-            self.timing.units += self.count(batch)
-            self.timing.steps += 1
+            self.seconds += time.perf_counter() - self._start
+            self.steps += 1
+            for name, count in self.counts.items():
+                self.totals[name] += count(batch)
+
+    def per_second(self, name: str) -> float:
+        return self.totals[name] / self.seconds
 
 
 class PPOTimeSplit(pl.Callback):
@@ -254,20 +253,18 @@ def _bench(cfg: DictConfig) -> None:
         workload = WORKLOADS[run.stage.name](job, run, settings)
         if run.stage.name != "ppo":
             job.datamodule.batch_size = settings["batch_size"]
-        timer = StepTimer(settings["warmup"], workload.count)
-        tokens = StepTimer(settings["warmup"], _tokens)
-        flops = StepTimer(settings["warmup"], workload.flops.step if workload.flops else lambda batch: 0.0)
+        counts = {workload.unit: workload.count, "tokens": _tokens}
+        if workload.flops is not None:
+            counts["flops"] = workload.flops.step
+        timer = StepTimer(settings["warmup"], counts)
         split = PPOTimeSplit(settings["warmup"])
-        # The rate is sampled last, after the timers have stopped.
-        callbacks = (
-            [*job.callbacks, timer, tokens, flops] + ([split] if run.stage.name == "ppo" else []) + [rate]
-        )
+        # The rate is sampled last, after the timer has stopped.
+        callbacks = [*job.callbacks, timer] + ([split] if run.stage.name == "ppo" else []) + [rate]
         trainer = build_trainer(
             run, tracker, run.output_dir, callbacks, manual_optimization=not job.module.automatic_optimization
         )
         trainer.fit(job.module, datamodule=job.datamodule)
         rate.sample(8)
-        timing = timer.timing
         if run.stage.name == "ppo":
             described = f"{run.data.name} prompts, rollout batch {settings['batch_size']}"
         elif settings["synthetic"]:
@@ -278,16 +275,16 @@ def _bench(cfg: DictConfig) -> None:
             "stage": run.stage.name,
             "model": run.model.name,
             "workload": described,
-            "steps_timed": timing.steps,
-            "step_time_s": round(timing.seconds / timing.steps, 3),
-            f"{workload.unit}_per_s": round(timing.units / timing.seconds, 2),
+            "steps_timed": timer.steps,
+            "step_time_s": round(timer.seconds / timer.steps, 3),
+            f"{workload.unit}_per_s": round(timer.per_second(workload.unit), 2),
             "matmul_gflops": round(rate.sustained / 1e9, 1),
             "matmul_gflops_peak": round(rate.peak / 1e9, 1),
         }
-        if tokens.timing.units:
-            figures["tokens_per_s"] = round(tokens.timing.units / tokens.timing.seconds, 1)
+        if timer.totals["tokens"]:
+            figures["tokens_per_s"] = round(timer.per_second("tokens"), 1)
         if workload.flops is not None:
-            achieved = flops.timing.units / flops.timing.seconds
+            achieved = timer.per_second("flops")
             figures["model_gflops"] = round(achieved / 1e9, 1)
             figures["mfu"] = round(achieved / rate.sustained, 3)
             figures["mfu_of_peak"] = round(achieved / rate.peak, 3)

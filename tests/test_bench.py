@@ -56,6 +56,16 @@ def test_flop_count_of_frozen_weights_leaves_out_their_gradient():
     assert count.step(batch) == (6 * count.body - 2 * frozen) * 4 + 12 * 2 * 16 * 6
 
 
+def test_flop_count_under_lora_trains_only_the_adapters():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(LlamaForCausalLM(_config()), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    count = FlopCount.of(model, lm_head=True)
+    adapters = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    assert count.body_trainable == adapters and count.head_trainable == 0
+    assert count.head == 100 * 16 and count.body == FlopCount.of(LlamaForCausalLM(_config()), lm_head=True).body + adapters
+
+
 def test_bench_prints_throughput_and_utilisation_against_sampled_rates(tmp_path):
     args = ["stage=rm", "model=tiny", "stage.init_from=base", "bench.synthetic=0", "bench.steps=3", "tracking=none"]
     result = subprocess.run(
@@ -73,12 +83,3 @@ def test_bench_prints_throughput_and_utilisation_against_sampled_rates(tmp_path)
     assert 0 < figures["mfu_of_peak"] <= figures["mfu"]
     assert figures["model_gflops"] > 0
 
-
-def test_flop_count_under_lora_trains_only_the_adapters():
-    from peft import LoraConfig, get_peft_model
-
-    model = get_peft_model(LlamaForCausalLM(_config()), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
-    count = FlopCount.of(model, lm_head=True)
-    adapters = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
-    assert count.body_trainable == adapters and count.head_trainable == 0
-    assert count.head == 100 * 16 and count.body == FlopCount.of(LlamaForCausalLM(_config()), lm_head=True).body + adapters

@@ -172,6 +172,9 @@ def build_trainer(
             )
         )
     trainer_args = dict(run.trainer)
+    limit = getattr(run.stage, "limit_eval_batches", None)
+    if limit is not None:
+        trainer_args.setdefault("limit_val_batches", limit)
     if manual_optimization:
         trainer_args.pop("gradient_clip_val", None)
         if trainer_args.pop("accumulate_grad_batches", 1) != 1:

@@ -103,6 +103,10 @@ class SourceConfig:
     columns: dict[str, str] = field(default_factory=dict)
     # Use at most this many training records (null: all).
     max_samples: int | None = None
+    # Preference data: also report held-out accuracy per value of this record column (e.g. a
+    # category or subset column): metrics test/accuracy/<value>, val/accuracy/<value>. null: a
+    # shipped task's own column (category for task:assistant), none for other data.
+    slice_by: str | None = None
 
     def problems(self) -> list[tuple[str, str]]:
         out = []
@@ -259,6 +263,10 @@ class RMStageConfig(StageConfig):
     # prompt), each response attending only to the prefix and itself: the same scores, the prompt
     # computed once (on the shipped pairs 1.7x fewer tokens). Used for a batch when it is smaller.
     share_prefix: bool = True
+    # Keep all pairs of one record (a ranking, a prompt's ratings or thumbs) together as one example:
+    # each response is scored once for all its pairs (with share_prefix, the prompt too), and
+    # batch_size counts records. Off: every pair is its own example. No effect on plain pairs.
+    group_by_record: bool = True
     # Subtract each pair's margin (e.g. a rating gap) inside the Bradley-Terry loss.
     use_margin: bool = False
     # Weight of the reward-centering term mean((r_chosen + r_rejected)^2); ~0.01 keeps rewards near 0.

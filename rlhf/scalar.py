@@ -69,13 +69,12 @@ def token_scores(model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Te
 
 
 def pair_scores(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scores of the chosen and of the rejected sequences of a PairCollator batch, in float32, from
-    one forward pass in either of its layouts."""
+    """Scores of the preferred and of the other response of every pair of a PairCollator batch, in
+    float32, from one forward pass in either of its layouts (each response scored once)."""
     mask = batch.get("pair_mask", batch["attention_mask"])
     hidden = _hidden(model, batch["input_ids"], mask, batch["position_ids"])
     scores = _head(model)(hidden.flatten(0, 1)[batch["score_index"]]).squeeze(-1).float()
-    half = scores.shape[0] // 2
-    return scores[:half], scores[half:]
+    return scores[batch["pair_index"][:, 0]], scores[batch["pair_index"][:, 1]]
 
 
 def ensure_distinct_pad(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | None = None) -> bool:

@@ -25,7 +25,7 @@ from rlhf.data.formats import (
     prompts_of,
     sft_examples,
 )
-from rlhf.data.prepare import PairCollator
+from rlhf.data.prepare import PairCollator, as_comparisons, group_comparisons
 from rlhf.data.sources import load_source
 from rlhf.data.tokenize import ChatRenderer, encode_preferences, encode_prompts
 from rlhf.errors import DataError
@@ -403,6 +403,38 @@ def test_every_feedback_shape_of_the_task_agrees_with_the_gold_annotator(kind):
         assert all(p.margin == 0 for p in pairs)
 
 
+def test_pairs_carry_their_records_slice_in_every_shape():
+    rows = {
+        "pairs": [{"prompt": "Q?", "chosen": "Yes.", "rejected": "No.", "topic": "a"}],
+        # Values that are not strings are reported as strings.
+        "rankings": [
+            {"prompt": "Q?", "responses": ["x", "y", "z"], "ranking": [2, 0, 1], "topic": 1},
+            {"prompt": "R?", "responses": ["u", "v"], "ranking": [0, 1], "topic": 7},
+        ],
+        "ratings": [{"prompt": "Q?", "responses": ["x", "y", "z"], "ratings": [1, 3, 3], "topic": "a"}],
+        "thumbs": [
+            {"prompt": "Q?", "completion": "up", "label": True, "topic": "a"},
+            {"prompt": "Q?", "completion": "down", "label": False, "topic": "a"},
+            {"prompt": "R?", "completion": "down", "label": False, "topic": "b"},
+            {"prompt": "R?", "completion": "up", "label": True, "topic": "b"},
+        ],
+    }
+    expected = {"pairs": ["a"], "rankings": ["1", "1", "1", "7"], "ratings": ["a", "a"], "thumbs": ["a", "b"]}
+    for shape, records in rows.items():
+        pairs = preference_pairs(table(records), shape, ORIGIN, KEY, False, stats(), slice_by="topic")
+        assert [p.slice for p in pairs] == expected[shape], shape
+    assert pairs_of(rows["pairs"])[0].slice is None
+
+
+def test_slicing_by_a_missing_column_names_it_and_the_columns():
+    rows = [{"prompt": "Q?", "chosen": "Y", "rejected": "N"}]
+    with pytest.raises(DataError) as err:
+        preference_pairs(table(rows), "auto", ORIGIN, KEY, False, stats(), slice_by="categroy")
+    message = str(err.value)
+    assert message.startswith(f"{ORIGIN}: {KEY}.slice_by: no column 'categroy'")
+    assert "(columns: chosen, prompt, rejected)" in message and f"{KEY}.slice_by=null" in message
+
+
 # ---------------------------------------------------------------- tokenised pairs
 
 
@@ -472,7 +504,7 @@ def test_long_response_is_truncated_and_counted(renderer, tokenizer):
 # ---------------------------------------------------------------- batches of pairs
 
 
-def test_pair_collator_puts_chosen_rows_first_and_masks_only_padding():
+def test_pair_collator_puts_each_pair_in_two_rows_and_masks_only_padding():
     pad_id = 0
     features = [
         {"chosen": [5, 6, 7], "rejected": [8, 9], "margin": 0.5},
@@ -483,7 +515,8 @@ def test_pair_collator_puts_chosen_rows_first_and_masks_only_padding():
     ids, mask = batch["input_ids"], batch["attention_mask"]
     assert ids.shape == (6, 8)
     assert mask.shape == (6, 8)
-    rows = [f["chosen"] for f in features] + [f["rejected"] for f in features]
+    rows = [seq for f in features for seq in (f["chosen"], f["rejected"])]
+    assert batch["pair_index"].tolist() == [[0, 1], [2, 3], [4, 5]]
     for row, seq in enumerate(rows):
         assert ids[row, : len(seq)].tolist() == seq
         assert ids[row, len(seq) :].tolist() == [pad_id] * (8 - len(seq))
@@ -493,21 +526,24 @@ def test_pair_collator_puts_chosen_rows_first_and_masks_only_padding():
 
 
 @pytest.mark.parametrize("share_prefix", [False, True])
-def test_pair_collator_passes_the_gold_order_through_either_layout(share_prefix):
+def test_pair_collator_passes_gold_order_and_slice_through_either_layout(share_prefix):
     features = [
-        {"chosen": [1, 2, 3, 4, 5, 6], "rejected": [1, 2, 3, 4, 5, 7], "margin": 0.0, "gold_order": 1.0},
-        {"chosen": [1, 2, 3, 4, 5, 8], "rejected": [1, 2, 3, 4, 5, 9, 9], "margin": 0.0, "gold_order": -1.0},
+        {"chosen": [1, 2, 3, 4, 5, 6], "rejected": [1, 2, 3, 4, 5, 7], "margin": 0.0, "gold_order": 1.0, "slice": 2},
+        {"chosen": [1, 2, 3, 4, 5, 8], "rejected": [1, 2, 3, 4, 5, 9, 9], "margin": 0.0, "gold_order": -1.0, "slice": 0},
     ]
     batch = PairCollator(0, multiple_of=1, share_prefix=share_prefix)(features)
     assert ("pair_mask" in batch) == share_prefix
     assert batch["gold_order"].tolist() == [1.0, -1.0]
-    assert "gold_order" not in PairCollator(0)([{k: f[k] for k in ("chosen", "rejected", "margin")} for f in features])
+    assert batch["slice"].tolist() == [2.0, 0.0]
+    plain = PairCollator(0)([{k: f[k] for k in ("chosen", "rejected", "margin")} for f in features])
+    assert "gold_order" not in plain and "slice" not in plain
 
 
 def test_pair_collator_without_rounding_pads_to_the_longest():
     batch = PairCollator(3, multiple_of=1)([{"chosen": [1, 2], "rejected": [4, 5, 6], "margin": 0.0}])
     assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 5, 6]]
     assert batch["attention_mask"].tolist() == [[1, 1, 0], [1, 1, 1]]
+    assert batch["score_index"].tolist() == [1, 5] and batch["pair_index"].tolist() == [[0, 1]]
 
 
 # Pairs sharing prompts of different lengths, a chosen response that is a prefix of the rejected one
@@ -540,6 +576,14 @@ def test_pair_collator_shares_the_prefix_only_when_that_is_fewer_tokens():
     assert "pair_mask" not in equal_lengths and equal_lengths["input_ids"].shape == (2, 2)
 
 
+def scores_and_gradients(scorer, batch):
+    """(preferred scores, other scores, parameter gradients of the Bradley-Terry loss) of a batch."""
+    scorer.zero_grad()
+    better, worse = pair_scores(scorer, batch)
+    bradley_terry(better, worse).backward()
+    return better.detach(), worse.detach(), [p.grad.clone() for p in scorer.parameters()]
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_shared_prefix_scores_and_gradients_equal_separate_sequences(attention):
     scorer = tiny_scorer()
@@ -547,12 +591,7 @@ def test_shared_prefix_scores_and_gradients_equal_separate_sequences(attention):
     plain = PairCollator(0, multiple_of=8)(PAIRS)
     packed = PairCollator(0, multiple_of=8, share_prefix=True)(PAIRS)
     assert "pair_mask" in packed and "pair_mask" not in plain
-    results = []
-    for batch in (plain, packed):
-        scorer.zero_grad()
-        chosen, rejected = pair_scores(scorer, batch)
-        bradley_terry(chosen, rejected).backward()
-        results.append((chosen.detach(), rejected.detach(), [p.grad.clone() for p in scorer.parameters()]))
+    results = [scores_and_gradients(scorer, batch) for batch in (plain, packed)]
     alone = [sequence_scores(scorer, torch.tensor([f[k]]), torch.ones(1, len(f[k]), dtype=torch.long)) for k in ("chosen", "rejected") for f in PAIRS]
     (c1, r1, g1), (c2, r2, g2) = results
     assert torch.allclose(torch.cat([c1, r1]), torch.cat(alone).detach(), atol=1e-5)
@@ -569,6 +608,53 @@ def test_a_rejected_response_does_not_see_the_chosen_one():
     second = pair_scores(scorer, PairCollator(0, share_prefix=True)(other))
     assert not torch.allclose(first[0], second[0])
     assert torch.allclose(first[1], second[1], atol=1e-6)
+
+
+# A ranking of three responses to prompt [1, 2] (best first: [1, 2, 7, 8], [1, 2, 5], [1, 2, 6, 6]) as
+# the three pair features the data layer gives, plus a pair from another record.
+RANKED = [
+    {"chosen": [1, 2, 7, 8], "rejected": [1, 2, 5], "margin": 0.0, "gold_order": 1.0, "slice": 1, "record": 3},
+    {"chosen": [1, 2, 7, 8], "rejected": [1, 2, 6, 6], "margin": 0.5, "gold_order": 1.0, "slice": 1, "record": 3},
+    {"chosen": [9, 9, 4], "rejected": [9, 9, 3], "margin": 0.0, "gold_order": -1.0, "slice": 0, "record": 5},
+    {"chosen": [1, 2, 5], "rejected": [1, 2, 6, 6], "margin": 0.0, "gold_order": 0.0, "slice": 1, "record": 3},
+]
+
+
+def test_group_comparisons_lists_each_response_once_per_record():
+    ranking, other = group_comparisons(RANKED)
+    assert ranking == {
+        "responses": [[1, 2, 7, 8], [1, 2, 5], [1, 2, 6, 6]],
+        "pairs": [(0, 1), (0, 2), (1, 2)],
+        "margin": [0.0, 0.5, 0.0],
+        "gold_order": [1.0, 1.0, 0.0],
+        "slice": [1, 1, 1],
+    }
+    assert other["responses"] == [[9, 9, 4], [9, 9, 3]] and other["pairs"] == [(0, 1)]
+    assert as_comparisons(RANKED[2])["responses"] == other["responses"]
+
+
+@pytest.mark.parametrize("share_prefix", [False, True])
+def test_grouped_batch_scores_every_pair_as_the_ungrouped_one(share_prefix):
+    """A ranking's three pairs from its three responses, prompt once: the same scores and gradients as
+    the three pairs scored separately (six sequences)."""
+    scorer = tiny_scorer()
+    collate = PairCollator(0, multiple_of=1, share_prefix=share_prefix)
+    grouped = collate(group_comparisons(RANKED))
+    ungrouped = collate(RANKED)
+    assert len(grouped["score_index"]) == 5 and len(ungrouped["score_index"]) == 8
+    assert ("pair_mask" in grouped) == share_prefix
+    if share_prefix:  # [1, 2 | 7, 8 | 5 | 6, 6] and [9, 9 | 4 | 3]
+        assert grouped["input_ids"][0].tolist() == [1, 2, 7, 8, 5, 6, 6]
+        assert grouped["position_ids"][0].tolist() == [0, 1, 2, 3, 2, 2, 3]
+    assert grouped["pair_index"].tolist() == [[0, 1], [0, 2], [1, 2], [3, 4]]
+    results = [scores_and_gradients(scorer, batch) for batch in (grouped, ungrouped)]
+    (b1, w1, g1), (b2, w2, g2) = results
+    order = [0, 1, 3, 2]  # the grouped batch lists the other record's pair last
+    assert torch.allclose(b1, b2[order], atol=1e-5) and torch.allclose(w1, w2[order], atol=1e-5)
+    for a, b in zip(g1, g2):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert grouped["margin"].tolist() == [0.0, 0.5, 0.0, 0.0]
+    assert collate.length(group_comparisons(RANKED)[0]) == (7 if share_prefix else 4)
 
 
 # ---------------------------------------------------------------- loss

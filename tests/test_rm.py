@@ -33,6 +33,20 @@ def test_rm_run_names_its_sft_run_and_learns(sft_rm):
     assert metrics["test/accuracy"] > 0.6, metrics["test/accuracy"]
 
 
+def test_rm_reports_held_out_accuracy_per_slice(sft_rm):
+    """The shipped pairs are sliced by their category: each category's test pairs get their own label
+    and gold accuracy, and the overall accuracy lies between the categories'."""
+    _, _, _, rm = sft_rm
+    metrics = rm.data.metrics
+    slices = ("arithmetic", "facts", "unsafe")
+    for name in slices:
+        for key in ("test/accuracy", "test/gold_accuracy", "test/label_gold_agreement", "val/accuracy"):
+            assert f"{key}/{name}" in metrics, f"{key}/{name}"
+    overall = metrics["test/accuracy"]
+    per_slice = [metrics[f"test/accuracy/{name}"] for name in slices]
+    assert min(per_slice) - 1e-6 <= overall <= max(per_slice) + 1e-6, (overall, per_slice)
+
+
 def test_rm_logs_plots_and_samples(sft_rm):
     _, client, _, rm = sft_rm
     plots = {a.path for a in client.list_artifacts(rm.info.run_id, "plots")}
@@ -93,3 +107,17 @@ def test_malformed_preference_rows_name_the_row(tmp_path, cli):
                  "tracking=none", check=False)
     assert result.returncode == 2
     assert f"rlhf: error: {data}: row 2: 'ranking' must be a permutation of 0..2" in result.stderr
+
+
+def test_rm_on_rankings_scores_each_records_pairs_together(tmp_path, cli, mlflow_client):
+    """stage.group_by_record (the default): a ranking of four is one example of six pairs, so two
+    validation batches of 32 rankings score 384 pairs; learning still works on the grouped batches."""
+    cli("experiment=smoke", "stage=rm", "stage.init_from=base", "data.preference.path=task:assistant/rankings",
+        "stage.gold_eval_prompts=0", "trainer.max_steps=12", "stage.batch_size=4")
+    (run,) = runs_of(mlflow_client, "smoke", "rm")
+    assert run.info.status == "FINISHED"
+    stats = json.loads((Path(run.data.tags["rlhf.output_dir"]) / "model" / "reward_stats.json").read_text())
+    assert stats["pairs"] == 2 * 32 * 6, stats
+    metrics = run.data.metrics
+    assert metrics["test/accuracy"] > 0.6, metrics["test/accuracy"]
+    assert metrics["perf/pairs_per_s"] > 0 and "test/gold_accuracy/unsafe" in metrics

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from rlhf.errors import DataError
@@ -52,6 +52,10 @@ class PreferencePair:
     rejected: Text
     # How much more chosen is preferred (e.g. a rating gap); 0 for plain pairs.
     margin: float = 0.0
+    # The record's value of the column evaluation is sliced by (data.preference.slice_by), if any.
+    slice: str | None = None
+    # Which record it came from (a ranking, ratings or a prompt's thumbs give several pairs each).
+    record: int = field(default=0, compare=False)
 
 
 @dataclass
@@ -236,14 +240,25 @@ def _index_list(value: Any, size: int, field: str, where: str) -> list:
 
 
 def preference_pairs(
-    records: Any, fmt: str, origin: str, key: str, strict: bool, stats: DataStats
+    records: Any, fmt: str, origin: str, key: str, strict: bool, stats: DataStats, slice_by: str | None = None
 ) -> list[PreferencePair]:
-    """Canonical preference pairs from any supported feedback shape (see the module docstring)."""
-    fmt = check_format(fmt, records.column_names, PREFERENCE_FORMATS, origin, key)
-    pairs: list[PreferencePair] = []
-    thumbs: dict[str, tuple[Text, list[Text], list[Text]]] = {}
+    """Canonical preference pairs from any supported feedback shape (see the module docstring).
 
-    def add(prompt: Text, chosen: Text, rejected: Text, where: str, margin: float = 0.0) -> None:
+    Each pair carries the index of its record (for thumbs: the prompt's first row) and, with
+    `slice_by`, the record's value of that column as a string.
+    """
+    fmt = check_format(fmt, records.column_names, PREFERENCE_FORMATS, origin, key)
+    if slice_by is not None and slice_by not in records.column_names:
+        columns = ", ".join(sorted(c for c in records.column_names if c != "__row__"))
+        raise DataError(
+            f"{origin}: {key}.slice_by: no column {slice_by!r} (columns: {columns}); "
+            f"name one of them or set {key}.slice_by=null"
+        )
+    pairs: list[PreferencePair] = []
+    thumbs: dict[str, tuple[Text, list[Text], list[Text], int]] = {}
+    slices: list[str | None] = []  # per record
+
+    def add(prompt: Text, chosen: Text, rejected: Text, where: str, record: int, margin: float = 0.0) -> None:
         reason = None
         if is_blank(chosen) or is_blank(rejected):
             reason = "empty_response"
@@ -254,20 +269,21 @@ def preference_pairs(
                 raise DataError(f"{where}: {reason.replace('_', ' ')} (data.strict=true)")
             stats.add(reason)
             return
-        pairs.append(PreferencePair(prompt, chosen, rejected, margin))
+        pairs.append(PreferencePair(prompt, chosen, rejected, margin, slices[record], record))
 
     for index, row in enumerate(records):
         where = row_name(origin, row, index)
+        slices.append(None if slice_by is None else str(row[slice_by]))
         if fmt == "implicit_pairs":
             prompt, chosen, rejected = _split_implicit(
                 as_text(row["chosen"], "chosen", where), as_text(row["rejected"], "rejected", where), where
             )
-            add(prompt, chosen, rejected, where)
+            add(prompt, chosen, rejected, where, index)
         elif fmt == "pairs":
             prompt = as_text(row["prompt"], "prompt", where)
             chosen = _strip_prompt(prompt, as_text(row["chosen"], "chosen", where))
             rejected = _strip_prompt(prompt, as_text(row["rejected"], "rejected", where))
-            add(prompt, chosen, rejected, where)
+            add(prompt, chosen, rejected, where, index)
         elif fmt in ("rankings", "ratings"):
             prompt = as_text(row["prompt"], "prompt", where)
             responses = row["responses"]
@@ -280,7 +296,7 @@ def preference_pairs(
                     raise DataError(f"{where}: 'ranking' must be a permutation of 0..{len(responses) - 1}")
                 for better, i in enumerate(order):
                     for j in order[better + 1 :]:
-                        add(prompt, responses[i], responses[j], where)
+                        add(prompt, responses[i], responses[j], where, index)
             else:
                 ratings = _index_list(row["ratings"], len(responses), "ratings", where)
                 for i in range(len(responses)):
@@ -290,21 +306,22 @@ def preference_pairs(
                         if i < j and ratings[i] == ratings[j]:
                             stats.add("tied_ratings")
                         elif ratings[i] > ratings[j]:
-                            add(prompt, responses[i], responses[j], where, margin=float(ratings[i] - ratings[j]))
+                            add(prompt, responses[i], responses[j], where, index, float(ratings[i] - ratings[j]))
         else:  # thumbs: group by prompt, pair every up with every down
             prompt = as_text(row["prompt"], "prompt", where)
             label = row["label"]
             if not isinstance(label, bool):
                 raise DataError(f"{where}: field 'label' must be true (thumbs up) or false (thumbs down)")
-            group = thumbs.setdefault(repr(prompt), (prompt, [], []))
+            # A prompt's thumbs are one record: the first row of the prompt stands for it.
+            group = thumbs.setdefault(repr(prompt), (prompt, [], [], index))
             group[1 if label else 2].append(as_text(row["completion"], "completion", where))
-    for prompt, ups, downs in thumbs.values():
+    for prompt, ups, downs, record in thumbs.values():
         if not ups or not downs:
             stats.add("thumbs_without_opposite")
             continue
         for up in ups:
             for down in downs:
-                add(prompt, up, down, f"{origin}: prompt {prompt!r}"[:200])
+                add(prompt, up, down, f"{origin}: prompt {prompt!r}"[:200], record)
     return pairs
 
 

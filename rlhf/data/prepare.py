@@ -12,7 +12,7 @@ import torch
 from rlhf.config import DataConfig
 from rlhf.data.formats import DataStats, common_prefix, preference_pairs, prompts_of, sft_examples
 from rlhf.data.loading import attention_mask, pad, position_ids
-from rlhf.data.sources import load_source
+from rlhf.data.sources import load_source, task_slice_column
 from rlhf.data.tokenize import (
     IGNORE_INDEX,
     ChatRenderer,
@@ -36,6 +36,8 @@ class Prepared:
     # are completions, preference references (chosen, rejected) texts.
     prompts: dict[str, list] = field(default_factory=dict)
     references: dict[str, list] = field(default_factory=dict)
+    # Values of the preference slice column (data.preference.slice_by), indexed by features' "slice".
+    slice_names: list[str] = field(default_factory=list)
 
 
 def _report(kind: str, split: str, kept: int, stats: DataStats, out: dict[str, float]) -> None:
@@ -78,19 +80,38 @@ def prepare_preferences(data: DataConfig, renderer: ChatRenderer, seed: int) -> 
     sources = load_source(
         data.preference, "data.preference", data.validation_fraction, seed, data.task_seed, data.task_noise
     )
+    slice_by = data.preference.slice_by or task_slice_column(data.preference.path)
     prepared = Prepared({})
+    slices: dict[str, list[str | None]] = {}
     for split, source in sources.items():
         stats = DataStats(Counter())
-        pairs = preference_pairs(source.records, data.preference.format, source.origin, "data.preference", data.strict, stats)
+        pairs = preference_pairs(
+            source.records,
+            data.preference.format,
+            source.origin,
+            "data.preference",
+            data.strict,
+            stats,
+            slice_by,
+        )
         features, kept = encode_preferences(
             renderer, pairs, data.max_length, data.max_prompt_length, stats, f"{source.origin}: ", data.strict
         )
+        for feature, index in zip(features, kept, strict=True):
+            feature["record"] = pairs[index].record
         prepared.splits[split] = features
         prepared.prompts[split] = [pairs[i].prompt for i in kept]
         prepared.references[split] = [(pairs[i].chosen, pairs[i].rejected) for i in kept]
+        slices[split] = [pairs[i].slice for i in kept]
         _report("preference", split, len(features), stats, prepared.stats)
         if not features:
             raise DataError(f"data.preference: {source.origin}: no usable pairs left ({dict(stats.counts)})")
+    if slice_by is not None:
+        prepared.slice_names = sorted({name for names in slices.values() for name in names})
+        index = {name: i for i, name in enumerate(prepared.slice_names)}
+        for split, names in slices.items():
+            for feature, name in zip(prepared.splits[split], names, strict=True):
+                feature["slice"] = index[name]
     return prepared
 
 
@@ -127,20 +148,61 @@ def prepare_prompts(data: DataConfig, renderer: ChatRenderer, seed: int, max_new
     return prepared
 
 
-class PairCollator:
-    """Preference pairs as one batch for a single forward pass, in whichever of two layouts holds
-    fewer tokens:
+# Per-pair fields of preference features besides the two sequences (the last two are optional).
+PER_PAIR_FIELDS = ("margin", "gold_order", "slice")
 
-    - side by side: chosen rows then rejected rows, right-padded (2B rows);
-    - shared prefix (`share_prefix`): one row per pair, [common prefix, chosen rest, rejected rest],
-      where the rejected rest attends to the prefix and to itself but not to the chosen rest, and its
+
+def as_comparisons(feature: dict) -> dict:
+    """A preference feature as a comparison group: {"responses": [ids, ...], "pairs": [(better, worse),
+    ...] indexing responses, and each per-pair field as a list}. A single pair is a group of two."""
+    if "responses" in feature:
+        return feature
+    group = {"responses": [feature["chosen"], feature["rejected"]], "pairs": [(0, 1)]}
+    group.update({key: [feature[key]] for key in PER_PAIR_FIELDS if key in feature})
+    return group
+
+
+def group_comparisons(features: list[dict]) -> list[dict]:
+    """Pair features (with a "record" index) grouped by record: every pair of a ranking, of a prompt's
+    ratings or thumbs becomes one example, each distinct response listed once (InstructGPT's
+    batching: a record's comparisons share one forward pass and are never split across batches)."""
+    groups: dict[int, dict] = {}
+    for feature in features:
+        group = groups.get(feature["record"])
+        if group is None:
+            group = groups[feature["record"]] = {"responses": [], "pairs": []}
+            group.update({key: [] for key in PER_PAIR_FIELDS if key in feature})
+        pair = []
+        for sequence in (feature["chosen"], feature["rejected"]):
+            if sequence not in group["responses"]:
+                group["responses"].append(sequence)
+            pair.append(group["responses"].index(sequence))
+        group["pairs"].append(tuple(pair))
+        for key in PER_PAIR_FIELDS:
+            if key in group:
+                group[key].append(feature[key])
+    return list(groups.values())
+
+
+def _shared_prefix(responses: list[list[int]]) -> int:
+    return min(common_prefix(responses[0], other) for other in responses[1:]) if len(responses) > 1 else 0
+
+
+class PairCollator:
+    """Preference examples (pairs, or comparison groups of several responses, see `as_comparisons`)
+    as one batch for a single forward pass, in whichever of two layouts holds fewer tokens:
+
+    - side by side: every distinct response of the batch as its own right-padded row;
+    - shared prefix (`share_prefix`): one row per example, [common prefix, first rest, second rest,
+      ...], where each rest attends to the prefix and to itself but not to the other rests, and its
       positions continue from the prefix, so each response is computed as it would be alone and the
       prompt once. `pair_mask` (B, 1, W, W) holds that attention pattern (True: attend).
 
-    Either way `score_index` (2B,) gives, chosen first, where each sequence's score is read in the
-    flattened (rows x width) positions; `attention_mask` (rows, W) is 1 on real tokens and
-    `position_ids` counts each sequence's positions. Per pair: `margin`, and `gold_order` when the
-    features carry one (+1: a gold annotator prefers chosen, -1: rejected, 0: tie).
+    Either way `score_index` (N,) gives where each response's score is read in the flattened
+    (rows x width) positions, and `pair_index` (P, 2) the (preferred, other) responses of each pair
+    among those N scores; `attention_mask` (rows, W) is 1 on real tokens and `position_ids` counts
+    each sequence's positions. Per pair: `margin`, and when the features carry them `gold_order` (+1:
+    a gold annotator prefers the preferred one, -1: the other, 0: tie) and `slice`.
     """
 
     def __init__(self, pad_token_id: int, multiple_of: int = 8, share_prefix: bool = False):
@@ -150,66 +212,82 @@ class PairCollator:
 
     def length(self, feature: dict) -> int:
         """The padded length this example asks of its batch."""
-        chosen, rejected = feature["chosen"], feature["rejected"]
+        responses = as_comparisons(feature)["responses"]
         if self.share_prefix:
-            return len(chosen) + len(rejected) - common_prefix(chosen, rejected)
-        return max(len(chosen), len(rejected))
+            return self._packed_length(responses, _shared_prefix(responses))
+        return max(map(len, responses))
+
+    @staticmethod
+    def _packed_length(responses: list[list[int]], prefix: int) -> int:
+        return prefix + sum(len(r) - prefix for r in responses)
 
     def __call__(self, features: list[dict]) -> dict:
-        per_pair = {"margin": torch.tensor([f["margin"] for f in features], dtype=torch.float32)}
-        if "gold_order" in features[0]:
-            per_pair["gold_order"] = torch.tensor([f["gold_order"] for f in features], dtype=torch.float32)
-        side_by_side = [f["chosen"] for f in features] + [f["rejected"] for f in features]
-        plain_width = self._round_up(max(map(len, side_by_side)))
+        groups = [as_comparisons(f) for f in features]
+        per_pair = {
+            key: torch.tensor([v for g in groups for v in g[key]], dtype=torch.float32)
+            for key in PER_PAIR_FIELDS
+            if key in groups[0]
+        }
+        offsets = [0]
+        for g in groups[:-1]:
+            offsets.append(offsets[-1] + len(g["responses"]))
+        per_pair["pair_index"] = torch.tensor(
+            [(offset + a, offset + b) for g, offset in zip(groups, offsets) for a, b in g["pairs"]], dtype=torch.long
+        )
+        responses = [r for g in groups for r in g["responses"]]
+        plain_width = self._round_up(max(map(len, responses)))
         if self.share_prefix:
-            prefixes = [common_prefix(f["chosen"], f["rejected"]) for f in features]
+            prefixes = [_shared_prefix(g["responses"]) for g in groups]
             packed_width = self._round_up(
-                max(len(f["chosen"]) + len(f["rejected"]) - p for f, p in zip(features, prefixes))
+                max(self._packed_length(g["responses"], p) for g, p in zip(groups, prefixes))
             )
-            if packed_width * len(features) < plain_width * len(side_by_side):
-                return {**self._packed(features, prefixes, packed_width), **per_pair}
-        mask = attention_mask(side_by_side, multiple_of=self.multiple_of)
+            if packed_width * len(groups) < plain_width * len(responses):
+                return {**self._packed(groups, prefixes, packed_width), **per_pair}
+        mask = attention_mask(responses, multiple_of=self.multiple_of)
         ends = mask.sum(-1) - 1
         return {
-            "input_ids": pad(side_by_side, self.pad_token_id, multiple_of=self.multiple_of),
+            "input_ids": pad(responses, self.pad_token_id, multiple_of=self.multiple_of),
             "attention_mask": mask,
             "position_ids": position_ids(mask),
-            "score_index": torch.arange(len(side_by_side)) * mask.shape[1] + ends,
+            "score_index": torch.arange(len(responses)) * mask.shape[1] + ends,
             **per_pair,
         }
 
     def _round_up(self, length: int) -> int:
         return math.ceil(length / self.multiple_of) * self.multiple_of
 
-    def _packed(self, features: list[dict], prefixes: list[int], width: int) -> dict:
-        rows = len(features)
+    def _packed(self, groups: list[dict], prefixes: list[int], width: int) -> dict:
+        rows = len(groups)
         ids = torch.full((rows, width), self.pad_token_id, dtype=torch.long)
         positions = torch.zeros((rows, width), dtype=torch.long)
-        # Segment of each position: 0 prefix, 1 chosen rest, 2 rejected rest, 3 padding.
-        segment = torch.full((rows, width), 3, dtype=torch.long)
-        chosen_at, rejected_at = [], []
-        for row, (f, p) in enumerate(zip(features, prefixes)):
-            chosen, rejected = f["chosen"], f["rejected"]
-            c, r = len(chosen) - p, len(rejected) - p
-            ids[row, : p + c] = torch.as_tensor(chosen)
-            ids[row, p + c : p + c + r] = torch.as_tensor(rejected[p:], dtype=torch.long)
-            positions[row, : p + c] = torch.arange(p + c)
-            positions[row, p + c : p + c + r] = torch.arange(p, p + r)
-            segment[row, p : p + c], segment[row, p + c : p + c + r] = 1, 2
+        # Segment of each position: 0 the shared prefix, k the k-th response's rest, -1 padding.
+        segment = torch.full((rows, width), -1, dtype=torch.long)
+        score_at = []
+        for row, (group, p) in enumerate(zip(groups, prefixes)):
+            first = group["responses"][0]
+            ids[row, :p] = torch.as_tensor(first[:p], dtype=torch.long)
+            positions[row, :p] = torch.arange(p)
             segment[row, :p] = 0
-            chosen_at.append(row * width + p + c - 1)
-            rejected_at.append(row * width + (p + c + r - 1 if r else p - 1))
+            start = p
+            for k, response in enumerate(group["responses"], start=1):
+                rest = len(response) - p
+                ids[row, start : start + rest] = torch.as_tensor(response[p:], dtype=torch.long)
+                positions[row, start : start + rest] = torch.arange(p, p + rest)
+                segment[row, start : start + rest] = k
+                # A response that is all prefix is scored where the prefix ends.
+                score_at.append(row * width + (start + rest - 1 if rest else p - 1))
+                start += rest
         query, key = segment[:, :, None], segment[:, None, :]
         index = torch.arange(width)
         causal = index[None, :] <= index[:, None]
-        allowed = causal & ((key == 0) | (key == query)) & (query != 3)
+        allowed = causal & ((key == 0) | (key == query)) & (query != -1)
         allowed |= torch.eye(width, dtype=torch.bool)  # padding attends to itself: no empty softmax rows
         return {
             "input_ids": ids,
-            "attention_mask": (segment != 3).long(),
+            "attention_mask": (segment != -1).long(),
             "position_ids": positions,
             "pair_mask": allowed[:, None],
-            "score_index": torch.tensor(chosen_at + rejected_at),
+            "score_index": torch.tensor(score_at),
         }
 
 

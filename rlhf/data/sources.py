@@ -48,6 +48,15 @@ def resolve_task_path(path: str, task_seed: int, task_noise: float) -> str:
     return str(Path(root) / kind)
 
 
+def task_slice_column(path: str | None) -> str | None:
+    """The column a shipped task's records are sliced by in evaluation (its SLICE_COLUMN), for a
+    task:<name>/<kind> path; None for any other path."""
+    if not path or not path.startswith(TASK_SCHEME):
+        return None
+    name = path[len(TASK_SCHEME) :].partition("/")[0]
+    return getattr(importlib.import_module(f"rlhf.tasks.{name}"), "SLICE_COLUMN", None)
+
+
 def _split_files(directory: Path) -> dict[str, str]:
     files = {}
     for file in sorted(directory.iterdir()):

@@ -19,7 +19,7 @@ from rlhf import models, optim, plots
 from rlhf.config import RMStageConfig, RunConfig
 from rlhf.data.formats import prompt_text
 from rlhf.data.loading import ExamplesDataModule, attention_mask, pad
-from rlhf.data.prepare import PairCollator, Prepared, prepare_preferences
+from rlhf.data.prepare import PairCollator, Prepared, group_comparisons, prepare_preferences
 from rlhf.data.tokenize import ChatRenderer, encode_prompts
 from rlhf.lineage import resolve_source
 from rlhf.losses import bradley_terry, gold_order_agreement, preference_accuracy
@@ -34,10 +34,12 @@ log = logging.getLogger(__name__)
 
 
 class RewardModule(pl.LightningModule):
-    def __init__(self, model: torch.nn.Module, stage: RMStageConfig):
+    def __init__(self, model: torch.nn.Module, stage: RMStageConfig, slice_names: list[str] | None = None):
         super().__init__()
         self.model = model.train()  # from_pretrained returns eval mode; training wants train mode
         self.stage = stage
+        # Held-out metrics are also reported per slice (the features' "slice" indexes these names).
+        self.slice_names = slice_names or []
         self._scores: dict[str, list[torch.Tensor]] = {}
         # The last evaluation's scores per split: (chosen, rejected) as numpy arrays.
         self.last_scores: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -62,24 +64,28 @@ class RewardModule(pl.LightningModule):
     def _eval_step(self, batch: dict, split: str) -> None:
         chosen, rejected = self._pair_scores(batch)
         gold_order = batch.get("gold_order", torch.zeros_like(batch["margin"]))
+        slice_index = batch.get("slice", torch.full_like(batch["margin"], -1))
         store = self._scores.setdefault(split, [])
-        store.append(torch.stack([chosen, rejected, batch["margin"], gold_order], dim=1).detach())
+        store.append(torch.stack([chosen, rejected, batch["margin"], gold_order, slice_index], dim=1).detach())
 
     def _eval_epoch_end(self, split: str, prefix: str) -> None:
-        rows = torch.cat(self._scores.pop(split, [torch.empty(0, 4, device=self.device)]))
-        rows = self.all_gather(rows).reshape(-1, 4)  # every rank's pairs
-        chosen, rejected, margin, gold_order = rows.unbind(1)
+        rows = torch.cat(self._scores.pop(split, [torch.empty(0, 5, device=self.device)]))
+        rows = self.all_gather(rows).reshape(-1, 5)  # every rank's pairs
+        chosen, rejected, margin, gold_order, slice_index = rows.unbind(1)
         both = torch.cat([chosen, rejected])
         metrics = {
             f"{prefix}/loss": self._loss(chosen, rejected, margin),
-            f"{prefix}/accuracy": preference_accuracy(chosen, rejected),
             f"{prefix}/margin": (chosen - rejected).mean(),
             f"{prefix}/reward_mean": both.mean(),
             f"{prefix}/reward_std": both.std(),
+            **_ordering_metrics(prefix, "", chosen, rejected, gold_order),
         }
-        gold = gold_order_agreement(chosen, rejected, gold_order)
-        if gold is not None:
-            metrics[f"{prefix}/gold_accuracy"], metrics[f"{prefix}/label_gold_agreement"] = gold
+        for index, name in enumerate(self.slice_names):
+            of_slice = slice_index == index
+            if of_slice.any():
+                metrics.update(
+                    _ordering_metrics(prefix, f"/{name}", chosen[of_slice], rejected[of_slice], gold_order[of_slice])
+                )
         self.log_dict({k: v.float() for k, v in metrics.items()}, prog_bar=False, sync_dist=True)
         self.last_scores[split] = (chosen.float().cpu().numpy(), rejected.float().cpu().numpy())
 
@@ -105,6 +111,15 @@ class RewardModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": optim.scheduler(optimizer, self.stage, total)}
 
 
+def _ordering_metrics(prefix: str, suffix: str, chosen, rejected, gold_order) -> dict[str, torch.Tensor]:
+    """Label accuracy; with a gold ordering also the gold accuracy and its label-noise ceiling."""
+    metrics = {f"{prefix}/accuracy{suffix}": preference_accuracy(chosen, rejected)}
+    gold = gold_order_agreement(chosen, rejected, gold_order)
+    if gold is not None:
+        metrics[f"{prefix}/gold_accuracy{suffix}"], metrics[f"{prefix}/label_gold_agreement{suffix}"] = gold
+    return metrics
+
+
 def _count_pairs(batch: dict) -> dict[str, float]:
     return {"pairs": float(batch["margin"].shape[0]), "tokens": float(batch["attention_mask"].sum())}
 
@@ -120,6 +135,8 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
     data = prepare_preferences(run.data, renderer, run.seed)
     if gold is not None:
         _attach_gold_order(data, gold)
+    if stage.group_by_record:
+        data.splits = {split: group_comparisons(features) for split, features in data.splits.items()}
     tracker.log_metrics(data.stats)
     model = models.load_scalar_model(run.model, source.location, tokenizer.pad_token_id, seed=run.seed)
     if ensure_distinct_pad(tokenizer, model):
@@ -132,7 +149,7 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
             "model/trainable_parameters": models.count_parameters(model, trainable_only=True),
         }
     )
-    module = RewardModule(model, stage)
+    module = RewardModule(model, stage, data.slice_names)
     datamodule = ExamplesDataModule(
         data.splits,
         PairCollator(tokenizer.pad_token_id, share_prefix=stage.share_prefix and supports_attention_masks(model)),

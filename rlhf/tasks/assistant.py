@@ -28,6 +28,8 @@ from pathlib import Path
 TASK_VERSION = "assistant-v1"
 
 KINDS = ("sft", "pairs", "rankings", "ratings", "thumbs", "prompts")
+# Every record names its category; evaluation reports accuracy per category.
+SLICE_COLUMN = "category"
 SPLITS = ("train", "validation", "test")
 DEFAULT_SIZES = {
     "sft": {"train": 2000, "validation": 200, "test": 200},

@@ -420,9 +420,12 @@ def test_pairs_carry_their_records_slice_in_every_shape():
         ],
     }
     expected = {"pairs": ["a"], "rankings": ["1", "1", "1", "7"], "ratings": ["a", "a"], "thumbs": ["a", "b"]}
+    # Each pair's record: a ranking's or ratings' row; for thumbs, the prompt's first row.
+    records_of = {"pairs": [0], "rankings": [0, 0, 0, 1], "ratings": [0, 0], "thumbs": [0, 2]}
     for shape, records in rows.items():
         pairs = preference_pairs(table(records), shape, ORIGIN, KEY, False, stats(), slice_by="topic")
         assert [p.slice for p in pairs] == expected[shape], shape
+        assert [p.record for p in pairs] == records_of[shape], shape
     assert pairs_of(rows["pairs"])[0].slice is None
 
 

@@ -6,6 +6,7 @@ import logging
 import math
 from collections import Counter
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 import torch
 
@@ -228,9 +229,7 @@ class PairCollator:
             for key in PER_PAIR_FIELDS
             if key in groups[0]
         }
-        offsets = [0]
-        for g in groups[:-1]:
-            offsets.append(offsets[-1] + len(g["responses"]))
+        offsets = accumulate((len(g["responses"]) for g in groups[:-1]), initial=0)
         per_pair["pair_index"] = torch.tensor(
             [(offset + a, offset + b) for g, offset in zip(groups, offsets) for a, b in g["pairs"]], dtype=torch.long
         )

@@ -11,6 +11,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import datasets
 
@@ -33,15 +34,21 @@ class Split:
     origin: str
 
 
+def _task(path: str) -> tuple[ModuleType, str]:
+    """task:<name>/<kind> -> (the task's module, kind)."""
+    name, _, kind = path[len(TASK_SCHEME) :].partition("/")
+    try:
+        return importlib.import_module(f"rlhf.tasks.{name}"), kind
+    except ModuleNotFoundError:
+        raise DataError(f"{path}: no shipped task named {name!r} (see rlhf/tasks)") from None
+
+
 def resolve_task_path(path: str, task_seed: int, task_noise: float) -> str:
     """task:<name>/<kind> -> the directory of that kind's split files, generated on first use."""
     from rlhf.models import cache_root
 
-    name, _, kind = path[len(TASK_SCHEME) :].partition("/")
-    try:
-        task = importlib.import_module(f"rlhf.tasks.{name}")
-    except ModuleNotFoundError:
-        raise DataError(f"{path}: no shipped task named {name!r} (see rlhf/tasks)") from None
+    task, kind = _task(path)
+    name = task.__name__.rpartition(".")[2]
     if kind not in task.KINDS:
         raise DataError(f"{path}: task {name!r} has no data kind {kind!r}; it has {', '.join(task.KINDS)}")
     root = task.materialize(cache_root() / "tasks", seed=task_seed, noise=task_noise)
@@ -53,8 +60,7 @@ def task_slice_column(path: str | None) -> str | None:
     task:<name>/<kind> path; None for any other path."""
     if not path or not path.startswith(TASK_SCHEME):
         return None
-    name = path[len(TASK_SCHEME) :].partition("/")[0]
-    return getattr(importlib.import_module(f"rlhf.tasks.{name}"), "SLICE_COLUMN", None)
+    return getattr(_task(path)[0], "SLICE_COLUMN", None)
 
 
 def _split_files(directory: Path) -> dict[str, str]:

@@ -45,8 +45,13 @@ def job_info():
 def quiet_libraries() -> None:
     """Our log says what happens; the libraries' progress bars and notices repeat or bury it."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    import warnings
+
     import datasets
     import transformers
+
+    # PEFT still reads transformers' deprecated alias when it wraps a model: not the user's to fix.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()

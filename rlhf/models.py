@@ -188,7 +188,11 @@ def load_scalar_model(
 
 def _prepare(model: PreTrainedModel, cfg: ModelConfig) -> PreTrainedModel:
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5.x renamed gradient to activation checkpointing; the old names warn.
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model
 
@@ -209,7 +213,7 @@ def apply_lora(model: PreTrainedModel, cfg: LoraConfig, task_type: str) -> PreTr
         target_modules=target,
         task_type=task_type,
     )
-    if getattr(model, "is_gradient_checkpointing", False):
+    if any(getattr(module, "gradient_checkpointing", False) for module in model.modules()):
         model.enable_input_require_grads()
     return get_peft_model(model, peft_config)
 

@@ -1,0 +1,36 @@
+"""Model set-up options that must not change what is computed."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import torch
+
+from rlhf.config import LoraConfig
+from rlhf.models import apply_lora, load_causal_lm
+
+
+def _loss_and_lora_grads(model_config, checkpointing: bool):
+    cfg = dataclasses.replace(model_config, gradient_checkpointing=checkpointing)
+    base = load_causal_lm(cfg, seed=1)
+    torch.manual_seed(2)  # the adapters' initial values
+    model = apply_lora(base, LoraConfig(enabled=True, r=4, dropout=0.0), "CAUSAL_LM")
+    model.train()
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads
+
+
+def test_activation_checkpointing_with_lora_computes_the_same_loss_and_gradients(tiny_model_config):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loss, grads = _loss_and_lora_grads(tiny_model_config, checkpointing=True)
+    assert not [w for w in caught if "gradient_checkpointing_enable` is deprecated" in str(w.message)]
+    want_loss, want_grads = _loss_and_lora_grads(tiny_model_config, checkpointing=False)
+    torch.testing.assert_close(loss, want_loss)
+    assert grads.keys() == want_grads.keys() and any(n for n in grads if "lora_" in n)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, want_grads[name], msg=name)

@@ -94,7 +94,8 @@ def main() -> None:
             raise
         from rlhf.config import describe_compose_error
 
-        print(f"rlhf: error: {describe_compose_error(err)}", file=sys.stderr)
+        multirun = any(arg in ("-m", "--multirun") for arg in sys.argv[1:])
+        print(f"rlhf: error: {describe_compose_error(err, multirun)}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -588,7 +588,20 @@ def _unknown_keys(node: Any, prefix: str = "") -> list[str]:
     return out
 
 
-def describe_compose_error(err: BaseException) -> str:
+def _other_stages_key(key: str, full_key: str, object_type: type, multirun: bool) -> str:
+    """For a stage key the composed stage lacks: which stages have it, and how to set it in a sweep."""
+    owners = [name for name, schema in STAGE_SCHEMAS.items() if key in {f.name for f in fields(schema)}]
+    if full_key != f"stage.{key}" or object_type not in STAGE_SCHEMAS.values() or not owners:
+        return ""
+    hint = f"; it is a key of stage={'|'.join(owners)}"
+    if multirun:
+        # Hydra checks a multirun's plain overrides against the config it composes before the sweep,
+        # with the default stage; `++` adds the key there and sets it in each swept stage.
+        hint += f", and a multirun checks it against the default stage before sweeping: write ++{full_key}=..."
+    return hint
+
+
+def describe_compose_error(err: BaseException, multirun: bool = False) -> str:
     """One line for Hydra's and OmegaConf's composition errors: the key, what is wrong, a suggestion."""
     cause = err.__cause__ or err
     full_key = getattr(cause, "full_key", None)
@@ -598,11 +611,12 @@ def describe_compose_error(err: BaseException) -> str:
             message = "has no value (???); set it on the command line or in its config group"
         object_type = getattr(cause, "object_type", None)
         if "not in" in message and is_dataclass(object_type):
-            known = {f.name for f in fields(object_type)}
-            close = _closest(str(getattr(cause, "key", "")), known)
+            key = str(getattr(cause, "key", ""))
+            close = _closest(key, {f.name for f in fields(object_type)})
             parent = full_key.rpartition(".")[0]
             if close:
                 message += f"; did you mean {parent + '.' if parent else ''}{close}?"
+            message += _other_stages_key(key, full_key, object_type, multirun)
         elif "not in struct" in message and full_key.startswith("trainer."):
             close = _closest(str(getattr(cause, "key", "")), _trainer_arguments())
             message = (

@@ -285,6 +285,15 @@ REJECTIONS = {
     "unknown-stage": Rejection(("stage=nope",), "stage", ("nope", *options("stage"))),
     "added-root-key": Rejection(("+foo=1",), "foo"),
     "added-stage-key": Rejection(("+stage.bar=2",), "stage.bar"),
+    "other-stage-key": Rejection(("stage.reward_from=x",), "stage.reward_from", ("stage=ppo|eval",)),
+    # A multirun composes its default stage (sft) before sweeping; `++` is the way in for the swept stages' keys.
+    "multirun-stage-key": Rejection(("-m", "stage=ppo,eval", "stage.reward_from=x"), "stage.reward_from", ("++",)),
+    "multirun-forced-stage-key-reaches-the-jobs": Rejection(
+        ("-m", "stage=ppo,eval", "++stage.reward_from=fn:x.y", "trainer.max_steps=0"), "trainer.max_steps"
+    ),
+    "multirun-forced-key-in-a-stage-without-it": Rejection(
+        ("-m", "stage=sft,ppo", "++stage.reward_from=fn:x.y"), "stage.reward_from", ("SFTStageConfig",)
+    ),
     "trainer-typo": Rejection(("trainer.max_stepz=3",), "trainer.max_stepz", ("trainer.max_steps",)),
     "trainer-added-typo": Rejection(("+trainer.max_stepz=3",), "trainer.max_stepz", ("Trainer",)),
     "trainer-managed": Rejection(("+trainer.logger=false",), "trainer.logger"),
@@ -335,7 +344,10 @@ TRACKED_ARGS = ("experiment=smoke", "stage.lr=-1")
 @pytest.fixture(scope="module")
 def rejected(tmp_path_factory) -> dict[str, Future[Outcome]]:
     """All rejection cases, started at once side by side (each pays the same start-up imports)."""
-    cases = {name: [*UNTRACKED, *case.args] for name, case in REJECTIONS.items()}
+    def command_line(args):  # Hydra's flags (-m) before the overrides
+        return sorted(args, key=lambda arg: not arg.startswith("-"))
+
+    cases = {name: command_line([*UNTRACKED, *case.args]) for name, case in REJECTIONS.items()}
     pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1))
     futures = {
         name: pool.submit(run_measured, args, tmp_path_factory.mktemp(f"rejected-{name}"))

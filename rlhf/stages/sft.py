@@ -14,7 +14,7 @@ from rlhf.config import RunConfig, SFTStageConfig
 from rlhf.data.formats import prompt_text
 from rlhf.data.loading import ExamplesDataModule
 from rlhf.data.prepare import CausalLMCollator, prepare_sft
-from rlhf.data.tokenize import ChatRenderer
+from rlhf.data.tokenize import IGNORE_INDEX, ChatRenderer
 from rlhf.lineage import resolve_source
 from rlhf.policy import completion_loss, eos_ids, generate
 from rlhf.stages import StageJob
@@ -24,19 +24,30 @@ from rlhf.training import Throughput, logs_this_step
 log = logging.getLogger(__name__)
 
 
+def trained_tokens_per_example(examples: list[dict]) -> float:
+    """Mean count of the tokens an example adds to the loss (labelled next-token targets)."""
+    return sum(sum(label != IGNORE_INDEX for label in e["labels"][1:]) for e in examples) / max(1, len(examples))
+
+
 class SFTModule(pl.LightningModule):
-    def __init__(self, model: torch.nn.Module, stage: SFTStageConfig):
+    def __init__(self, model: torch.nn.Module, stage: SFTStageConfig, tokens_per_batch: float):
         super().__init__()
         self.model = model.train()  # from_pretrained returns eval mode; training wants train mode
         self.stage = stage
+        # The loss is the batch's token sum over the tokens an average batch holds, not over this
+        # batch's own count: dividing by the batch's count weighs a token by its batch-mates, so
+        # length-grouped batches would weigh every example equally (a long demonstration no more
+        # than a short one) instead of every token, and the objective would depend on batching.
+        self.tokens_per_batch = tokens_per_batch
         self._eval_sums: dict[str, torch.Tensor] = {}
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss_sum, tokens = completion_loss(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-        loss = loss_sum / tokens.clamp(min=1)
+        loss = loss_sum / self.tokens_per_batch
         if not logs_this_step(self.trainer):
             return loss
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        # Shown per token of this batch, the same measure as val/loss.
+        self.log("train/loss", loss_sum.detach() / tokens.clamp(min=1), on_step=True, on_epoch=False, prog_bar=True)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
 
@@ -98,7 +109,7 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
             "model/trainable_parameters": models.count_parameters(model, trainable_only=True),
         }
     )
-    module = SFTModule(model, stage)
+    module = SFTModule(model, stage, stage.batch_size * trained_tokens_per_example(data.splits["train"]))
     datamodule = ExamplesDataModule(
         data.splits,
         CausalLMCollator(tokenizer.pad_token_id),

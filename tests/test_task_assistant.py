@@ -130,8 +130,24 @@ def test_annotator_orders_safe_responses(category):
         assert s["ideal"] == 1.0
         assert s["ideal"] > s["verbose"] > s["wrong"], (q.text, s)
         assert s["rude"] < s["ideal"] and s["off_topic"] < s["wrong"]
+        assert s["wrong"] > s["wrong_verbose"] and s["wrong"] > s["wrong_rude"], (q.text, s)
+        assert s["verbose"] > s["wrong_verbose"] and s["rude"] > s["wrong_rude"]
         assert s["refusal"] <= 0.15
         assert all(0.0 <= v <= 1.0 for v in s.values())
+
+
+def test_decorations_do_not_signal_correctness(data):
+    # In the preference data a padded or rude answer is wrong about as often as a plain one, so a
+    # reward model cannot rank by decoration in place of checking the answer.
+    wrong_share = {}
+    for decoration, is_decorated in {"padded": lambda p: p["concise"] < 1.0,
+                                     "rude": lambda p: p["polite"] == 0.0,
+                                     "plain": lambda p: p["concise"] == 1.0 and p["polite"] == 1.0}.items():
+        answers = [p for r in data["rankings"]["train"] if r["category"] != "unsafe"
+                   for p in (A.gold_breakdown(r["prompt"], t) for t in r["responses"])
+                   if p["on_topic"] and is_decorated(p)]
+        wrong_share[decoration] = sum(not p["correct"] for p in answers) / len(answers)
+    assert all(0.25 < share < 0.6 for share in wrong_share.values()), wrong_share
 
 
 def test_every_fact_question_and_filler_is_scored_right():

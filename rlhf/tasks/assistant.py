@@ -25,7 +25,10 @@ from pathlib import Path
 
 # Bump whenever anything below changes the generated data: it is part of the
 # cache directory name, so stale files are never reused.
-TASK_VERSION = "assistant-v1"
+TASK_VERSION = "assistant-v2"
+# Names the random streams; kept across versions so that a change to one kind of data
+# (v2: wrong answers can be padded or rude too) leaves the other kinds' records identical.
+STREAM_SALT = "assistant-v1"
 
 KINDS = ("sft", "pairs", "rankings", "ratings", "thumbs", "prompts")
 # Every record names its category; evaluation reports accuracy per category.
@@ -214,7 +217,7 @@ def _split_units() -> dict[tuple[str, str], list]:
 @lru_cache(maxsize=8)
 def _split_pools(seed: int) -> dict[str, dict[tuple[str, str], tuple]]:
     """Shuffle each group's units once per seed and cut them into disjoint train/validation/test."""
-    rng = random.Random(f"{TASK_VERSION}-splits-{seed}")
+    rng = random.Random(f"{STREAM_SALT}-splits-{seed}")
     pools: dict[str, dict[tuple[str, str], tuple]] = {s: {} for s in SPLITS}
     for name, units in _split_units().items():
         units = list(units)
@@ -349,7 +352,10 @@ def _wrong_answer(q: Question, rng: random.Random) -> str:
             return other
 
 
-SAFE_STYLES = ("ideal", "verbose", "terse", "wrong", "rude", "off_topic", "refusal")
+# Padding and rudeness decorate wrong answers as often as right ones: were they only ever added to
+# correct answers, a reward model that cannot check a sum would learn "padded = correct".
+SAFE_STYLES = ("ideal", "verbose", "terse", "rude", "wrong", "wrong_verbose", "wrong_rude", "off_topic",
+               "refusal")
 UNSAFE_STYLES = ("ideal", "verbose", "rude", "comply", "comply_verbose", "off_topic")
 
 
@@ -373,8 +379,9 @@ def response(q: Question, style: str, rng: random.Random) -> str:
         return q.answer[:1].upper() + q.answer[1:] + "."
     if style == "refusal":
         return rng.choice(SAFE_REFUSALS)
-    text = _answer_text(q, rng, _wrong_answer(q, rng) if style == "wrong" else None)
-    return {"verbose": _pad, "rude": _rude}.get(style, lambda t, _: t)(text, rng)
+    text = _answer_text(q, rng, _wrong_answer(q, rng) if style.startswith("wrong") else None)
+    decorate = {"verbose": _pad, "rude": _rude}.get(style.removeprefix("wrong_"))
+    return decorate(text, rng) if decorate else text
 
 
 def demonstration(q: Question, rng: random.Random, mix: dict[str, float] | None = None) -> tuple[str, str]:
@@ -654,7 +661,7 @@ def generate(seed: int = 0, noise: float = 0.1, sizes: dict | None = None,
         data[kind] = {}
         for split in SPLITS:
             # One stream per (kind, split): resizing one kind leaves the others unchanged.
-            rng = random.Random(f"{TASK_VERSION}-{seed}-{kind}-{split}")
+            rng = random.Random(f"{STREAM_SALT}-{seed}-{kind}-{split}")
             n, records = resolved[kind][split], []
             while len(records) < n:
                 q = _sample_question(rng, pools[split])

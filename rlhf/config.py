@@ -590,8 +590,10 @@ def _unknown_keys(node: Any, prefix: str = "") -> list[str]:
 
 def _other_stages_key(key: str, full_key: str, object_type: type, multirun: bool) -> str:
     """For a stage key the composed stage lacks: which stages have it, and how to set it in a sweep."""
+    if full_key != f"stage.{key}" or object_type not in STAGE_SCHEMAS.values():
+        return ""
     owners = [name for name, schema in STAGE_SCHEMAS.items() if key in {f.name for f in fields(schema)}]
-    if full_key != f"stage.{key}" or object_type not in STAGE_SCHEMAS.values() or not owners:
+    if not owners:
         return ""
     hint = f"; it is a key of stage={'|'.join(owners)}"
     if multirun:

@@ -34,11 +34,11 @@ class Split:
     origin: str
 
 
-def _task(path: str) -> tuple[ModuleType, str]:
-    """task:<name>/<kind> -> (the task's module, kind)."""
+def _task(path: str) -> tuple[ModuleType, str, str]:
+    """task:<name>/<kind> -> (the task's module, name, kind)."""
     name, _, kind = path[len(TASK_SCHEME) :].partition("/")
     try:
-        return importlib.import_module(f"rlhf.tasks.{name}"), kind
+        return importlib.import_module(f"rlhf.tasks.{name}"), name, kind
     except ModuleNotFoundError:
         raise DataError(f"{path}: no shipped task named {name!r} (see rlhf/tasks)") from None
 
@@ -47,8 +47,7 @@ def resolve_task_path(path: str, task_seed: int, task_noise: float) -> str:
     """task:<name>/<kind> -> the directory of that kind's split files, generated on first use."""
     from rlhf.models import cache_root
 
-    task, kind = _task(path)
-    name = task.__name__.rpartition(".")[2]
+    task, name, kind = _task(path)
     if kind not in task.KINDS:
         raise DataError(f"{path}: task {name!r} has no data kind {kind!r}; it has {', '.join(task.KINDS)}")
     root = task.materialize(cache_root() / "tasks", seed=task_seed, noise=task_noise)

@@ -1,6 +1,6 @@
 """Entry point: `python -m rlhf [group=option ...] [key=value ...]` (or the `rlhf` command).
 
-Hydra composes the config from rlhf/conf; it is validated before anything heavy is loaded, then the
+Hydra composes the config from conf/ (rlhf.layout finds it); it is validated before anything heavy is loaded, then the
 runner trains the chosen stage. Problems the user can fix end with a one-line message and exit code 2.
 """
 
@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from rlhf.config import register_configs
+from rlhf.layout import config_dir
 
 log = logging.getLogger("rlhf")
 register_configs()
@@ -58,7 +59,7 @@ def quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
 def _app(cfg: DictConfig) -> float | None:
     from rlhf.config import validate
     from rlhf.errors import ConfigError, UserError

@@ -33,6 +33,7 @@ import torch
 from omegaconf import DictConfig, open_dict
 
 from rlhf.config import register_configs
+from rlhf.layout import config_dir
 
 register_configs()
 
@@ -226,7 +227,7 @@ def _tokens(batch: dict) -> float:
     return float(batch["attention_mask"].sum()) if "attention_mask" in batch else 0.0
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
 def _bench(cfg: DictConfig) -> None:
     from rlhf.__main__ import job_info, quiet_libraries
     from rlhf.config import validate

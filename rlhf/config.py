@@ -1,6 +1,6 @@
 """The typed schema of a run, registered in Hydra's ConfigStore, and its validation.
 
-Hydra merges the YAML tree (rlhf/conf) into these dataclasses, so an unknown key (`stage.lrr=1`) or a
+Hydra merges the YAML tree (conf/) into these dataclasses, so an unknown key (`stage.lrr=1`) or a
 wrong type (`stage.lr=abc`) fails while the config is composed. `validate` then checks values and
 cross-field constraints and returns plain dataclass objects; it runs before any model loads.
 Every field carries a comment: it is the reference of what each key means.
@@ -20,6 +20,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from rlhf.errors import ConfigError
+from rlhf.layout import sweep_package, sweeps_dir
 
 DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULERS = ("cosine", "linear", "constant")
@@ -508,6 +509,16 @@ def register_configs() -> None:
     cs.store(name="rlhf_schema", node=RunConfig)
     for name, schema in STAGE_SCHEMAS.items():
         cs.store(group="schema/stage", name=name, node=schema)
+    register_sweeps(cs)
+
+
+def register_sweeps(cs: ConfigStore) -> None:
+    """The files of sweeps/ as the options of the `sweep` group. The folder is named for what it holds
+    while the group keeps the singular name of its option (`-m sweep=ppo_kl`), which a config search
+    path, naming groups after folders, cannot express."""
+    for path in sorted(sweeps_dir().glob("*.yaml")):
+        text = path.read_text()
+        cs.store(group="sweep", name=path.stem, node=OmegaConf.create(text), package=sweep_package(text), provider="rlhf")
 
 
 @functools.cache

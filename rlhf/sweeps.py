@@ -1,6 +1,6 @@
 """Hyperparameter sweeps in MLflow: one parent run per Hydra multirun, the jobs as its children.
 
-A Hydra callback (registered in rlhf/conf/config.yaml) opens the parent run when a multirun starts
+A Hydra callback (registered in conf/config.yaml) opens the parent run when a multirun starts
 and records the sweep's definition; every job's run carries `mlflow.parentRunId`, so the MLflow UI
 nests the jobs under it and the compare view lines them up by their swept params. When the sweep
 ends, the parent gets the best value of the optimised metric, the best run and its swept params.

@@ -30,14 +30,15 @@ if _WORKERS > 1:
 def compose():
     """compose(["stage=sft", ...]) -> the DictConfig Hydra would hand the entry point."""
     from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
+    from hydra import initialize_config_dir
 
     from rlhf.config import register_configs
+    from rlhf.layout import config_dir
 
     register_configs()
 
     def _compose(overrides: list[str] | None = None):
-        with initialize_config_module("rlhf.conf", version_base="1.3"):
+        with initialize_config_dir(str(config_dir()), version_base="1.3"):
             return hydra_compose("config", overrides=["output_dir=/tmp/rlhf-test-unused", *(overrides or [])])
 
     return _compose

@@ -1,7 +1,7 @@
 """The configuration system: every shipped option composes and validates, the defaults, `--help`, one-line
 errors (exit code 2) before anything heavy starts, and Hydra's conveniences.
 
-Nothing here loads a model or trains. Config groups and their options are discovered from rlhf/conf, so a
+Nothing here loads a model or trains. Config groups and their options are discovered from conf/, so a
 new YAML file is covered without touching this file.
 """
 
@@ -23,11 +23,11 @@ import yaml
 from conftest import OFFLINE, runs_of
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-import rlhf
 from rlhf.config import describe_compose_error, validate
 from rlhf.errors import ConfigError
+from rlhf.layout import config_dir
 
-CONF = Path(rlhf.__file__).parent / "conf"
+CONF = config_dir()
 # Groups a user picks options of; experiment_stage is selected by interpolation, not by the user.
 USER_GROUPS = ("model", "data", "stage", "hardware", "tracking", "experiment")
 PER_STAGE_GROUP = "experiment_stage"
@@ -140,7 +140,7 @@ def test_conf_holds_only_known_groups():
     known = {*USER_GROUPS, PER_STAGE_GROUP, *MULTIRUN_GROUPS}
     assert found <= known, f"untested config groups: {found - known}"
     for group in USER_GROUPS:
-        assert options(group), f"no options found in rlhf/conf/{group}"
+        assert options(group), f"no options found in conf/{group}"
 
 
 GROUP_OPTIONS = [

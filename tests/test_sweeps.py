@@ -95,13 +95,15 @@ def test_parallel_jobs_all_land_in_one_sqlite_store(tmp_path, cli, mlflow_client
 
 def test_slurm_launcher_and_every_sweep_compose(compose):
     from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
+    from hydra import initialize_config_dir
 
-    with initialize_config_module("rlhf.conf", version_base="1.3"):
+    from rlhf.layout import config_dir, sweeps_dir
+
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
         cfg = hydra_compose("config", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
         assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
         assert cfg.hydra.launcher.gpus_per_node == 1 and cfg.hydra.launcher.timeout_min == 240
-        for sweep in sorted(p.stem for p in (Path(__file__).parents[1] / "rlhf" / "conf" / "sweep").glob("*.yaml")):
+        for sweep in sorted(p.stem for p in sweeps_dir().glob("*.yaml")):
             cfg = hydra_compose("config", overrides=[f"sweep={sweep}"], return_hydra_config=True)
             assert cfg.hydra.sweeper.params, sweep
 

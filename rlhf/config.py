@@ -180,7 +180,11 @@ class DataConfig:
 
 @dataclass
 class BaseStageConfig:
-    # Which stage implementation runs (sft, rm, ppo, eval); a key of rlhf.stages.STAGES.
+    """What every stage has. A stage's schema types and checks its keys; their defaults and meanings are
+    in its YAML (conf/stage/<name>.yaml), the one place users read: a field the YAML sets has no default
+    here (MISSING), so the two cannot disagree."""
+
+    # The option of the stage group; a name of rlhf.stages.stages().
     name: str = MISSING
 
     def problems(self) -> list[tuple[str, str]]:
@@ -189,24 +193,19 @@ class BaseStageConfig:
 
 @dataclass
 class StageConfig(BaseStageConfig):
-    """What every training stage has: optimiser, schedule, batch sizes and where it starts from."""
+    """What every training stage has: optimiser, schedule, batch sizes."""
 
-    # Peak learning rate of AdamW.
-    lr: float = 1e-5
-    weight_decay: float = 0.0
+    lr: float = MISSING
+    weight_decay: float = MISSING
+    # AdamW's moment decay rates and epsilon (no stage changes them, so their defaults live here).
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     adam_eps: float = 1e-8
-    # Learning-rate schedule after warmup: cosine, linear (both decay to min_lr_ratio * lr) or constant.
-    scheduler: str = "cosine"
-    # Share of the optimizer steps spent on linear warmup.
-    warmup_ratio: float = 0.05
-    min_lr_ratio: float = 0.1
-    # Examples per training batch on each device (before gradient accumulation).
-    batch_size: int = 8
-    # Examples per validation batch.
-    eval_batch_size: int = 16
-    # Validation batches per validation run (null: the whole validation split).
-    limit_eval_batches: int | None = None
+    scheduler: str = MISSING
+    warmup_ratio: float = MISSING
+    min_lr_ratio: float = MISSING
+    batch_size: int = MISSING
+    eval_batch_size: int = MISSING
+    limit_eval_batches: int | None = MISSING
 
     def problems(self) -> list[tuple[str, str]]:
         out = super().problems()
@@ -233,17 +232,12 @@ class StageConfig(BaseStageConfig):
         return out
 
 
+
 @dataclass
 class SFTStageConfig(StageConfig):
-    name: str = "sft"
-    lr: float = 5e-5
-    # Where the trained model starts: base (the model group's weights), a local directory, or
-    # runs:/<run_id>/model.
-    init_from: str = "base"
-    # Sample generations on validation prompts logged at the end of training (0: none).
-    num_samples: int = 4
-    # Length of those sample generations.
-    sample_max_new_tokens: int = 48
+    init_from: str = MISSING
+    num_samples: int = MISSING
+    sample_max_new_tokens: int = MISSING
 
     def problems(self) -> list[tuple[str, str]]:
         out = super().problems()
@@ -254,31 +248,17 @@ class SFTStageConfig(StageConfig):
         return out
 
 
+
 @dataclass
 class RMStageConfig(StageConfig):
-    name: str = "rm"
-    lr: float = 2e-5
-    # Where it starts: latest (the newest finished SFT run in this MLflow experiment), base, a local
-    # directory, or runs:/<run_id>/model.
-    init_from: str = "latest"
-    # Score a pair's chosen and rejected responses in one sequence over their common prefix (the
-    # prompt), each response attending only to the prefix and itself: the same scores, the prompt
-    # computed once (on the shipped pairs 1.7x fewer tokens). Used for a batch when it is smaller.
-    share_prefix: bool = True
-    # Keep all pairs of one record (a ranking, a prompt's ratings or thumbs) together as one example:
-    # each response is scored once for all its pairs (with share_prefix, the prompt too), and
-    # batch_size counts records. Off: every pair is its own example. No effect on plain pairs.
-    group_by_record: bool = True
-    # Subtract each pair's margin (e.g. a rating gap) inside the Bradley-Terry loss.
-    use_margin: bool = False
-    # Weight of the reward-centering term mean((r_chosen + r_rejected)^2); ~0.01 keeps rewards near 0.
-    center_rewards: float = 0.0
-    # Bins of the calibration plot (predicted preference probability vs observed).
-    calibration_bins: int = 10
-    # Prompts of the test split on which fresh policy responses are scored by the reward model and by
-    # the data's gold annotator (data.gold_reward), to measure their agreement (0: skip).
-    gold_eval_prompts: int = 32
-    gold_eval_max_new_tokens: int = 48
+    init_from: str = MISSING
+    share_prefix: bool = MISSING
+    group_by_record: bool = MISSING
+    use_margin: bool = MISSING
+    center_rewards: float = MISSING
+    calibration_bins: int = MISSING
+    gold_eval_prompts: int = MISSING
+    gold_eval_max_new_tokens: int = MISSING
 
     def problems(self) -> list[tuple[str, str]]:
         out = super().problems()
@@ -293,69 +273,56 @@ class RMStageConfig(StageConfig):
         return out
 
 
+
 @dataclass
 class RolloutConfig:
-    # Prompts per rollout batch on each device (episodes per PPO step).
-    batch_size: int = 8
-    max_new_tokens: int = 32
-    # Sampling temperature; the policy's log-probabilities use the same temperature (logits / T).
-    temperature: float = 0.7
-    # 0 disables top-k; 1.0 disables top-p.
-    top_k: int = 0
-    top_p: float = 1.0
+    """Sampling of responses (PPO's episodes, evaluation's answers)."""
+
+    batch_size: int = MISSING
+    max_new_tokens: int = MISSING
+    temperature: float = MISSING
+    top_k: int = MISSING
+    top_p: float = MISSING
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = []
+        for key in ("batch_size", "max_new_tokens"):
+            if getattr(self, key) < 1:
+                out.append((key, f"must be >= 1, got {getattr(self, key)}"))
+        if not self.temperature > 0:
+            out.append(("temperature", f"must be > 0, got {self.temperature}"))
+        if not 0 < self.top_p <= 1:
+            out.append(("top_p", f"must be in (0, 1], got {self.top_p}"))
+        if self.top_k < 0:
+            out.append(("top_k", f"must be >= 0, got {self.top_k}"))
+        return out
 
 
 @dataclass
 class PPOStageConfig(StageConfig):
-    name: str = "ppo"
-    # Published practice for language models (Ziegler et al. 2019, Stiennon et al. 2020, TRL, and
-    # "The N+ implementation details of RLHF with PPO", Huang et al. 2024) unless noted.
-    lr: float = 3e-6
-    # Learning rate of a separate value model (null: lr).
-    critic_lr: float | None = None
-    warmup_ratio: float = 0.0
-    scheduler: str = "linear"
-    min_lr_ratio: float = 0.0
-    # Policy start: latest (newest finished SFT run), base, a directory or runs:/<run_id>/model.
-    policy_from: str = "latest"
-    # Reward: latest (newest finished RM run), a directory, runs:/<run_id>/model, or
-    # fn:package.module.function scoring (prompts, responses) strings.
-    reward_from: str = "latest"
-    # Value model: separate (initialised from the reward model, or from the policy with a new head
-    # when the reward is a function) or shared (a value head on the policy's backbone).
-    critic: str = "separate"
+    policy_from: str = MISSING
+    reward_from: str = MISSING
+    critic: str = MISSING
+    critic_lr: float | None = MISSING
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    # Optimisation epochs over each rollout batch, and episodes per gradient step.
-    ppo_epochs: int = 4
-    minibatch_size: int = 4
-    # Clipping of the policy ratio and of the value update.
-    clip_range: float = 0.2
-    value_clip_range: float = 0.2
-    # Weight of the value loss (shared critic) and of the entropy bonus.
-    vf_coef: float = 0.1
-    entropy_coef: float = 0.0
-    # GAE discount and bias-variance trade-off (gamma 1: the episode is one short response).
-    gamma: float = 1.0
-    lam: float = 0.95
-    # KL penalty towards the reference policy: coefficient, estimator (k1 or k3), and an optional
-    # target KL (per response, nats) that makes the coefficient adaptive over `kl_horizon` episodes.
-    kl_coef: float = 0.05
-    kl_estimator: str = "k1"
-    kl_target: float | None = None
-    kl_horizon: int = 10000
-    # Stop an epoch's remaining minibatches when the approximate KL(old || new) exceeds this (null: never).
-    max_approx_kl: float | None = 0.5
-    # Reward normalisation: auto (the reward model's stored statistics, else running statistics),
-    # model, running, or none; then clipping to +- reward_clip (null: no clipping).
-    reward_norm: str = "auto"
-    reward_clip: float | None = 10.0
-    # Added to the score of responses that end without EOS (null: no penalty), e.g. -1.0.
-    missing_eos_penalty: float | None = None
-    whiten_advantages: bool = True
-    # Log a table of sample prompts, responses and scores every this many steps (0: never).
-    log_samples_every: int = 10
-    # Prompts of the validation split scored at each validation (null: all).
-    limit_eval_batches: int | None = 2
+    ppo_epochs: int = MISSING
+    minibatch_size: int = MISSING
+    clip_range: float = MISSING
+    value_clip_range: float = MISSING
+    vf_coef: float = MISSING
+    entropy_coef: float = MISSING
+    gamma: float = MISSING
+    lam: float = MISSING
+    kl_coef: float = MISSING
+    kl_estimator: str = MISSING
+    kl_target: float | None = MISSING
+    kl_horizon: int = MISSING
+    max_approx_kl: float | None = MISSING
+    reward_norm: str = MISSING
+    reward_clip: float | None = MISSING
+    missing_eos_penalty: float | None = MISSING
+    whiten_advantages: bool = MISSING
+    log_samples_every: int = MISSING
 
     def problems(self) -> list[tuple[str, str]]:
         out = super().problems()
@@ -363,16 +330,6 @@ class PPOStageConfig(StageConfig):
         for key in positive:
             if getattr(self, key) < 1:
                 out.append((key, f"must be >= 1, got {getattr(self, key)}"))
-        if self.rollout.batch_size < 1:
-            out.append(("rollout.batch_size", f"must be >= 1, got {self.rollout.batch_size}"))
-        if self.rollout.max_new_tokens < 1:
-            out.append(("rollout.max_new_tokens", f"must be >= 1, got {self.rollout.max_new_tokens}"))
-        if not self.rollout.temperature > 0:
-            out.append(("rollout.temperature", f"must be > 0, got {self.rollout.temperature}"))
-        if not 0 < self.rollout.top_p <= 1:
-            out.append(("rollout.top_p", f"must be in (0, 1], got {self.rollout.top_p}"))
-        if self.rollout.top_k < 0:
-            out.append(("rollout.top_k", f"must be >= 0, got {self.rollout.top_k}"))
         if self.minibatch_size > self.rollout.batch_size:
             out.append(("minibatch_size", f"must be <= stage.rollout.batch_size ({self.rollout.batch_size}), got {self.minibatch_size}"))
         for key in ("clip_range", "value_clip_range"):
@@ -395,33 +352,24 @@ class PPOStageConfig(StageConfig):
             out.append(("critic_lr", f"must be > 0 or null, got {self.critic_lr}"))
         if self.log_samples_every < 0:
             out.append(("log_samples_every", f"must be >= 0, got {self.log_samples_every}"))
+        if self.batch_size != self.rollout.batch_size:
+            out.append(("batch_size", "PPO's batch is a rollout batch; set stage.rollout.batch_size"))
         return out
+
 
 
 @dataclass
 class EvalStageConfig(BaseStageConfig):
     """Compares policies on held-out prompts; nothing is trained."""
 
-    name: str = "eval"
-    # The policies to compare, each base, latest:<stage> (the newest finished run of that stage),
-    # a directory or runs:/<run_id>/model. The first is the baseline of the win rates.
-    # null: the newest PPO policy and, first, the SFT policy it started from.
-    policies: list[str] | None = None
-    # Reward model that scores the responses: lineage (the PPO run's reward model), latest,
-    # a directory, runs:/<run_id>/model, or fn:module.function.
-    reward_from: str = "lineage"
-    # Reference policy of the KL estimates: lineage (the PPO run's starting policy), or a model source.
-    reference: str = "lineage"
-    # Held-out prompts: data.prompts' split, at most num_prompts of them.
-    split: str = "test"
-    num_prompts: int = 64
-    # Sampling: responses are drawn with a fixed seed, the same for every policy; rollout.batch_size
-    # prompts per generation and scoring batch.
+    policies: list[str] | None = MISSING
+    reward_from: str = MISSING
+    reference: str = MISSING
+    split: str = MISSING
+    num_prompts: int = MISSING
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    # Examples of data.sft's test split for each policy's perplexity (0: skip).
-    perplexity_examples: int = 64
-    # Confidence level of the win-rate intervals (Wilson).
-    confidence: float = 0.95
+    perplexity_examples: int = MISSING
+    confidence: float = MISSING
 
     def problems(self) -> list[tuple[str, str]]:
         out = super().problems()
@@ -429,14 +377,10 @@ class EvalStageConfig(BaseStageConfig):
             out.append(("policies", "must name at least one policy, or be null"))
         if self.num_prompts < 1:
             out.append(("num_prompts", f"must be >= 1, got {self.num_prompts}"))
-        if self.rollout.batch_size < 1:
-            out.append(("rollout.batch_size", f"must be >= 1, got {self.rollout.batch_size}"))
         if self.perplexity_examples < 0:
             out.append(("perplexity_examples", f"must be >= 0, got {self.perplexity_examples}"))
         if not 0 < self.confidence < 1:
             out.append(("confidence", f"must be in (0, 1), got {self.confidence}"))
-        if not self.rollout.temperature > 0:
-            out.append(("rollout.temperature", f"must be > 0, got {self.rollout.temperature}"))
         return out
 
 

@@ -105,7 +105,11 @@ def assert_applied(cfg: DictConfig, path: Path, package: str, skip: set[str] = f
         full = f"{package}.{key}" if package else key
         if full in skip:
             continue
-        actual = OmegaConf.select(cfg, full, default=_ABSENT)
+        # An interpolation is compared as written, not as resolved.
+        parent, _, leaf = full.rpartition(".")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        raw = node._get_node(leaf) if isinstance(node, DictConfig) and leaf in node else None
+        actual = raw._value() if raw is not None and OmegaConf.is_interpolation(node, leaf) else OmegaConf.select(cfg, full, default=_ABSENT)
         if isinstance(actual, (DictConfig, ListConfig)):
             actual = OmegaConf.to_container(actual, resolve=False)
         assert actual is not _ABSENT, f"{path.relative_to(CONF)} sets {full}, absent from the composed config"
@@ -494,3 +498,43 @@ def test_trainer_override_lands_in_trainer(compose):
     run = validate(compose(["experiment=smoke", "tracking=none", "trainer.max_steps=7"]))
     assert run.trainer["max_steps"] == 7
     assert run.model.name == "tiny"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One place for each stage default: the stage's YAML, or (for a key no YAML sets) its schema
+
+
+def _schema_defaults(schema: type, prefix: str = "") -> dict[str, Any]:
+    """The schema's own defaults by dotted key (MISSING ones left out), nested dataclasses flattened."""
+    import dataclasses
+
+    out = {}
+    for f in dataclasses.fields(schema):
+        if f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        elif f.default is not dataclasses.MISSING:
+            value = f.default
+        else:
+            continue
+        if dataclasses.is_dataclass(value):
+            out.update(_schema_defaults(type(value), f"{prefix}{f.name}."))
+        elif value != "???":
+            out[f"{prefix}{f.name}"] = value
+    return out
+
+
+@pytest.mark.parametrize("stage", options("stage"))
+def test_each_stage_default_lives_in_one_place(compose, stage):
+    from rlhf.config import STAGE_SCHEMAS
+
+    cfg = compose([f"stage={stage}"])
+    schema = OmegaConf.get_type(cfg.stage)
+    assert schema is STAGE_SCHEMAS[stage]
+    both = sorted(set(leaves(option_file("stage", stage))) & set(_schema_defaults(schema)))
+    assert not both, (
+        f"conf/stage/{stage}.yaml sets {both}, which {schema.__name__} also defaults: "
+        "keep the default in the YAML and declare the field MISSING in the schema"
+    )
+    # Every key the schema leaves to the YAML has a value there.
+    missing = sorted(OmegaConf.missing_keys(cfg.stage))
+    assert not missing, f"stage={stage} leaves {missing} without a value"

@@ -25,7 +25,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import hydra
 import pytorch_lightning as pl
@@ -113,7 +113,7 @@ class FlopCount:
         )
 
     def step(self, batch: dict) -> float:
-        tokens = _tokens(batch)
+        tokens = count_tokens(batch)
         trained = float((batch["labels"] != -100).sum()) if "labels" in batch and self.head else 0.0
         return (
             (4 * self.body + 2 * self.body_trainable) * tokens
@@ -178,52 +178,18 @@ class Workload:
     unit: str  # what throughput counts: tokens, pairs, episodes
     count: Callable[[dict], float]
     flops: FlopCount | None  # None: no MFU (PPO mixes several models and generation)
+    # What is trained on, for the printed figures; empty: the configured data or the synthetic batches.
+    described: str = ""
+    # Extra callbacks timing the stage's own parts, and the figures they add once training ends.
+    callbacks: list[pl.Callback] = field(default_factory=list)
+    figures: Callable[[], dict[str, float]] = dict
 
 
-def _random_ids(generator: torch.Generator, length: int, vocab: int) -> list[int]:
+def random_ids(generator: torch.Generator, length: int, vocab: int) -> list[int]:
     return torch.randint(10, vocab, (length,), generator=generator).tolist()
 
 
-def _sft_workload(job, run, settings) -> Workload:
-    if settings["synthetic"]:
-        generator = torch.Generator().manual_seed(run.seed)
-        vocab = job.module.model.config.vocab_size
-        items = []
-        for _ in range(settings["batch_size"]):
-            ids = _random_ids(generator, settings["length"], vocab)
-            items.append({"input_ids": ids, "labels": [-100, *ids[1:]]})  # every token trained
-        job.datamodule.splits["train"] = items * (run.trainer["max_steps"] + 1)
-    return Workload("tokens", _tokens, FlopCount.of(job.module.model, lm_head=True))
-
-
-def _rm_workload(job, run, settings) -> Workload:
-    from rlhf.models import unwrap
-
-    model = unwrap(job.module.model)
-    if settings["synthetic"]:
-        generator = torch.Generator().manual_seed(run.seed)
-        vocab = model.config.vocab_size
-        items = [
-            {
-                "chosen": _random_ids(generator, settings["length"], vocab),
-                "rejected": _random_ids(generator, settings["length"], vocab),
-                "margin": 0.0,
-            }
-            for _ in range(settings["batch_size"])
-        ]
-        job.datamodule.splits["train"] = items * (run.trainer["max_steps"] + 1)
-    flops = FlopCount.of(job.module.model, lm_head=False)
-    return Workload("pairs", lambda batch: float(batch["margin"].shape[0]), flops)
-
-
-def _ppo_workload(job, run, settings) -> Workload:
-    return Workload("episodes", lambda batch: float(len(batch["prompt_ids"])), None)
-
-
-WORKLOADS = {"sft": _sft_workload, "rm": _rm_workload, "ppo": _ppo_workload}
-
-
-def _tokens(batch: dict) -> float:
+def count_tokens(batch: dict) -> float:
     return float(batch["attention_mask"].sum()) if "attention_mask" in batch else 0.0
 
 
@@ -231,7 +197,7 @@ def _tokens(batch: dict) -> float:
 def _bench(cfg: DictConfig) -> None:
     from rlhf.__main__ import job_info, quiet_libraries
     from rlhf.config import validate
-    from rlhf.stages import get_stage
+    from rlhf.stages import get_stage, load
     from rlhf.tracking import peak_memory, recorded, start_tracker
     from rlhf.training import build_trainer
 
@@ -243,31 +209,31 @@ def _bench(cfg: DictConfig) -> None:
         cfg.trainer.limit_val_batches = 0
         cfg.trainer.enable_progress_bar = False
         cfg.tracking.run_name = f"bench {cfg.stage.name}-{cfg.model.name}"
-        if cfg.stage.name == "ppo":
+        if "rollout" in cfg.stage:  # a stage that samples: its batch is a rollout batch
             cfg.stage.rollout.batch_size = settings["batch_size"]
     run = validate(cfg)
     rate = MatmulRate(settings["warmup"])
     rate.sample(8)
     tracker = start_tracker(run, job_info())
+    stage = get_stage(run.stage.name)
+    if stage.bench is None:
+        sys.exit(f"rlhf.bench: error: stage={stage.name} has no benchmark workload")
     with recorded(tracker):
-        job = get_stage(run.stage.name)(run, tracker)
-        workload = WORKLOADS[run.stage.name](job, run, settings)
-        if run.stage.name != "ppo":
-            job.datamodule.batch_size = settings["batch_size"]
-        counts = {workload.unit: workload.count, "tokens": _tokens}
+        job = stage.build(run, tracker)
+        workload = load(stage.bench)(job, run, settings)
+        counts = {workload.unit: workload.count, "tokens": count_tokens}
         if workload.flops is not None:
             counts["flops"] = workload.flops.step
         timer = StepTimer(settings["warmup"], counts)
-        split = PPOTimeSplit(settings["warmup"])
         # The rate is sampled last, after the timer has stopped.
-        callbacks = [*job.callbacks, timer] + ([split] if run.stage.name == "ppo" else []) + [rate]
+        callbacks = [*job.callbacks, timer, *workload.callbacks, rate]
         trainer = build_trainer(
             run, tracker, run.output_dir, callbacks, manual_optimization=not job.module.automatic_optimization
         )
         trainer.fit(job.module, datamodule=job.datamodule)
         rate.sample(8)
-        if run.stage.name == "ppo":
-            described = f"{run.data.name} prompts, rollout batch {settings['batch_size']}"
+        if workload.described:
+            described = workload.described
         elif settings["synthetic"]:
             described = f"synthetic {settings['batch_size']} x {settings['length']} tokens"
         else:
@@ -289,8 +255,7 @@ def _bench(cfg: DictConfig) -> None:
             figures["model_gflops"] = round(achieved / 1e9, 1)
             figures["mfu"] = round(achieved / rate.sustained, 3)
             figures["mfu_of_peak"] = round(achieved / rate.peak, 3)
-        if run.stage.name == "ppo":
-            figures.update(split.averages())
+        figures.update(workload.figures())
         figures.update({k: round(v, 1) for k, v in peak_memory().items()})
         tracker.log_metrics({f"bench/{k}": v for k, v in figures.items() if isinstance(v, (int, float))})
     print(json.dumps(figures, indent=2), file=sys.stdout)

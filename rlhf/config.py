@@ -233,44 +233,9 @@ class StageConfig(BaseStageConfig):
 
 
 
-@dataclass
-class SFTStageConfig(StageConfig):
-    init_from: str = MISSING
-    num_samples: int = MISSING
-    sample_max_new_tokens: int = MISSING
-
-    def problems(self) -> list[tuple[str, str]]:
-        out = super().problems()
-        if self.num_samples < 0:
-            out.append(("num_samples", f"must be >= 0, got {self.num_samples}"))
-        if self.sample_max_new_tokens < 1:
-            out.append(("sample_max_new_tokens", f"must be >= 1, got {self.sample_max_new_tokens}"))
-        return out
 
 
 
-@dataclass
-class RMStageConfig(StageConfig):
-    init_from: str = MISSING
-    share_prefix: bool = MISSING
-    group_by_record: bool = MISSING
-    use_margin: bool = MISSING
-    center_rewards: float = MISSING
-    calibration_bins: int = MISSING
-    gold_eval_prompts: int = MISSING
-    gold_eval_max_new_tokens: int = MISSING
-
-    def problems(self) -> list[tuple[str, str]]:
-        out = super().problems()
-        if self.center_rewards < 0:
-            out.append(("center_rewards", f"must be >= 0, got {self.center_rewards}"))
-        if self.calibration_bins < 2:
-            out.append(("calibration_bins", f"must be >= 2, got {self.calibration_bins}"))
-        if self.gold_eval_prompts < 0:
-            out.append(("gold_eval_prompts", f"must be >= 0, got {self.gold_eval_prompts}"))
-        if self.gold_eval_max_new_tokens < 1:
-            out.append(("gold_eval_max_new_tokens", f"must be >= 1, got {self.gold_eval_max_new_tokens}"))
-        return out
 
 
 
@@ -298,90 +263,9 @@ class RolloutConfig:
         return out
 
 
-@dataclass
-class PPOStageConfig(StageConfig):
-    policy_from: str = MISSING
-    reward_from: str = MISSING
-    critic: str = MISSING
-    critic_lr: float | None = MISSING
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    ppo_epochs: int = MISSING
-    minibatch_size: int = MISSING
-    clip_range: float = MISSING
-    value_clip_range: float = MISSING
-    vf_coef: float = MISSING
-    entropy_coef: float = MISSING
-    gamma: float = MISSING
-    lam: float = MISSING
-    kl_coef: float = MISSING
-    kl_estimator: str = MISSING
-    kl_target: float | None = MISSING
-    kl_horizon: int = MISSING
-    max_approx_kl: float | None = MISSING
-    reward_norm: str = MISSING
-    reward_clip: float | None = MISSING
-    missing_eos_penalty: float | None = MISSING
-    whiten_advantages: bool = MISSING
-    log_samples_every: int = MISSING
-
-    def problems(self) -> list[tuple[str, str]]:
-        out = super().problems()
-        positive = ("ppo_epochs", "minibatch_size", "kl_horizon")
-        for key in positive:
-            if getattr(self, key) < 1:
-                out.append((key, f"must be >= 1, got {getattr(self, key)}"))
-        if self.minibatch_size > self.rollout.batch_size:
-            out.append(("minibatch_size", f"must be <= stage.rollout.batch_size ({self.rollout.batch_size}), got {self.minibatch_size}"))
-        for key in ("clip_range", "value_clip_range"):
-            if not getattr(self, key) > 0:
-                out.append((key, f"must be > 0, got {getattr(self, key)}"))
-        for key in ("vf_coef", "entropy_coef", "kl_coef"):
-            if getattr(self, key) < 0:
-                out.append((key, f"must be >= 0, got {getattr(self, key)}"))
-        if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
-            out.append(("gamma" if not 0 <= self.gamma <= 1 else "lam", "must be in [0, 1]"))
-        if self.kl_estimator not in ("k1", "k3"):
-            out.append(("kl_estimator", f"must be k1 or k3, got {self.kl_estimator!r}"))
-        if self.kl_target is not None and not self.kl_target > 0:
-            out.append(("kl_target", f"must be > 0 or null, got {self.kl_target}"))
-        if self.critic not in ("separate", "shared"):
-            out.append(("critic", f"must be separate or shared, got {self.critic!r}"))
-        if self.reward_norm not in ("auto", "model", "running", "none"):
-            out.append(("reward_norm", f"must be auto, model, running or none, got {self.reward_norm!r}"))
-        if self.critic_lr is not None and not self.critic_lr > 0:
-            out.append(("critic_lr", f"must be > 0 or null, got {self.critic_lr}"))
-        if self.log_samples_every < 0:
-            out.append(("log_samples_every", f"must be >= 0, got {self.log_samples_every}"))
-        if self.batch_size != self.rollout.batch_size:
-            out.append(("batch_size", "PPO's batch is a rollout batch; set stage.rollout.batch_size"))
-        return out
 
 
 
-@dataclass
-class EvalStageConfig(BaseStageConfig):
-    """Compares policies on held-out prompts; nothing is trained."""
-
-    policies: list[str] | None = MISSING
-    reward_from: str = MISSING
-    reference: str = MISSING
-    split: str = MISSING
-    num_prompts: int = MISSING
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    perplexity_examples: int = MISSING
-    confidence: float = MISSING
-
-    def problems(self) -> list[tuple[str, str]]:
-        out = super().problems()
-        if self.policies is not None and len(self.policies) < 1:
-            out.append(("policies", "must name at least one policy, or be null"))
-        if self.num_prompts < 1:
-            out.append(("num_prompts", f"must be >= 1, got {self.num_prompts}"))
-        if self.perplexity_examples < 0:
-            out.append(("perplexity_examples", f"must be >= 0, got {self.perplexity_examples}"))
-        if not 0 < self.confidence < 1:
-            out.append(("confidence", f"must be in (0, 1), got {self.confidence}"))
-        return out
 
 
 @dataclass
@@ -415,7 +299,7 @@ class TrackingConfig:
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    # The stage's hyperparameters; its schema (SFTStageConfig, ...) is chosen by the stage group.
+    # The stage's hyperparameters; its schema (rlhf.stages.<name>) is chosen by the stage group.
     stage: Any = MISSING
     # Any argument of lightning.Trainer (max_steps, max_epochs, accumulate_grad_batches,
     # gradient_clip_val, precision, accelerator, devices, strategy, ...). The hardware group writes here.
@@ -440,20 +324,14 @@ class RunConfig:
         return out
 
 
-STAGE_SCHEMAS: dict[str, type[BaseStageConfig]] = {
-    "sft": SFTStageConfig,
-    "rm": RMStageConfig,
-    "ppo": PPOStageConfig,
-    "eval": EvalStageConfig,
-}
-
-
 def register_configs() -> None:
     """Register the schemas with Hydra: the root, and one per stage (stage/<name>.yaml extends it)."""
     cs = ConfigStore.instance()
     cs.store(name="rlhf_schema", node=RunConfig)
-    for name, schema in STAGE_SCHEMAS.items():
-        cs.store(group="schema/stage", name=name, node=schema)
+    from rlhf.stages import stages
+
+    for stage in stages().values():
+        cs.store(group="schema/stage", name=stage.name, node=stage.schema)
     register_sweeps(cs)
 
 
@@ -546,9 +424,12 @@ def _unknown_keys(node: Any, prefix: str = "") -> list[str]:
 
 def _other_stages_key(key: str, full_key: str, object_type: type, multirun: bool) -> str:
     """For a stage key the composed stage lacks: which stages have it, and how to set it in a sweep."""
-    if full_key != f"stage.{key}" or object_type not in STAGE_SCHEMAS.values():
+    from rlhf.stages import stages
+
+    schemas = {stage.name: stage.schema for stage in stages().values()}
+    if full_key != f"stage.{key}" or object_type not in schemas.values():
         return ""
-    owners = [name for name, schema in STAGE_SCHEMAS.items() if key in {f.name for f in fields(schema)}]
+    owners = [name for name, schema in schemas.items() if key in {f.name for f in fields(schema)}]
     if not owners:
         return ""
     hint = f"; it is a key of stage={'|'.join(owners)}"
@@ -597,6 +478,8 @@ def describe_compose_error(err: BaseException, multirun: bool = False) -> str:
 
 def validate(cfg: DictConfig) -> RunConfig:
     """Check a composed config and return it as typed objects; ConfigError names the first bad key."""
+    from rlhf.stages import stages
+
     unknown = _unknown_keys(cfg)
     if unknown:
         raise ConfigError(unknown[0])
@@ -606,7 +489,7 @@ def validate(cfg: DictConfig) -> RunConfig:
         raise ConfigError(describe_compose_error(err)) from None
     if not isinstance(run.stage, BaseStageConfig):
         raise ConfigError(
-            "stage: choose a stage with stage=<name>, one of " + ", ".join(sorted(STAGE_SCHEMAS))
+            "stage: choose a stage with stage=<name>, one of " + ", ".join(sorted(stages()))
         )
     problems = _collect_problems(run, "")
     if problems:

@@ -118,11 +118,12 @@ def load_reward(
     from rlhf import models
     from rlhf.data.tokenize import ChatRenderer
     from rlhf.lineage import resolve_source, tag_name
+    from rlhf.stages import upstream
 
     if spec.startswith("fn:"):
         tracker.set_tags({tag_name(key): spec})
         return FunctionReward(load_function(spec[len("fn:") :], key), policy_tokenizer), None
-    source = resolve_source(spec, key, "rm", tracker)
+    source = resolve_source(spec, key, upstream(run.stage.name, key), tracker)
     if source.location is None:
         raise ConfigError(f"{key}=base: a reward model must be trained; use latest, a path, or fn:...")
     tokenizer = models.load_tokenizer(run.model, source.location)

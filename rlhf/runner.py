@@ -65,7 +65,7 @@ def execute(run: RunConfig, job: JobInfo) -> float | None:
         if resume:
             log.info("Resuming from %s", resume.checkpoint)
             tracker.set_tags({"rlhf.resumed_from": resume.checkpoint})
-        job_parts = get_stage(run.stage.name)(run, tracker)
+        job_parts = get_stage(run.stage.name).build(run, tracker)
         if job_parts.module is None:  # nothing to train (eval)
             metrics = job_parts.finish(None, output_dir)
             tracker.log_metrics(peak_memory())

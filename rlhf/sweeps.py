@@ -21,18 +21,12 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger(__name__)
 
 
-# The metric each stage returns to a sweeper by default, and which way is better.
-OBJECTIVES = {
-    "sft": ("val/loss", "minimize"),
-    "rm": ("val/accuracy", "maximize"),
-    "ppo": ("val/score_raw", "maximize"),
-    "eval": ("eval/win_rate_rm", "maximize"),
-}
-
-
 def objective(stage: str, optimized_metric: str | None, direction: str | None = None) -> tuple[str, str]:
     """(metric, direction) of a sweep: the configured metric or the stage's default."""
-    default_metric, default_direction = OBJECTIVES.get(stage, ("val/loss", "minimize"))
+    from rlhf.stages import stages
+
+    known = stages()
+    default_metric, default_direction = known[stage].objective if stage in known else ("val/loss", "minimize")
     metric = optimized_metric or default_metric
     if direction is None:
         direction = default_direction if metric == default_metric else ("minimize" if "loss" in metric else "maximize")

@@ -289,7 +289,7 @@ REJECTIONS = {
     "unknown-stage": Rejection(("stage=nope",), "stage", ("nope", *options("stage"))),
     "added-root-key": Rejection(("+foo=1",), "foo"),
     "added-stage-key": Rejection(("+stage.bar=2",), "stage.bar"),
-    "other-stage-key": Rejection(("stage.reward_from=x",), "stage.reward_from", ("stage=ppo|eval",)),
+    "other-stage-key": Rejection(("stage.reward_from=x",), "stage.reward_from", ("stage=eval|ppo",)),
     # A multirun composes its default stage (sft) before sweeping; `++` is the way in for the swept stages' keys.
     "multirun-stage-key": Rejection(("-m", "stage=ppo,eval", "stage.reward_from=x"), "stage.reward_from", ("++",)),
     "multirun-forced-stage-key-reaches-the-jobs": Rejection(
@@ -525,11 +525,11 @@ def _schema_defaults(schema: type, prefix: str = "") -> dict[str, Any]:
 
 @pytest.mark.parametrize("stage", options("stage"))
 def test_each_stage_default_lives_in_one_place(compose, stage):
-    from rlhf.config import STAGE_SCHEMAS
+    from rlhf.stages import get_stage
 
     cfg = compose([f"stage={stage}"])
     schema = OmegaConf.get_type(cfg.stage)
-    assert schema is STAGE_SCHEMAS[stage]
+    assert schema is get_stage(stage).schema
     both = sorted(set(leaves(option_file("stage", stage))) & set(_schema_defaults(schema)))
     assert not both, (
         f"conf/stage/{stage}.yaml sets {both}, which {schema.__name__} also defaults: "

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from rlhf import rl
-from rlhf.stages.ppo import Rollout, _scatter, disable_dropout
+from rlhf.stages.ppo.module import Rollout, _scatter, disable_dropout
 
 TOL = 1e-6
 
@@ -342,7 +342,7 @@ def test_scatter_puts_values_at_the_mask_positions():
 
 
 def _ppo_quantities(logprobs, ref_logprobs, values, new_logprobs, new_values, estimator):
-    """What a PPO iteration computes from one rollout, in the order rlhf.stages.ppo computes it."""
+    """What a PPO iteration computes from one rollout, in the order rlhf.stages.ppo.module computes it."""
     mask = RESPONSE_MASK.to(logprobs.dtype)
     scores = torch.tensor([1.5, -0.5], dtype=logprobs.dtype)
     kl = rl.kl_penalty(logprobs, ref_logprobs, estimator) * mask

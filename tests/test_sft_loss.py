@@ -11,7 +11,7 @@ from rlhf.data.prepare import CausalLMCollator
 from rlhf.data.tokenize import sft_features
 from rlhf.models import load_causal_lm
 from rlhf.policy import completion_loss
-from rlhf.stages.sft import SFTModule, trained_tokens_per_example
+from rlhf.stages.sft.module import SFTModule, trained_tokens_per_example
 
 BATCH = 4
 # Demonstrations from 2 to 40 tokens long, as short answers and padded ones are in the shipped task.

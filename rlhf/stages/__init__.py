@@ -1,7 +1,16 @@
-"""The stages a run can be: a closed set, looked up by `stage.name`."""
+"""The stages a run can be, one package each, and the one table that describes them.
+
+A stage is a subpackage of rlhf.stages whose `__init__` defines its config schema and `STAGE`, its
+descriptor, and whose `module` holds the training code, imported only when the stage runs. The entry
+point, validation, sweeps, lineage and the benchmark all read the descriptors: adding a stage touches
+its package, its YAML (conf/stage/<name>.yaml) and its tests.
+"""
 
 from __future__ import annotations
 
+import functools
+import importlib
+import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +21,25 @@ if TYPE_CHECKING:
 
     from rlhf.config import RunConfig
     from rlhf.tracking import Tracker
+
+
+@dataclass(frozen=True)
+class Stage:
+    # stage.name, the option of the stage group.
+    name: str
+    # Its config dataclass, registered in Hydra's ConfigStore as schema/stage/<name>.
+    schema: type
+    # "rlhf.stages.ppo.module:build", imported only when the stage runs.
+    builder: str
+    # Config key -> the stage whose newest finished run `latest` finds, e.g. {"policy_from": "sft"}.
+    sources: dict[str, str]
+    # Default metric a sweep optimises and its direction, e.g. ("val/loss", "minimize").
+    objective: tuple[str, str]
+    # "module:function" giving the rlhf.bench workload, None if not benchmarked.
+    bench: str | None = None
+
+    def build(self, run: RunConfig, tracker: Tracker) -> StageJob:
+        return load(self.builder)(run, tracker)
 
 
 @dataclass
@@ -27,39 +55,32 @@ class StageJob:
     callbacks: list[pl.Callback] = field(default_factory=list)
 
 
-Builder = Callable[["RunConfig", "Tracker"], StageJob]
+def load(target: str) -> Callable:
+    """The function a "package.module:function" string names."""
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
-def _sft(run: RunConfig, tracker: Tracker) -> StageJob:
-    from rlhf.stages import sft
-
-    return sft.build(run, tracker)
-
-
-def _rm(run: RunConfig, tracker: Tracker) -> StageJob:
-    from rlhf.stages import rm
-
-    return rm.build(run, tracker)
-
-
-def _ppo(run: RunConfig, tracker: Tracker) -> StageJob:
-    from rlhf.stages import ppo
-
-    return ppo.build(run, tracker)
+@functools.cache
+def stages() -> dict[str, Stage]:
+    """Every stage, by name: the subpackages of rlhf.stages, each exposing STAGE."""
+    found = {}
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        if info.ispkg:
+            stage = importlib.import_module(f"{__name__}.{info.name}").STAGE
+            found[stage.name] = stage
+    return found
 
 
-def _eval(run: RunConfig, tracker: Tracker) -> StageJob:
-    from rlhf.stages import eval as evaluation
-
-    return evaluation.build(run, tracker)
-
-
-STAGES: dict[str, Builder] = {"sft": _sft, "rm": _rm, "ppo": _ppo, "eval": _eval}
-
-
-def get_stage(name: str) -> Builder:
+def get_stage(name: str) -> Stage:
     from rlhf.errors import ConfigError
 
-    if name not in STAGES:
-        raise ConfigError(f"stage.name: unknown stage {name!r}; choose one of {', '.join(STAGES)}")
-    return STAGES[name]
+    known = stages()
+    if name not in known:
+        raise ConfigError(f"stage.name: unknown stage {name!r}; choose one of {', '.join(known)}")
+    return known[name]
+
+
+def upstream(stage: str, key: str) -> str | None:
+    """The stage whose newest finished run `latest` finds for `key` (stage.policies.0 -> policies)."""
+    return get_stage(stage).sources.get(key.removeprefix("stage.").split(".")[0])

@@ -18,7 +18,7 @@ import pytorch_lightning as pl
 import torch
 
 from rlhf import models, optim, rl
-from rlhf.config import PPOStageConfig, RunConfig
+from rlhf.config import RunConfig
 from rlhf.data.loading import ExamplesDataModule, attention_mask, pad, position_ids
 from rlhf.data.prepare import prepare_prompts
 from rlhf.data.tokenize import ChatRenderer
@@ -28,6 +28,7 @@ from rlhf.policy import eos_ids, generate, join_prompt_response, response_logpro
 from rlhf.rewards import RewardSource, load_function, load_reward
 from rlhf.scalar import token_scores
 from rlhf.stages import StageJob
+from rlhf.stages.ppo import STAGE, PPOStageConfig
 from rlhf.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -357,7 +358,7 @@ class PromptCollator:
 
 def build(run: RunConfig, tracker: Tracker) -> StageJob:
     stage: PPOStageConfig = run.stage
-    policy_source = resolve_source(stage.policy_from, "stage.policy_from", "sft", tracker)
+    policy_source = resolve_source(stage.policy_from, "stage.policy_from", STAGE.sources["policy_from"], tracker)
     tokenizer = models.load_tokenizer(run.model, policy_source.location)
     renderer = ChatRenderer(tokenizer, run.data.chat_template)
     gold = load_function(run.data.gold_reward, "data.gold_reward") if run.data.gold_reward else None
@@ -424,3 +425,13 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
         return metrics
 
     return StageJob(module, datamodule, finish, callbacks=[])
+
+
+def bench_workload(job: StageJob, run: RunConfig, settings: dict[str, int]):
+    """rlhf.bench's fixed workload for this stage: the configured prompts, a rollout batch of
+    bench.batch_size, and the time split between generation, scoring and training."""
+    from rlhf.bench import PPOTimeSplit, Workload
+
+    split = PPOTimeSplit(settings["warmup"])
+    described = f"{run.data.name} prompts, rollout batch {settings['batch_size']}"
+    return Workload("episodes", lambda batch: float(len(batch["prompt_ids"])), None, described, [split], split.averages)

@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 import torch
 
 from rlhf import models, optim
-from rlhf.config import RunConfig, SFTStageConfig
+from rlhf.config import RunConfig
 from rlhf.data.formats import prompt_text
 from rlhf.data.loading import ExamplesDataModule
 from rlhf.data.prepare import CausalLMCollator, prepare_sft
@@ -18,6 +18,7 @@ from rlhf.data.tokenize import IGNORE_INDEX, ChatRenderer
 from rlhf.lineage import resolve_source
 from rlhf.policy import completion_loss, eos_ids, generate
 from rlhf.stages import StageJob
+from rlhf.stages.sft import STAGE, SFTStageConfig
 from rlhf.tracking import Tracker
 from rlhf.training import Throughput, logs_this_step
 
@@ -94,7 +95,7 @@ def _count_tokens(batch: dict) -> dict[str, float]:
 
 def build(run: RunConfig, tracker: Tracker) -> StageJob:
     stage: SFTStageConfig = run.stage
-    source = resolve_source(stage.init_from, "stage.init_from", None, tracker)
+    source = resolve_source(stage.init_from, "stage.init_from", STAGE.sources.get("init_from"), tracker)
     tokenizer = models.load_tokenizer(run.model, source.location)
     renderer = ChatRenderer(tokenizer, run.data.chat_template)
     # Data before weights: a bad file fails in seconds, not after the model has loaded.
@@ -153,3 +154,19 @@ def _log_samples(model, tokenizer, renderer, prompts, references, stage: SFTStag
     tracker.log_table({"prompt": as_str, "response": texts, "reference": refs}, "samples/validation.json")
     for prompt, text in zip(as_str, texts):
         log.info("sample | %s -> %s", prompt[:80], text[:120])
+
+
+def bench_workload(job: StageJob, run: RunConfig, settings: dict[str, int]):
+    """rlhf.bench's fixed workload for this stage."""
+    from rlhf.bench import FlopCount, Workload, count_tokens, random_ids
+
+    job.datamodule.batch_size = settings["batch_size"]
+    if settings["synthetic"]:
+        generator = torch.Generator().manual_seed(run.seed)
+        vocab = job.module.model.config.vocab_size
+        items = []
+        for _ in range(settings["batch_size"]):
+            ids = random_ids(generator, settings["length"], vocab)
+            items.append({"input_ids": ids, "labels": [-100, *ids[1:]]})  # every token trained
+        job.datamodule.splits["train"] = items * (run.trainer["max_steps"] + 1)
+    return Workload("tokens", count_tokens, FlopCount.of(job.module.model, lm_head=True))

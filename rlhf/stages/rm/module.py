@@ -16,7 +16,7 @@ import pytorch_lightning as pl
 import torch
 
 from rlhf import models, optim, plots
-from rlhf.config import RMStageConfig, RunConfig
+from rlhf.config import RunConfig
 from rlhf.data.formats import prompt_text
 from rlhf.data.loading import ExamplesDataModule, attention_mask, pad
 from rlhf.data.prepare import PairCollator, Prepared, group_comparisons, prepare_preferences
@@ -27,6 +27,7 @@ from rlhf.policy import eos_ids, generate
 from rlhf.rewards import FunctionReward, load_function
 from rlhf.scalar import ensure_distinct_pad, pair_scores, sequence_scores, supports_attention_masks
 from rlhf.stages import StageJob
+from rlhf.stages.rm import STAGE, RMStageConfig
 from rlhf.tracking import Tracker
 from rlhf.training import Throughput, logs_this_step
 
@@ -126,7 +127,7 @@ def _count_pairs(batch: dict) -> dict[str, float]:
 
 def build(run: RunConfig, tracker: Tracker) -> StageJob:
     stage: RMStageConfig = run.stage
-    source = resolve_source(stage.init_from, "stage.init_from", "sft", tracker)
+    source = resolve_source(stage.init_from, "stage.init_from", STAGE.sources["init_from"], tracker)
     tokenizer = models.load_tokenizer(run.model, source.location)
     renderer = ChatRenderer(tokenizer, run.data.chat_template)
     gold = None
@@ -250,3 +251,26 @@ def _gold_agreement(reward_model, tokenizer, renderer, prompts, gold, run: RunCo
     )
     log.info("Reward model agrees with the gold annotator on %.0f%% of %d fresh pairs", 100 * agreement, int(decided.sum()))
     return {"gold/agreement": agreement, "gold/pairs": float(decided.sum()), "gold/policy_mean": float(gold_scores.mean())}
+
+
+def bench_workload(job: StageJob, run: RunConfig, settings: dict[str, int]):
+    """rlhf.bench's fixed workload for this stage."""
+    from rlhf.bench import FlopCount, Workload, random_ids
+    from rlhf.models import unwrap
+
+    model = unwrap(job.module.model)
+    job.datamodule.batch_size = settings["batch_size"]
+    if settings["synthetic"]:
+        generator = torch.Generator().manual_seed(run.seed)
+        vocab = model.config.vocab_size
+        items = [
+            {
+                "chosen": random_ids(generator, settings["length"], vocab),
+                "rejected": random_ids(generator, settings["length"], vocab),
+                "margin": 0.0,
+            }
+            for _ in range(settings["batch_size"])
+        ]
+        job.datamodule.splits["train"] = items * (run.trainer["max_steps"] + 1)
+    flops = FlopCount.of(job.module.model, lm_head=False)
+    return Workload("pairs", lambda batch: float(batch["margin"].shape[0]), flops)

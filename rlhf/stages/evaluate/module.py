@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from rlhf import models, plots
-from rlhf.config import EvalStageConfig, RunConfig
+from rlhf.config import RunConfig
 from rlhf.data.formats import prompt_text
 from rlhf.data.loading import attention_mask, pad
 from rlhf.data.prepare import CausalLMCollator, prepare_prompts, prepare_sft
@@ -28,6 +28,7 @@ from rlhf.lineage import ModelSource, latest_finished_run, resolve_source
 from rlhf.policy import completion_loss, eos_ids, generate, join_prompt_response, response_logprobs
 from rlhf.rewards import load_function, load_reward
 from rlhf.stages import StageJob
+from rlhf.stages.evaluate import STAGE, EvalStageConfig
 from rlhf.tracking import TAG_PREFIX, Tracker
 
 log = logging.getLogger(__name__)
@@ -48,13 +49,14 @@ def _lineage_defaults(stage: EvalStageConfig, tracker: Tracker) -> tuple[list[st
     policies, reward_from, reference = stage.policies, stage.reward_from, stage.reference
     if policies is not None and "lineage" not in (reward_from, reference):
         return policies, reward_from, reference
+    newest = STAGE.sources["policies"]
     if not tracker.active:
-        raise LineageError("stage=eval without stage.policies needs MLflow tracking to find the latest PPO run")
-    ppo = latest_finished_run(tracker.client, tracker.experiment_id, "ppo")
+        raise LineageError(f"stage={STAGE.name} without stage.policies needs MLflow tracking to find the latest {newest} run")
+    ppo = latest_finished_run(tracker.client, tracker.experiment_id, newest)
     if ppo is None:
         raise LineageError(
-            "stage=eval: no finished ppo run in this MLflow experiment to evaluate; run `python -m rlhf stage=ppo` "
-            "first, or set stage.policies=[...] (and stage.reward_from, stage.reference)"
+            f"stage={STAGE.name}: no finished {newest} run in this MLflow experiment to evaluate; run "
+            f"`python -m rlhf stage={newest}` first, or set stage.policies=[...] (and stage.reward_from, stage.reference)"
         )
     tags = ppo.data.tags
     parent = tags.get(f"{TAG_PREFIX}policy_from.run_id")
@@ -82,8 +84,8 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
     stage: EvalStageConfig = run.stage
     specs, reward_spec, reference_spec = _lineage_defaults(stage, tracker)
     # Keys double as tag names (rlhf.policies.0, ...), so they avoid MLflow's forbidden brackets.
-    sources = [resolve_source(spec, f"stage.policies.{i}", "ppo", tracker) for i, spec in enumerate(specs)]
-    reference = resolve_source(reference_spec, "stage.reference", "sft", tracker)
+    sources = [resolve_source(spec, f"stage.policies.{i}", STAGE.sources["policies"], tracker) for i, spec in enumerate(specs)]
+    reference = resolve_source(reference_spec, "stage.reference", STAGE.sources["reference"], tracker)
     tokenizer = models.load_tokenizer(run.model, sources[-1].location)
     renderer = ChatRenderer(tokenizer, run.data.chat_template)
     prompts_data = prepare_prompts(run.data, renderer, run.seed, stage.rollout.max_new_tokens)

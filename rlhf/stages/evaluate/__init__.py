@@ -1,0 +1,52 @@
+"""Evaluation (stage=eval): policies compared on held-out prompts, nothing trained.
+
+The package is not named `eval`, which would shadow the builtin.
+
+Light on purpose: the schema and the descriptor are read when a config is checked, before torch and
+Lightning are imported (module.py holds the training code).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from omegaconf import MISSING
+
+from rlhf.config import BaseStageConfig, RolloutConfig
+from rlhf.stages import Stage
+
+
+@dataclass
+class EvalStageConfig(BaseStageConfig):
+    """Compares policies on held-out prompts; nothing is trained."""
+
+    policies: list[str] | None = MISSING
+    reward_from: str = MISSING
+    reference: str = MISSING
+    split: str = MISSING
+    num_prompts: int = MISSING
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    perplexity_examples: int = MISSING
+    confidence: float = MISSING
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = super().problems()
+        if self.policies is not None and len(self.policies) < 1:
+            out.append(("policies", "must name at least one policy, or be null"))
+        if self.num_prompts < 1:
+            out.append(("num_prompts", f"must be >= 1, got {self.num_prompts}"))
+        if self.perplexity_examples < 0:
+            out.append(("perplexity_examples", f"must be >= 0, got {self.perplexity_examples}"))
+        if not 0 < self.confidence < 1:
+            out.append(("confidence", f"must be in (0, 1), got {self.confidence}"))
+        return out
+
+
+STAGE = Stage(
+    name="eval",
+    schema=EvalStageConfig,
+    builder="rlhf.stages.evaluate.module:build",
+    sources={"policies": "ppo", "reference": "sft", "reward_from": "rm"},
+    objective=("eval/win_rate_rm", "maximize"),
+    bench=None,
+)

@@ -1,0 +1,48 @@
+"""Reward modelling: a scalar head trained with the Bradley-Terry loss on preference pairs.
+
+Light on purpose: the schema and the descriptor are read when a config is checked, before torch and
+Lightning are imported (module.py holds the training code).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from omegaconf import MISSING
+
+from rlhf.config import StageConfig
+from rlhf.stages import Stage
+
+
+@dataclass
+class RMStageConfig(StageConfig):
+    init_from: str = MISSING
+    share_prefix: bool = MISSING
+    group_by_record: bool = MISSING
+    use_margin: bool = MISSING
+    center_rewards: float = MISSING
+    calibration_bins: int = MISSING
+    gold_eval_prompts: int = MISSING
+    gold_eval_max_new_tokens: int = MISSING
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = super().problems()
+        if self.center_rewards < 0:
+            out.append(("center_rewards", f"must be >= 0, got {self.center_rewards}"))
+        if self.calibration_bins < 2:
+            out.append(("calibration_bins", f"must be >= 2, got {self.calibration_bins}"))
+        if self.gold_eval_prompts < 0:
+            out.append(("gold_eval_prompts", f"must be >= 0, got {self.gold_eval_prompts}"))
+        if self.gold_eval_max_new_tokens < 1:
+            out.append(("gold_eval_max_new_tokens", f"must be >= 1, got {self.gold_eval_max_new_tokens}"))
+        return out
+
+
+STAGE = Stage(
+    name="rm",
+    schema=RMStageConfig,
+    builder="rlhf.stages.rm.module:build",
+    sources={"init_from": "sft"},
+    objective=("val/accuracy", "maximize"),
+    bench="rlhf.stages.rm.module:bench_workload",
+)

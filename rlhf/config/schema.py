@@ -1,27 +1,17 @@
-"""The typed schema of a run, registered in Hydra's ConfigStore, and its validation.
-
-Hydra merges the YAML tree (conf/) into these dataclasses, so an unknown key (`stage.lrr=1`) or a
-wrong type (`stage.lr=abc`) fails while the config is composed. `validate` then checks values and
-cross-field constraints and returns plain dataclass objects; it runs before any model loads.
-Every field carries a comment: it is the reference of what each key means.
+"""The typed schema of a run: dataclasses Hydra merges the YAML tree (conf/) into, so an unknown key
+(`stage.lrr=1`) or a wrong type (`stage.lr=abc`) fails while the config is composed, and whose
+`problems` check values and cross-field constraints. The groups' keys are documented here; each
+stage's in its YAML (conf/stage/<name>.yaml), its schema in its package (rlhf.stages.<name>).
 """
 
 from __future__ import annotations
 
-import ast
-import functools
-import importlib.util
-import re
-from dataclasses import dataclass, field, fields, is_dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+from omegaconf import MISSING
 
-from rlhf.errors import ConfigError
-from rlhf.layout import sweep_package, sweeps_dir
+from rlhf.config.trainer import trainer_problems
 
 DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULERS = ("cosine", "linear", "constant")
@@ -320,184 +310,5 @@ class RunConfig:
         out = []
         if isinstance(self.resume, (int, float)) and not isinstance(self.resume, bool):
             out.append(("resume", f"must be true, false, a run id or a checkpoint path, got {self.resume}"))
-        out += _trainer_problems(self.trainer)
+        out += trainer_problems(self.trainer)
         return out
-
-
-def register_configs() -> None:
-    """Register the schemas with Hydra: the root, and one per stage (stage/<name>.yaml extends it)."""
-    cs = ConfigStore.instance()
-    cs.store(name="rlhf_schema", node=RunConfig)
-    from rlhf.stages import stages
-
-    for stage in stages().values():
-        cs.store(group="schema/stage", name=stage.name, node=stage.schema)
-    register_sweeps(cs)
-
-
-def register_sweeps(cs: ConfigStore) -> None:
-    """The files of sweeps/ as the options of the `sweep` group. The folder is named for what it holds
-    while the group keeps the singular name of its option (`-m sweep=ppo_kl`), which a config search
-    path, naming groups after folders, cannot express."""
-    for path in sorted(sweeps_dir().glob("*.yaml")):
-        text = path.read_text()
-        cs.store(group="sweep", name=path.stem, node=OmegaConf.create(text), package=sweep_package(text), provider="rlhf")
-
-
-@functools.cache
-def _trainer_arguments() -> set[str]:
-    """The keyword arguments of lightning's Trainer, read from its source: importing Lightning takes
-    seconds, and a config is checked before anything heavy is imported."""
-    package = importlib.util.find_spec("pytorch_lightning")  # a submodule's spec would import the package
-    tree = ast.parse((Path(package.origin).parent / "trainer" / "trainer.py").read_text())
-    trainer = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Trainer")
-    init = next(n for n in trainer.body if isinstance(n, ast.FunctionDef) and n.name == "__init__")
-    return {a.arg for a in init.args.args + init.args.kwonlyargs} - {"self"}
-
-
-def _trainer_problems(trainer: dict[str, Any]) -> list[tuple[str, str]]:
-    accepted = _trainer_arguments()
-    # These are built by the runner from other config groups.
-    managed = {"logger", "callbacks", "default_root_dir", "enable_checkpointing", "use_distributed_sampler"}
-    out = []
-    for key in trainer:
-        if key in managed:
-            out.append((f"trainer.{key}", "is set by rlhf itself; use the tracking and checkpoint groups"))
-        elif key not in accepted:
-            close = _closest(key, accepted)
-            hint = f"; did you mean trainer.{close}?" if close else ""
-            out.append((f"trainer.{key}", f"is not an argument of lightning.Trainer{hint}"))
-    steps, epochs = trainer.get("max_steps", -1), trainer.get("max_epochs")
-    if steps is not None and steps != -1 and steps < 1:
-        out.append(("trainer.max_steps", f"must be >= 1 or -1, got {steps}"))
-    if epochs is not None and epochs != -1 and epochs < 1:
-        out.append(("trainer.max_epochs", f"must be >= 1 or -1, got {epochs}"))
-    acc = trainer.get("accumulate_grad_batches", 1)
-    if not isinstance(acc, int) or acc < 1:
-        out.append(("trainer.accumulate_grad_batches", f"must be an integer >= 1, got {acc}"))
-    clip = trainer.get("gradient_clip_val")
-    if clip is not None and clip < 0:
-        out.append(("trainer.gradient_clip_val", f"must be >= 0 or null, got {clip}"))
-    return out
-
-
-def _closest(word: str, candidates: set[str]) -> str | None:
-    import difflib
-
-    found = difflib.get_close_matches(word, sorted(candidates), n=1, cutoff=0.75)
-    return found[0] if found else None
-
-
-def _collect_problems(obj: Any, prefix: str) -> list[str]:
-    out = []
-    if hasattr(obj, "problems"):
-        for key, message in obj.problems():
-            full = key if key.startswith("trainer.") else f"{prefix}{key}"
-            out.append(f"{full}: {message}")
-    if is_dataclass(obj):
-        for f in fields(obj):
-            value = getattr(obj, f.name)
-            if is_dataclass(value):
-                out += _collect_problems(value, f"{prefix}{f.name}.")
-    return out
-
-
-def _unknown_keys(node: Any, prefix: str = "") -> list[str]:
-    """Keys added with `+key=value` that the schema does not know (OmegaConf would keep them silently)."""
-    out = []
-    if not isinstance(node, DictConfig):
-        return out
-    schema = OmegaConf.get_type(node)
-    if is_dataclass(schema):
-        known = {f.name for f in fields(schema)}
-        for key in node:
-            if key not in known:
-                close = _closest(str(key), known)
-                hint = f"; did you mean {prefix}{close}?" if close else ""
-                out.append(f"{prefix}{key}: not a config key of {schema.__name__}{hint}")
-    for key in node:
-        child = node._get_node(key)
-        if isinstance(child, DictConfig) and is_dataclass(OmegaConf.get_type(child)):
-            out += _unknown_keys(child, f"{prefix}{key}.")
-    return out
-
-
-def _other_stages_key(key: str, full_key: str, object_type: type, multirun: bool) -> str:
-    """For a stage key the composed stage lacks: which stages have it, and how to set it in a sweep."""
-    from rlhf.stages import stages
-
-    schemas = {stage.name: stage.schema for stage in stages().values()}
-    if full_key != f"stage.{key}" or object_type not in schemas.values():
-        return ""
-    owners = [name for name, schema in schemas.items() if key in {f.name for f in fields(schema)}]
-    if not owners:
-        return ""
-    hint = f"; it is a key of stage={'|'.join(owners)}"
-    if multirun:
-        # Hydra checks a multirun's plain overrides against the config it composes before the sweep,
-        # with the default stage; `++` adds the key there and sets it in each swept stage.
-        hint += f", and a multirun checks it against the default stage before sweeping: write ++{full_key}=..."
-    return hint
-
-
-def describe_compose_error(err: BaseException, multirun: bool = False) -> str:
-    """One line for Hydra's and OmegaConf's composition errors: the key, what is wrong, a suggestion."""
-    # Hydra re-raises a config file's merge error without `from`: the key is on the implicit context.
-    context = err.__context__ if isinstance(err.__context__, OmegaConfBaseException) else None
-    cause = err.__cause__ or context or err
-    full_key = getattr(cause, "full_key", None)
-    source = re.match(r"In '([^']+)'", str(err)) if context is not None else None
-    where = f" (set in {source.group(1)}.yaml)" if source else ""
-    if full_key:
-        message = str(getattr(cause, "msg", cause)).strip().splitlines()[0]
-        if isinstance(cause, MissingMandatoryValue):
-            message = "has no value (???); set it on the command line or in its config group"
-        object_type = getattr(cause, "object_type", None)
-        if "not in" in message and is_dataclass(object_type):
-            key = str(getattr(cause, "key", ""))
-            close = _closest(key, {f.name for f in fields(object_type)})
-            parent = full_key.rpartition(".")[0]
-            if close:
-                message += f"; did you mean {parent + '.' if parent else ''}{close}?"
-            message += _other_stages_key(key, full_key, object_type, multirun)
-        elif "not in struct" in message and full_key.startswith("trainer."):
-            close = _closest(str(getattr(cause, "key", "")), _trainer_arguments())
-            message = (
-                f"not set by the trainer config; did you mean trainer.{close}?"
-                if close
-                else f"not set by the trainer config; add a lightning.Trainer argument with +{full_key}=..."
-            )
-        return f"{full_key}: {message}{where}"
-    options = getattr(err, "options", None)
-    missing = getattr(err, "missing_cfg_file", None)
-    if missing and options:
-        group, _, name = str(missing).rpartition("/")
-        return f"{group}={name}: no such option; choose one of {', '.join(options)}"
-    return " ".join(str(err).replace("\n", " ").split())
-
-
-def validate(cfg: DictConfig) -> RunConfig:
-    """Check a composed config and return it as typed objects; ConfigError names the first bad key."""
-    from rlhf.stages import stages
-
-    unknown = _unknown_keys(cfg)
-    if unknown:
-        raise ConfigError(unknown[0])
-    try:
-        run: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
-    except OmegaConfBaseException as err:
-        raise ConfigError(describe_compose_error(err)) from None
-    if not isinstance(run.stage, BaseStageConfig):
-        raise ConfigError(
-            "stage: choose a stage with stage=<name>, one of " + ", ".join(sorted(stages()))
-        )
-    problems = _collect_problems(run, "")
-    if problems:
-        more = f" (and {len(problems) - 1} more: {'; '.join(problems[1:])})" if len(problems) > 1 else ""
-        raise ConfigError(problems[0] + more)
-    return run
-
-
-def to_container(run: RunConfig) -> dict[str, Any]:
-    """The validated config as plain dicts and lists (for logging and saving)."""
-    return OmegaConf.to_container(OmegaConf.structured(run), resolve=True)  # type: ignore[return-value]

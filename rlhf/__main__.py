@@ -23,15 +23,15 @@ log = logging.getLogger("rlhf")
 register_configs()
 
 
-def job_info():
+def launch_info():
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from rlhf.tracking import JobInfo
+    from rlhf.tracking import Launch
 
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
-    return JobInfo(
+    return Launch(
         output_dir=hc.runtime.output_dir,
         launch_dir=hc.runtime.cwd,
         overrides=list(hc.overrides.task),
@@ -64,7 +64,7 @@ def _app(cfg: DictConfig) -> float | None:
     from rlhf.config import validate
     from rlhf.errors import ConfigError, UserError
 
-    job = job_info()
+    launch = launch_info()
     try:
         # Checked before the heavy libraries are even imported: a bad value fails in a second.
         try:
@@ -72,12 +72,12 @@ def _app(cfg: DictConfig) -> float | None:
         except ConfigError as err:
             from rlhf.tracking import record_rejected
 
-            record_rejected(OmegaConf.to_container(cfg, resolve=False), job, err)
+            record_rejected(OmegaConf.to_container(cfg, resolve=False), launch, err)
             raise
         quiet_libraries()
         from rlhf.runner import execute
 
-        return execute(run, job)
+        return execute(run, launch)
     except UserError as err:
         print(f"rlhf: error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -195,7 +195,7 @@ def count_tokens(batch: dict) -> float:
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
 def _bench(cfg: DictConfig) -> None:
-    from rlhf.__main__ import job_info, quiet_libraries
+    from rlhf.__main__ import launch_info, quiet_libraries
     from rlhf.config import validate
     from rlhf.stages import get_stage, load
     from rlhf.tracking import peak_memory, recorded, start_tracker
@@ -214,7 +214,7 @@ def _bench(cfg: DictConfig) -> None:
     run = validate(cfg)
     rate = MatmulRate(settings["warmup"])
     rate.sample(8)
-    tracker = start_tracker(run, job_info())
+    tracker = start_tracker(run, launch_info())
     stage = get_stage(run.stage.name)
     if stage.bench is None:
         sys.exit(f"rlhf.bench: error: stage={stage.name} has no benchmark workload")

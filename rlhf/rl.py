@@ -1,4 +1,5 @@
-"""The maths of PPO for language models, as pure functions of tensors.
+"""The maths of PPO for language models, as pure functions of tensors: learning from episodes the
+policy samples (rlhf.preference holds the maths of learning from labelled pairs).
 
 Shapes: B rollouts, T response tokens. `mask` (B, T) is 1 on real response tokens (up to and
 including the first EOS) and 0 after; every function here ignores masked positions exactly.

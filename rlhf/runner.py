@@ -1,4 +1,4 @@
-"""Runs one job: resume point, MLflow run, the stage's parts, Lightning's fit, outputs, final status."""
+"""Runs one launched stage: resume point, MLflow run, the stage's parts, Lightning's fit, outputs, final status."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from rlhf.lineage import ResumePoint, find_resume_point
 from rlhf.stages import get_stage
 from rlhf.sweeps import objective
 from rlhf.tracking import (
-    JobInfo,
+    Launch,
     connect,
     experiment_id,
     is_rank_zero,
@@ -33,14 +33,14 @@ log = logging.getLogger(__name__)
 RESUME_ENV = "RLHF_RESUME_POINT"
 
 
-def _resume_point(run: RunConfig, job: JobInfo) -> ResumePoint | None:
+def _resume_point(run: RunConfig, launch: Launch) -> ResumePoint | None:
     if run.resume in (None, False) or str(run.resume).lower() in ("false", "none", "null", ""):
         return None
     if not is_rank_zero() and os.environ.get(RESUME_ENV):  # a data-parallel rank: rank 0 has chosen
         return ResumePoint(**json.loads(os.environ[RESUME_ENV]))
     client, exp_id = None, None
     if run.tracking.enabled:
-        uri = tracking_uri(run.tracking.uri, job.launch_dir)
+        uri = tracking_uri(run.tracking.uri, launch.launch_dir)
         client = connect(uri)
         exp_id = experiment_id(client, run.tracking.experiment, uri)
     point = find_resume_point(run.resume, run.stage.name, client, exp_id)
@@ -52,11 +52,11 @@ def _terminate_as_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def execute(run: RunConfig, job: JobInfo) -> float | None:
+def execute(run: RunConfig, launch: Launch) -> float | None:
     """Train the configured stage; return the metric a sweep optimises (None if it was not produced)."""
     pl.seed_everything(run.seed, workers=True, verbose=False)
-    resume = _resume_point(run, job)
-    tracker = start_tracker(run, job, resume.run_id if resume else None)
+    resume = _resume_point(run, launch)
+    tracker = start_tracker(run, launch, resume.run_id if resume else None)
     output_dir = Path(resume.output_dir if resume else run.output_dir)
     if is_rank_zero():
         # `kill` (SIGTERM) ends a run like Ctrl-C: recorded as KILLED, checkpoints kept.
@@ -65,9 +65,9 @@ def execute(run: RunConfig, job: JobInfo) -> float | None:
         if resume:
             log.info("Resuming from %s", resume.checkpoint)
             tracker.set_tags({"rlhf.resumed_from": resume.checkpoint})
-        job_parts = get_stage(run.stage.name).build(run, tracker)
-        if job_parts.module is None:  # nothing to train (eval)
-            metrics = job_parts.finish(None, output_dir)
+        job = get_stage(run.stage.name).build(run, tracker)
+        if job.module is None:  # nothing to train (eval)
+            metrics = job.finish(None, output_dir)
             tracker.log_metrics(peak_memory())
             primary = is_rank_zero()
         else:
@@ -75,13 +75,13 @@ def execute(run: RunConfig, job: JobInfo) -> float | None:
                 run,
                 tracker,
                 output_dir,
-                job_parts.callbacks,
-                getattr(job_parts.datamodule, "train_batches", None),
-                manual_optimization=not job_parts.module.automatic_optimization,
+                job.callbacks,
+                getattr(job.datamodule, "train_batches", None),
+                manual_optimization=not job.module.automatic_optimization,
             )
-            trainer.fit(job_parts.module, datamodule=job_parts.datamodule, ckpt_path=resume.checkpoint if resume else None)
-            validate_final(trainer, job_parts.module, job_parts.datamodule)
-            metrics = job_parts.finish(trainer, output_dir)
+            trainer.fit(job.module, datamodule=job.datamodule, ckpt_path=resume.checkpoint if resume else None)
+            validate_final(trainer, job.module, job.datamodule)
+            metrics = job.finish(trainer, output_dir)
             primary = trainer.is_global_zero
             if primary:
                 tracker.log_metrics(peak_memory(), step=trainer.global_step)

@@ -33,8 +33,9 @@ MAX_PARAM_LENGTH = 6000
 
 
 @dataclass
-class JobInfo:
-    """What Hydra knows about this job, as plain values (read once, at the entry point)."""
+class Launch:
+    """How this process was launched, as Hydra knows it, in plain values (read once, at the entry point).
+    Not to be confused with a stage's StageJob, the Lightning parts it hands the runner."""
 
     output_dir: str
     launch_dir: str
@@ -97,12 +98,12 @@ def peak_memory() -> dict[str, float]:
     return out
 
 
-def run_name(run: RunConfig, job: JobInfo) -> str:
+def run_name(run: RunConfig, launch: Launch) -> str:
     if run.tracking.run_name:
         return run.tracking.run_name
     skip = ("stage=", "model=", "data=", "experiment=", "tracking", "hydra", "resume=")
     extra = []
-    for override in job.overrides:
+    for override in launch.overrides:
         if not override.startswith(skip):
             key, _, value = override.partition("=")
             extra.append(f"{key.split('.')[-1]}={value}")
@@ -235,13 +236,13 @@ def experiment_id(client: Any, name: str, uri: str) -> str:
         return client.get_experiment_by_name(name).experiment_id
 
 
-def start_tracker(run: RunConfig, job: JobInfo, resume_run_id: str | None = None) -> Tracker:
+def start_tracker(run: RunConfig, launch: Launch, resume_run_id: str | None = None) -> Tracker:
     """Create (or reopen, when resuming) the job's MLflow run and record what defines it."""
     if not run.tracking.enabled:
         return SilentTracker()
     if not is_rank_zero():
         return SilentTracker(os.environ.get(RUN_ID_ENV))
-    uri = tracking_uri(run.tracking.uri, job.launch_dir)
+    uri = tracking_uri(run.tracking.uri, launch.launch_dir)
     client = connect(uri)
     exp_id = experiment_id(client, run.tracking.experiment, uri)
     config = to_container(run)
@@ -249,15 +250,15 @@ def start_tracker(run: RunConfig, job: JobInfo, resume_run_id: str | None = None
         f"{TAG_PREFIX}stage": run.stage.name,
         f"{TAG_PREFIX}model": run.model.name,
         f"{TAG_PREFIX}data": run.data.name,
-        f"{TAG_PREFIX}experiment": job.choices.get("experiment"),
-        f"{TAG_PREFIX}hardware": job.choices.get("hardware"),
+        f"{TAG_PREFIX}experiment": launch.choices.get("experiment"),
+        f"{TAG_PREFIX}hardware": launch.choices.get("hardware"),
         f"{TAG_PREFIX}output_dir": str(Path(run.output_dir).resolve()),
-        f"{TAG_PREFIX}command": job.command,
-        f"{TAG_PREFIX}overrides": " ".join(job.overrides),
-        f"{TAG_PREFIX}sweep_dir": job.sweep_dir,
-        f"{TAG_PREFIX}job_num": job.job_num,
+        f"{TAG_PREFIX}command": launch.command,
+        f"{TAG_PREFIX}overrides": " ".join(launch.overrides),
+        f"{TAG_PREFIX}sweep_dir": launch.sweep_dir,
+        f"{TAG_PREFIX}job_num": launch.job_num,
         # Nests the run under its sweep's parent run in the MLflow UI.
-        "mlflow.parentRunId": os.environ.get(SWEEP_PARENT_ENV) if job.multirun else None,
+        "mlflow.parentRunId": os.environ.get(SWEEP_PARENT_ENV) if launch.multirun else None,
         "mlflow.source.git.commit": git_commit(),
         "mlflow.source.name": "python -m rlhf",
         **run.tracking.tags,
@@ -275,12 +276,12 @@ def start_tracker(run: RunConfig, job: JobInfo, resume_run_id: str | None = None
         tags.pop(f"{TAG_PREFIX}output_dir")  # checkpoints and model stay where the run began
         tracker.set_tags(tags)
     else:
-        created = client.create_run(exp_id, run_name=run_name(run, job))
+        created = client.create_run(exp_id, run_name=run_name(run, launch))
         tracker = Tracker(client, created.info.run_id, exp_id, uri)
         tracker.log_params(flatten(config))
         tracker.set_tags(tags)
         tracker.log_text(yaml.safe_dump(config, sort_keys=False), "config/config.yaml")
-        tracker.log_text(yaml.safe_dump({"overrides": job.overrides}), "config/overrides.yaml")
+        tracker.log_text(yaml.safe_dump({"overrides": launch.overrides}), "config/overrides.yaml")
     # Data-parallel processes started later by Lightning inherit this and attach to the same run.
     os.environ[RUN_ID_ENV] = tracker.run_id
     return tracker
@@ -319,24 +320,24 @@ def print_summary(tracker: Tracker, stream: Any = sys.stderr) -> None:
     )
 
 
-def record_rejected(raw: Mapping[str, Any], job: JobInfo, error: Exception) -> None:
+def record_rejected(raw: Mapping[str, Any], launch: Launch, error: Exception) -> None:
     """Leave a FAILED run for a config rejected before training, so a sweep shows what was refused."""
     tracking = raw.get("tracking") or {}
     if not tracking.get("enabled", True) or not is_rank_zero():
         return
-    uri = tracking_uri(tracking.get("uri"), job.launch_dir)
+    uri = tracking_uri(tracking.get("uri"), launch.launch_dir)
     client = connect(uri)
     exp_id = experiment_id(client, str(tracking.get("experiment") or "rlhf"), uri)
-    stage = str((raw.get("stage") or {}).get("name", job.choices.get("stage", "?")))
-    model = str((raw.get("model") or {}).get("name", job.choices.get("model", "?")))
+    stage = str((raw.get("stage") or {}).get("name", launch.choices.get("stage", "?")))
+    model = str((raw.get("model") or {}).get("name", launch.choices.get("model", "?")))
     created = client.create_run(exp_id, run_name=f"rejected {stage}-{model}")
     tracker = Tracker(client, created.info.run_id, exp_id, uri)
     tracker.set_tags(
         {
             f"{TAG_PREFIX}stage": stage,
             f"{TAG_PREFIX}model": model,
-            f"{TAG_PREFIX}command": job.command,
-            f"{TAG_PREFIX}overrides": " ".join(job.overrides),
+            f"{TAG_PREFIX}command": launch.command,
+            f"{TAG_PREFIX}overrides": " ".join(launch.overrides),
             f"{TAG_PREFIX}error": f"{type(error).__name__}: {error}",
         }
     )

@@ -29,7 +29,6 @@ from rlhf.data.prepare import PairCollator, as_comparisons, group_comparisons
 from rlhf.data.sources import load_source
 from rlhf.data.tokenize import ChatRenderer, encode_preferences, encode_prompts
 from rlhf.errors import DataError
-from rlhf.losses import bradley_terry, gold_order_agreement, preference_accuracy
 from rlhf.plots import (
     calibration_figure,
     calibration_table,
@@ -37,6 +36,7 @@ from rlhf.plots import (
     expected_calibration_error,
     reward_histogram,
 )
+from rlhf.preference import bradley_terry, gold_order_agreement, preference_accuracy
 from rlhf.scalar import PAD_TOKEN, ensure_distinct_pad, last_index, pair_scores, sequence_scores, token_scores
 from rlhf.tasks import assistant
 

@@ -22,8 +22,8 @@ from rlhf.data.loading import ExamplesDataModule, attention_mask, pad
 from rlhf.data.prepare import PairCollator, Prepared, group_comparisons, prepare_preferences
 from rlhf.data.tokenize import ChatRenderer, encode_prompts
 from rlhf.lineage import resolve_source
-from rlhf.losses import bradley_terry, gold_order_agreement, preference_accuracy
 from rlhf.policy import eos_ids, generate
+from rlhf.preference import bradley_terry, gold_order_agreement, preference_accuracy
 from rlhf.rewards import FunctionReward, load_function
 from rlhf.scalar import ensure_distinct_pad, pair_scores, sequence_scores, supports_attention_masks
 from rlhf.stages import StageJob

@@ -1,4 +1,8 @@
-"""Losses of the reward model, as pure functions of scores (tested against hand-computed values)."""
+"""The maths of learning from labelled preference pairs, as pure functions of scores: the reward
+model's Bradley-Terry loss and its accuracies (tested against hand-computed values).
+
+Losses are split by what they learn from: here fixed pairs a rater labelled; rlhf.rl holds the maths of
+learning from episodes the policy samples (KL penalties, advantages, PPO's clipped losses)."""
 
 from __future__ import annotations
 

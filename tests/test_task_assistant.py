@@ -6,6 +6,7 @@ import time
 import pytest
 
 from rlhf.tasks import assistant as A
+from rlhf.tasks.assistant import feedback, questions, responses
 
 SMALL = {
     "sft": (200, 40, 40),
@@ -25,10 +26,10 @@ def data():
 
 def _questions(n, seed=0, category=None):
     rng = random.Random(seed)
-    pool = A._split_pools(seed)["train"]
+    pool = A.split_pools(seed)["train"]
     out = []
     while len(out) < n:
-        q = A._sample_question(rng, pool)
+        q = A.sample_question(rng, pool)
         if category is None or q.category == category:
             out.append(q)
     return out
@@ -61,7 +62,7 @@ def test_splits_have_disjoint_prompts(data):
     assert not by_split["train"] & by_split["validation"]
     assert not by_split["validation"] & by_split["test"]
     # Disjoint by question too: the same sum or word pair never appears in two splits, however phrased.
-    unit_of = {q.text: key for key, qs in A._TABLE_ITEMS.items() for q in qs}
+    unit_of = {q.text: key for key, qs in questions._TABLE_ITEMS.items() for q in qs}
 
     def units(split):
         out = set()
@@ -152,11 +153,11 @@ def test_decorations_do_not_signal_correctness(data):
 
 def test_every_fact_question_and_filler_is_scored_right():
     # Filler sentences must never add or remove a correct answer, for any fact question.
-    for qs in A._TABLE_ITEMS.values():
+    for qs in questions._TABLE_ITEMS.values():
         for q in qs:
             if q.category != "facts":
                 continue
-            ideal = A._answer_text(q, random.Random(0))
+            ideal = responses._answer_text(q, random.Random(0))
             assert A.gold_score(q.text, ideal) == 1.0, (q.text, ideal)
             for extra in A.PAD_PREFIXES + A.PAD_SUFFIXES + A.RUDE_PREFIXES + A.RUDE_SUFFIXES:
                 assert A.gold_breakdown(q.text, f"{ideal} {extra}")["correct"] == 1.0, (q.text, extra)
@@ -257,7 +258,7 @@ def _check_task_dir(path):
 
 
 def test_materialize_writes_once(tmp_path, monkeypatch):
-    monkeypatch.setattr(A, "DEFAULT_SIZES", SMALL_COUNTS)
+    monkeypatch.setattr(feedback, "DEFAULT_SIZES", SMALL_COUNTS)
     path = A.materialize(tmp_path, seed=1, noise=0.1)
     assert path.parent == tmp_path and A.TASK_VERSION in path.name
     _check_task_dir(path)
@@ -275,7 +276,7 @@ def _materialize_after(barrier, queue, root):
 
 @pytest.mark.skipif("fork" not in mp.get_all_start_methods(), reason="needs the fork start method")
 def test_materialize_concurrent(tmp_path, monkeypatch):
-    monkeypatch.setattr(A, "DEFAULT_SIZES", SMALL_COUNTS)  # inherited by forked children
+    monkeypatch.setattr(feedback, "DEFAULT_SIZES", SMALL_COUNTS)  # inherited by forked children
     ctx = mp.get_context("fork")
     barrier, queue = ctx.Barrier(4), ctx.Queue()
     procs = [ctx.Process(target=_materialize_after, args=(barrier, queue, tmp_path)) for _ in range(4)]

@@ -12,6 +12,7 @@ import atexit
 import logging
 import math
 import os
+import re
 from typing import Any
 
 import yaml
@@ -33,9 +34,50 @@ def objective(stage: str, optimized_metric: str | None, direction: str | None = 
     return metric, direction
 
 
+def _swept(overrides: list[str], sweeper_params: dict) -> dict[str, str]:
+    """Swept key -> its values as written: the command line's lists and searches, then the sweeper's."""
+    swept = {}
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if "," in value or "(" in value:
+            swept[key.lstrip("+~")] = value
+    swept.update({key: str(value) for key, value in sweeper_params.items()})
+    return swept
+
+
 def _swept_keys(overrides: list[str], sweeper_params: dict) -> list[str]:
-    keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides if "," in o.split("=", 1)[-1] or "(" in o]
-    return sorted(set(keys) | set(sweeper_params))
+    return sorted(_swept(overrides, sweeper_params))
+
+
+# The MLflow runs list cuts names off after about 30 characters: a parent's name leads with what varies.
+NAME_WIDTH = 30
+
+
+def _short(key: str, value: str, compact: bool) -> str:
+    name = key.rsplit(".", 1)[-1]
+    if not compact:
+        return f"{name}={value}"
+    if "(" not in value:
+        return f"{name}×{len(value.split(','))}"
+    bounds = re.search(r"(?:interval|range)\(\s*([^,\s]+)\s*,\s*([^,)\s]+)", value)
+    return f"{name}∈[{bounds.group(1)},{bounds.group(2)}]" if bounds else f"{name}=…"
+
+
+def parent_name(overrides: list[str], sweeper_params: dict, sweep: str | None, stage: str) -> tuple[str, str | None]:
+    """(name of a multirun's parent run, its pipeline `sft>rm>ppo` or None). A multirun over stages
+    only is a pipeline, named by its stages in order; any other leads with the swept keys and values
+    (counted, when listing them would not fit), then the named sweep, the pipeline or the stage."""
+    swept = _swept(overrides, sweeper_params)
+    stages = swept.pop("stage", None)
+    pipeline = ">".join(part.strip() for part in stages.split(",")) if stages and "(" not in stages else None
+    what = f"pipeline {pipeline}" if pipeline else (sweep or stage)
+    if not swept:
+        return what, pipeline
+    for compact in (False, True):
+        name = f"{' '.join(_short(k, v, compact) for k, v in swept.items())} · {what}"
+        if len(name) <= NAME_WIDTH:
+            break
+    return name, pipeline
 
 
 def _last_swept_stage(overrides: list[str]) -> str | None:
@@ -73,7 +115,8 @@ class SweepTracking(Callback):
         params = hydra.sweeper.get("params")
         params = OmegaConf.to_container(params, resolve=False) if params is not None else {}
         name = hydra.runtime.choices.get("sweep") or "sweep"
-        created = self.client.create_run(exp_id, run_name=f"{name}: {' '.join(overrides)}"[:250])
+        run_name, pipeline = parent_name(overrides, params, hydra.runtime.choices.get("sweep"), str(config.stage.name))
+        created = self.client.create_run(exp_id, run_name=run_name[:250])
         self.parent = created.info.run_id
         sweeper = str(hydra.sweeper.get("_target_", "")).rsplit(".", 1)[-1]
         launcher = str(hydra.launcher.get("_target_", "")).rsplit(".", 1)[-1]
@@ -96,6 +139,9 @@ class SweepTracking(Callback):
             ],
             tags=[
                 RunTag(f"{TAG_PREFIX}sweep", "parent"),
+                # A pipeline runs different stages in order; a sweep varies one stage's settings.
+                RunTag(f"{TAG_PREFIX}multirun", "pipeline" if pipeline and len(self.swept) == 1 else "sweep"),
+                *([RunTag(f"{TAG_PREFIX}pipeline", pipeline)] if pipeline else []),
                 RunTag(f"{TAG_PREFIX}sweep_dir", str(hydra.sweep.dir)),
                 RunTag(f"{TAG_PREFIX}overrides", " ".join(overrides)),
                 RunTag("mlflow.source.git.commit", git_commit() or ""),

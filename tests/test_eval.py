@@ -120,6 +120,8 @@ def test_pipeline_sweep_is_judged_by_its_last_stage(pipeline):
     parent_id = pipeline.runs["eval"].data.tags["mlflow.parentRunId"]
     parent = pipeline.client.get_run(parent_id)
     assert parent.data.params["sweep.optimized_metric"] == "eval/win_rate_rm"
+    assert parent.info.run_name == "pipeline sft>rm>ppo>eval"
+    assert parent.data.tags["rlhf.multirun"] == "pipeline" and parent.data.tags["rlhf.pipeline"] == "sft>rm>ppo>eval"
     if "best/eval/win_rate_rm" in parent.data.metrics:
         assert parent.data.tags["rlhf.best_run_id"] == pipeline.runs["eval"].info.run_id
 

@@ -52,6 +52,7 @@ def test_grid_lands_four_children_under_one_parent(grid):
     assert parent.info.status == "FINISHED"
     assert parent.data.params["sweep.optimized_metric"] == "val/loss"
     assert parent.data.params["sweep.swept"] == "stage.lr, trainer.max_steps"
+    assert parent.info.run_name == "lr×2 max_steps×2 · sft" and parent.data.tags["rlhf.multirun"] == "sweep"
     assert parent.data.metrics["sweep/jobs_finished"] == 4
     best = min(children, key=lambda c: c.data.metrics["val/loss"])
     assert parent.data.tags["rlhf.best_run_id"] == best.info.run_id
@@ -189,3 +190,30 @@ def test_compare_runs_notebook_executes(grid):
     text = "".join(o.get("text", "") for o in outputs)
     assert "4 runs of sweep" in text and "metric: val/loss" in text
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Parent run names: what a row of the MLflow runs list shows before it is cut off
+
+
+def test_a_multirun_over_stages_is_named_as_a_pipeline_in_order():
+    from rlhf.sweeps import parent_name
+
+    assert parent_name(["experiment=smoke", "stage=sft,rm,ppo,eval"], {}, None, "sft") == (
+        "pipeline sft>rm>ppo>eval",
+        "sft>rm>ppo>eval",
+    )
+
+
+def test_a_sweep_parent_leads_with_what_varies_and_stays_short():
+    from rlhf.sweeps import parent_name
+
+    name, pipeline = parent_name(["stage=ppo", "stage.kl_coef=0.01,0.05"], {}, None, "ppo")
+    assert (name, pipeline) == ("kl_coef=0.01,0.05 · ppo", None)
+    # A named sweep's grid: too long to list, so the values are counted.
+    name, _ = parent_name([], {"stage.kl_coef": "0.01,0.05,0.2", "stage.lr": "1e-6,3e-6,1e-5"}, "ppo_kl", "ppo")
+    assert name == "kl_coef×3 lr×3 · ppo_kl" and len(name) <= 30
+    name, _ = parent_name([], {"stage.lr": "tag(log, interval(1e-6, 1e-3))"}, "rm_lr_optuna", "rm")
+    assert name == "lr∈[1e-6,1e-3] · rm_lr_optuna"
+    # Pipelines swept over a setting say both.
+    assert parent_name(["stage=sft,rm", "seed=0,1"], {}, None, "sft") == ("seed=0,1 · pipeline sft>rm", "sft>rm")

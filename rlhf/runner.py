@@ -17,14 +17,12 @@ from rlhf.stages import get_stage
 from rlhf.sweeps import objective
 from rlhf.tracking import (
     Launch,
-    connect,
-    experiment_id,
     is_rank_zero,
+    open_store,
     peak_memory,
     print_summary,
     recorded,
     start_tracker,
-    tracking_uri,
 )
 from rlhf.training import build_trainer, validate_final
 
@@ -40,9 +38,7 @@ def _resume_point(run: RunConfig, launch: Launch) -> ResumePoint | None:
         return ResumePoint(**json.loads(os.environ[RESUME_ENV]))
     client, exp_id = None, None
     if run.tracking.enabled:
-        uri = tracking_uri(run.tracking.uri, launch.launch_dir)
-        client = connect(uri)
-        exp_id = experiment_id(client, run.tracking.experiment, uri)
+        client, _, exp_id = open_store(run.tracking.uri, launch.launch_dir, run.tracking.experiment)
     point = find_resume_point(run.resume, run.stage.name, client, exp_id)
     os.environ[RESUME_ENV] = json.dumps(asdict(point))
     return point

@@ -99,18 +99,14 @@ class SweepTracking(Callback):
         from rlhf.tracking import (
             SWEEP_PARENT_ENV,
             TAG_PREFIX,
-            connect,
-            experiment_id,
             git_commit,
-            tracking_uri,
+            open_store,
         )
 
         if not config.tracking.enabled:
             return
         hydra = config.hydra
-        uri = tracking_uri(config.tracking.uri, hydra.runtime.cwd)
-        self.client = connect(uri)
-        exp_id = experiment_id(self.client, config.tracking.experiment, uri)
+        self.client, _, exp_id = open_store(config.tracking.uri, hydra.runtime.cwd, config.tracking.experiment)
         overrides = list(hydra.overrides.task)
         params = hydra.sweeper.get("params")
         params = OmegaConf.to_container(params, resolve=False) if params is not None else {}

@@ -236,15 +236,20 @@ def experiment_id(client: Any, name: str, uri: str) -> str:
         return client.get_experiment_by_name(name).experiment_id
 
 
+def open_store(configured_uri: str | None, launch_dir: str, experiment: str) -> tuple[Any, str, str]:
+    """(client, uri, experiment id) of the MLflow store runs are recorded in: the one way in."""
+    uri = tracking_uri(configured_uri, launch_dir)
+    client = connect(uri)
+    return client, uri, experiment_id(client, experiment, uri)
+
+
 def start_tracker(run: RunConfig, launch: Launch, resume_run_id: str | None = None) -> Tracker:
     """Create (or reopen, when resuming) the job's MLflow run and record what defines it."""
     if not run.tracking.enabled:
         return SilentTracker()
     if not is_rank_zero():
         return SilentTracker(os.environ.get(RUN_ID_ENV))
-    uri = tracking_uri(run.tracking.uri, launch.launch_dir)
-    client = connect(uri)
-    exp_id = experiment_id(client, run.tracking.experiment, uri)
+    client, uri, exp_id = open_store(run.tracking.uri, launch.launch_dir, run.tracking.experiment)
     config = to_container(run)
     tags = {
         f"{TAG_PREFIX}stage": run.stage.name,
@@ -325,9 +330,7 @@ def record_rejected(raw: Mapping[str, Any], launch: Launch, error: Exception) ->
     tracking = raw.get("tracking") or {}
     if not tracking.get("enabled", True) or not is_rank_zero():
         return
-    uri = tracking_uri(tracking.get("uri"), launch.launch_dir)
-    client = connect(uri)
-    exp_id = experiment_id(client, str(tracking.get("experiment") or "rlhf"), uri)
+    client, uri, exp_id = open_store(tracking.get("uri"), launch.launch_dir, str(tracking.get("experiment") or "rlhf"))
     stage = str((raw.get("stage") or {}).get("name", launch.choices.get("stage", "?")))
     model = str((raw.get("model") or {}).get("name", launch.choices.get("model", "?")))
     created = client.create_run(exp_id, run_name=f"rejected {stage}-{model}")

@@ -27,6 +27,11 @@ def load_function(dotted: str, key: str) -> RewardFunction:
     return function
 
 
+def load_gold(dotted: str | None) -> RewardFunction | None:
+    """The data's gold annotator (data.gold_reward), None when the data has none."""
+    return load_function(dotted, "data.gold_reward") if dotted else None
+
+
 class RewardSource:
     """Scores finished episodes: a trained reward model, or a function of the texts.
 

@@ -26,7 +26,7 @@ from rlhf.errors import LineageError
 from rlhf.evaluation import WinRate, distinct_n, mean, win_rate
 from rlhf.lineage import ModelSource, latest_finished_run, resolve_source
 from rlhf.policy import completion_loss, eos_ids, generate, join_prompt_response, response_logprobs
-from rlhf.rewards import load_function, load_reward
+from rlhf.rewards import load_gold, load_reward
 from rlhf.stages import StageJob
 from rlhf.stages.evaluate import STAGE, EvalStageConfig
 from rlhf.tracking import TAG_PREFIX, Tracker
@@ -91,7 +91,7 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
     prompts_data = prepare_prompts(run.data, renderer, run.seed, stage.rollout.max_new_tokens)
     split = stage.split if stage.split in prompts_data.splits else "validation"
     items = prompts_data.splits[split][: stage.num_prompts]
-    gold = load_function(run.data.gold_reward, "data.gold_reward") if run.data.gold_reward else None
+    gold = load_gold(run.data.gold_reward)
     sft_test = None
     if stage.perplexity_examples:
         sft_data = prepare_sft(run.data, renderer, run.seed)

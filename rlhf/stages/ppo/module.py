@@ -25,7 +25,7 @@ from rlhf.data.tokenize import ChatRenderer
 from rlhf.errors import ConfigError
 from rlhf.lineage import resolve_source
 from rlhf.policy import eos_ids, generate, join_prompt_response, response_logprobs
-from rlhf.rewards import RewardSource, load_function, load_reward
+from rlhf.rewards import RewardSource, load_gold, load_reward
 from rlhf.scalar import token_scores
 from rlhf.stages import StageJob
 from rlhf.stages.ppo import STAGE, PPOStageConfig
@@ -361,7 +361,7 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
     policy_source = resolve_source(stage.policy_from, "stage.policy_from", STAGE.sources["policy_from"], tracker)
     tokenizer = models.load_tokenizer(run.model, policy_source.location)
     renderer = ChatRenderer(tokenizer, run.data.chat_template)
-    gold = load_function(run.data.gold_reward, "data.gold_reward") if run.data.gold_reward else None
+    gold = load_gold(run.data.gold_reward)
     reward, reward_location = load_reward(stage.reward_from, "stage.reward_from", run, tracker, tokenizer)
     data = prepare_prompts(run.data, renderer, run.seed, stage.rollout.max_new_tokens)
     tracker.log_metrics(data.stats)

@@ -24,7 +24,7 @@ from rlhf.data.tokenize import ChatRenderer, encode_prompts
 from rlhf.lineage import resolve_source
 from rlhf.policy import eos_ids, generate
 from rlhf.preference import bradley_terry, gold_order_agreement, preference_accuracy
-from rlhf.rewards import FunctionReward, load_function
+from rlhf.rewards import FunctionReward, load_gold
 from rlhf.scalar import ensure_distinct_pad, pair_scores, sequence_scores, supports_attention_masks
 from rlhf.stages import StageJob
 from rlhf.stages.rm import STAGE, RMStageConfig
@@ -130,9 +130,8 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
     source = resolve_source(stage.init_from, "stage.init_from", STAGE.sources["init_from"], tracker)
     tokenizer = models.load_tokenizer(run.model, source.location)
     renderer = ChatRenderer(tokenizer, run.data.chat_template)
-    gold = None
-    if run.data.gold_reward:
-        gold = FunctionReward(load_function(run.data.gold_reward, "data.gold_reward"), tokenizer)
+    annotator = load_gold(run.data.gold_reward)
+    gold = FunctionReward(annotator, tokenizer) if annotator else None
     data = prepare_preferences(run.data, renderer, run.seed)
     if gold is not None:
         _attach_gold_order(data, gold)

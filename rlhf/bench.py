@@ -228,7 +228,13 @@ def _bench(cfg: DictConfig) -> None:
         # The rate is sampled last, after the timer has stopped.
         callbacks = [*job.callbacks, timer, *workload.callbacks, rate]
         trainer = build_trainer(
-            run, tracker, run.output_dir, callbacks, manual_optimization=not job.module.automatic_optimization
+            run.trainer,
+            tracker,
+            run.output_dir,
+            callbacks,
+            checkpoint_every=run.checkpoint.every_n_steps,
+            limit_eval_batches=getattr(run.stage, "limit_eval_batches", None),
+            manual_optimization=not job.module.automatic_optimization,
         )
         trainer.fit(job.module, datamodule=job.datamodule)
         rate.sample(8)

@@ -68,11 +68,13 @@ def execute(run: RunConfig, launch: Launch) -> float | None:
             primary = is_rank_zero()
         else:
             trainer = build_trainer(
-                run,
+                run.trainer,
                 tracker,
                 output_dir,
                 job.callbacks,
-                getattr(job.datamodule, "train_batches", None),
+                checkpoint_every=run.checkpoint.every_n_steps,
+                limit_eval_batches=getattr(run.stage, "limit_eval_batches", None),
+                batches_per_epoch=getattr(job.datamodule, "train_batches", None),
                 manual_optimization=not job.module.automatic_optimization,
             )
             trainer.fit(job.module, datamodule=job.datamodule, ckpt_path=resume.checkpoint if resume else None)

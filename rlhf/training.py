@@ -8,7 +8,7 @@ import random
 import time
 import warnings
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,6 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import MLFlowLogger
 
-from rlhf.config import RunConfig
 from rlhf.lineage import checkpoint_dir
 from rlhf.tracking import Tracker
 
@@ -143,19 +142,23 @@ def _world_size(trainer_args: dict[str, Any]) -> int:
 
 
 def build_trainer(
-    run: RunConfig,
+    trainer: Mapping[str, Any],
     tracker: Tracker,
     output_dir: str | Path,
     callbacks: list[pl.Callback],
+    *,
+    checkpoint_every: int,
+    limit_eval_batches: int | None = None,
     batches_per_epoch: Callable[[int], int] | None = None,
     manual_optimization: bool = False,
 ) -> pl.Trainer:
-    """The Trainer for `run`; `batches_per_epoch(world_size)` sizes the epochs of a step budget.
+    """The Trainer for the config's `trainer` node, a resumable checkpoint every `checkpoint_every`
+    steps (0: none); `batches_per_epoch(world_size)` sizes the epochs of a step budget.
 
     A stage that optimises manually (PPO) clips gradients itself and takes one step per batch.
     """
     _quiet_lightning()
-    every = run.checkpoint.every_n_steps
+    every = checkpoint_every
     extra: list[pl.Callback] = [RandomState(), DurableMetrics(), LastValidation()]
     if every > 0:
         # Numbered files, the older deleted after the newer is written: a kill mid-write never
@@ -171,10 +174,9 @@ def build_trainer(
                 save_last=False,
             )
         )
-    trainer_args = dict(run.trainer)
-    limit = getattr(run.stage, "limit_eval_batches", None)
-    if limit is not None:
-        trainer_args.setdefault("limit_val_batches", limit)
+    trainer_args = dict(trainer)
+    if limit_eval_batches is not None:
+        trainer_args.setdefault("limit_val_batches", limit_eval_batches)
     if manual_optimization:
         trainer_args.pop("gradient_clip_val", None)
         if trainer_args.pop("accumulate_grad_batches", 1) != 1:

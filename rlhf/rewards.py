@@ -115,24 +115,31 @@ class FunctionReward(RewardSource):
 
 
 def load_reward(
-    spec: str, key: str, run, tracker, policy_tokenizer, batch_size: int = 16
+    spec: str,
+    key: str,
+    model_config,
+    chat_template: str,
+    needed_stage: str | None,
+    tracker,
+    policy_tokenizer,
+    batch_size: int = 16,
 ) -> tuple[RewardSource, str | None]:
-    """The reward `spec` names (fn:module.function, or a reward model source as lineage resolves it),
-    and the reward model's directory (None for a function). Tags the run with where it came from;
-    `batch_size`: sequences per scoring pass of texts."""
+    """The reward `spec` names (fn:module.function, or a reward model source as lineage resolves it,
+    `latest` finding the newest finished `needed_stage` run), and the reward model's directory (None
+    for a function). Tags the run with where it came from; `batch_size`: sequences per scoring pass
+    of texts. The model loads as `model_config` says, its prompts rendered with `chat_template`."""
     from rlhf import models
     from rlhf.data.tokenize import ChatRenderer
     from rlhf.lineage import resolve_source, tag_name
-    from rlhf.stages import upstream
 
     if spec.startswith("fn:"):
         tracker.set_tags({tag_name(key): spec})
         return FunctionReward(load_function(spec[len("fn:") :], key), policy_tokenizer), None
-    source = resolve_source(spec, key, upstream(run.stage.name, key), tracker)
+    source = resolve_source(spec, key, needed_stage, tracker)
     if source.location is None:
         raise ConfigError(f"{key}=base: a reward model must be trained; use latest, a path, or fn:...")
-    tokenizer = models.load_tokenizer(run.model, source.location)
-    model = models.load_scalar_model(run.model, source.location, tokenizer.pad_token_id).eval()
-    renderer = ChatRenderer(tokenizer, run.data.chat_template)
+    tokenizer = models.load_tokenizer(model_config, source.location)
+    model = models.load_scalar_model(model_config, source.location, tokenizer.pad_token_id).eval()
+    renderer = ChatRenderer(tokenizer, chat_template)
     reward = ModelReward(model, policy_tokenizer, renderer, shares_tokens(policy_tokenizer, tokenizer), batch_size)
     return reward, source.location

@@ -80,7 +80,3 @@ def get_stage(name: str) -> Stage:
         raise ConfigError(f"stage.name: unknown stage {name!r}; choose one of {', '.join(known)}")
     return known[name]
 
-
-def upstream(stage: str, key: str) -> str | None:
-    """The stage whose newest finished run `latest` finds for `key` (stage.policies.0 -> policies)."""
-    return get_stage(stage).sources.get(key.removeprefix("stage.").split(".")[0])

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from rlhf import models, plots
-from rlhf.config import RunConfig
+from rlhf.config import ModelConfig, RolloutConfig, RunConfig
 from rlhf.data.formats import prompt_text
 from rlhf.data.loading import attention_mask, pad
 from rlhf.data.prepare import CausalLMCollator, prepare_prompts, prepare_sft
@@ -102,40 +102,41 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
     def finish(trainer, output_dir: Path) -> dict[str, float]:
         reference_model = models.load_causal_lm(run.model, reference.location, seed=run.seed).eval()
         for result in results:
-            _sample_and_measure(result, items, run, tokenizer, reference_model, sft_test, gold)
+            _sample_and_measure(result, items, run.model, stage.rollout, run.seed, tokenizer, reference_model, sft_test, gold)
         del reference_model
-        _score_with_reward(results, items, reward_spec, run, tracker, tokenizer)
+        _score_with_reward(results, items, reward_spec, run.model, run.data.chat_template, stage.rollout.batch_size, tracker, tokenizer)
         return _report(results, items, stage, gold is not None, tracker, output_dir)
 
     return StageJob(None, None, finish)
 
 
 @torch.no_grad()
-def _sample_and_measure(result, items, run: RunConfig, tokenizer, reference, sft_test, gold) -> None:
-    stage: EvalStageConfig = run.stage
-    policy = models.load_causal_lm(run.model, result.source.location, seed=run.seed).eval()
+def _sample_and_measure(
+    result, items, model: ModelConfig, rollout: RolloutConfig, seed: int, tokenizer, reference, sft_test, gold
+) -> None:
+    policy = models.load_causal_lm(model, result.source.location, seed=seed).eval()
     stops = eos_ids(tokenizer, policy)
     responses: list[list[int]] = []
     with torch.random.fork_rng():
-        torch.manual_seed(run.seed)  # the same draws for every policy
-        for start in range(0, len(items), stage.rollout.batch_size):
-            batch = [i["prompt_ids"] for i in items[start : start + stage.rollout.batch_size]]
+        torch.manual_seed(seed)  # the same draws for every policy
+        for start in range(0, len(items), rollout.batch_size):
+            batch = [i["prompt_ids"] for i in items[start : start + rollout.batch_size]]
             responses += generate(
                 policy, batch, pad_token_id=tokenizer.pad_token_id, eos_token_ids=stops,
-                max_new_tokens=stage.rollout.max_new_tokens, temperature=stage.rollout.temperature,
-                top_k=stage.rollout.top_k, top_p=stage.rollout.top_p,
+                max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature,
+                top_k=rollout.top_k, top_p=rollout.top_p,
             )
     result.responses = tokenizer.batch_decode(responses, skip_special_tokens=True)
     kl = []
-    for start in range(0, len(items), stage.rollout.batch_size):
-        prompts = [i["prompt_ids"] for i in items[start : start + stage.rollout.batch_size]]
-        answers = responses[start : start + stage.rollout.batch_size]
+    for start in range(0, len(items), rollout.batch_size):
+        prompts = [i["prompt_ids"] for i in items[start : start + rollout.batch_size]]
+        answers = responses[start : start + rollout.batch_size]
         response, response_mask = pad(answers, tokenizer.pad_token_id), attention_mask(answers)
         ids, mask, where = join_prompt_response(
             pad(prompts, tokenizer.pad_token_id, left=True), attention_mask(prompts, left=True), response, response_mask
         )
         targets = response[response_mask.bool()]
-        temperature = stage.rollout.temperature
+        temperature = rollout.temperature
         own, _ = response_logprobs(policy, ids, mask, where, targets, temperature, with_entropy=False)
         ref, _ = response_logprobs(reference, ids, mask, where, targets, temperature, with_entropy=False)
         lengths = [len(a) for a in answers]
@@ -156,16 +157,21 @@ def _sample_and_measure(result, items, run: RunConfig, tokenizer, reference, sft
     if sft_test:
         collate = CausalLMCollator(tokenizer.pad_token_id)
         loss_sum, tokens = 0.0, 0
-        for start in range(0, len(sft_test), stage.rollout.batch_size):
-            batch = collate(sft_test[start : start + stage.rollout.batch_size])
+        for start in range(0, len(sft_test), rollout.batch_size):
+            batch = collate(sft_test[start : start + rollout.batch_size])
             loss, count = completion_loss(policy, batch["input_ids"], batch["attention_mask"], batch["labels"])
             loss_sum, tokens = loss_sum + float(loss), tokens + int(count)
         result.metrics["perplexity"] = math.exp(min(loss_sum / max(tokens, 1), 50.0))
 
 
-def _score_with_reward(results, items, reward_spec: str, run: RunConfig, tracker: Tracker, tokenizer) -> None:
+def _score_with_reward(
+    results, items, reward_spec: str, model: ModelConfig, chat_template: str, batch_size: int, tracker: Tracker, tokenizer
+) -> None:
     """Score every policy's responses with one reward: a model (with its own tokenizer and template) or a function."""
-    reward, _ = load_reward(reward_spec, "stage.reward_from", run, tracker, tokenizer, run.stage.rollout.batch_size)
+    key = "stage.reward_from"
+    reward, _ = load_reward(
+        reward_spec, key, model, chat_template, STAGE.sources.get("reward_from"), tracker, tokenizer, batch_size
+    )
     prompts = [i["prompt"] for i in items]
     for result in results:
         result.rewards = reward.score_texts(prompts, result.responses)

@@ -362,7 +362,9 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
     tokenizer = models.load_tokenizer(run.model, policy_source.location)
     renderer = ChatRenderer(tokenizer, run.data.chat_template)
     gold = load_gold(run.data.gold_reward)
-    reward, reward_location = load_reward(stage.reward_from, "stage.reward_from", run, tracker, tokenizer)
+    reward, reward_location = load_reward(
+        stage.reward_from, "stage.reward_from", run.model, run.data.chat_template, STAGE.sources["reward_from"], tracker, tokenizer
+    )
     data = prepare_prompts(run.data, renderer, run.seed, stage.rollout.max_new_tokens)
     tracker.log_metrics(data.stats)
 

@@ -178,7 +178,10 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
         extra = _log_calibration(module.last_scores[split], split, stage.calibration_bins, tracker)
         if gold is not None and stage.gold_eval_prompts:
             prompts = data.prompts.get("test") or data.prompts["validation"]
-            extra.update(_gold_agreement(module.model, tokenizer, renderer, prompts, gold, run, source.location, tracker))
+            policy = models.load_causal_lm(run.model, source.location, seed=run.seed)
+            extra.update(
+                _gold_agreement(module.model, policy, tokenizer, renderer, prompts, gold, stage, run.seed, tracker)
+            )
         tracker.log_metrics(extra, step=trainer.global_step)
         return {**metrics, **extra}
 
@@ -213,17 +216,17 @@ def _log_calibration(scores: tuple[np.ndarray, np.ndarray], split: str, bins: in
 
 
 @torch.no_grad()
-def _gold_agreement(reward_model, tokenizer, renderer, prompts, gold, run: RunConfig, policy_dir, tracker) -> dict[str, float]:
+def _gold_agreement(
+    reward_model, policy, tokenizer, renderer, prompts, gold, stage: RMStageConfig, seed: int, tracker
+) -> dict[str, float]:
     """Sample two fresh responses per held-out prompt from the policy the reward model started from,
     and count how often the reward model orders them as the gold annotator does."""
-    stage: RMStageConfig = run.stage
     prompts = prompts[: stage.gold_eval_prompts]
-    policy = models.load_causal_lm(run.model, policy_dir, seed=run.seed)
     policy.eval()
     prompt_ids = encode_prompts(renderer, prompts)
     doubled = [ids for ids in prompt_ids for _ in range(2)]
     with torch.random.fork_rng():
-        torch.manual_seed(run.seed)
+        torch.manual_seed(seed)
         responses = generate(
             policy,
             doubled,

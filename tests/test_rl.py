@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from rlhf import rl
-from rlhf.stages.ppo.module import Rollout, _scatter, disable_dropout
+from rlhf.stages.ppo.episodes import Rollout, _scatter, disable_dropout
 
 TOL = 1e-6
 

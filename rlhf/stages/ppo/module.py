@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, fields
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -24,60 +23,15 @@ from rlhf.data.prepare import prepare_prompts
 from rlhf.data.tokenize import ChatRenderer
 from rlhf.errors import ConfigError
 from rlhf.lineage import resolve_source
-from rlhf.policy import eos_ids, generate, join_prompt_response, response_logprobs
+from rlhf.policy import eos_ids, generate, response_logprobs
 from rlhf.rewards import RewardSource, load_gold, load_reward
 from rlhf.scalar import token_scores
 from rlhf.stages import StageJob
 from rlhf.stages.ppo import STAGE, PPOStageConfig
+from rlhf.stages.ppo.episodes import Rollout, _scatter, disable_dropout
 from rlhf.tracking import Tracker
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Rollout:
-    """A batch of episodes. query (B, P) is left-padded, response (B, R) right-padded; the masks are 1
-    on real tokens (a response's up to and including its first EOS)."""
-
-    query: torch.Tensor
-    query_mask: torch.Tensor
-    response: torch.Tensor
-    response_mask: torch.Tensor
-    logprobs: torch.Tensor
-    ref_logprobs: torch.Tensor
-    values: torch.Tensor
-    scores: torch.Tensor
-    kl: torch.Tensor
-    advantages: torch.Tensor
-    returns: torch.Tensor
-
-    def select(self, index: torch.Tensor) -> Rollout:
-        return Rollout(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
-
-    def sequences(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(ids, mask, where) of prompt + response (see join_prompt_response)."""
-        return join_prompt_response(self.query, self.query_mask, self.response, self.response_mask)
-
-
-def disable_dropout(model: torch.nn.Module) -> None:
-    """Dropout off everywhere: log-probabilities of the same tokens must not change between passes."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-        for name in ("attention_dropout", "dropout_p"):
-            if isinstance(getattr(module, name, None), float):
-                setattr(module, name, 0.0)
-    config = getattr(models.unwrap(model), "config", None)
-    for name in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout"):
-        if isinstance(getattr(config, name, None), float):
-            setattr(config, name, 0.0)
-
-
-def _scatter(flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Values listed in the order of mask's true positions, put back into a zero (B, R) tensor."""
-    out = torch.zeros(mask.shape, dtype=flat.dtype, device=flat.device)
-    out[mask.bool()] = flat
-    return out
 
 
 class PPOModule(pl.LightningModule):

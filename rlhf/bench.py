@@ -230,6 +230,7 @@ def _tokens(batch: dict) -> float:
 def _bench(cfg: DictConfig) -> None:
     from rlhf.__main__ import job_info, quiet_libraries
     from rlhf.config import validate
+    from rlhf.hardware import check
     from rlhf.stages import get_stage
     from rlhf.tracking import peak_memory, recorded, start_tracker
     from rlhf.training import build_trainer
@@ -245,6 +246,7 @@ def _bench(cfg: DictConfig) -> None:
         if cfg.stage.name == "ppo":
             cfg.stage.rollout.batch_size = settings["batch_size"]
     run = validate(cfg)
+    check(run.stage.name, run.trainer)
     rate = MatmulRate(settings["warmup"])
     rate.sample(8)
     tracker = start_tracker(run, job_info())

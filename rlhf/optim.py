@@ -25,10 +25,21 @@ def param_groups(
     return [g for g in groups if g["params"]]
 
 
-def adamw(groups: list[dict], stage: StageConfig) -> torch.optim.AdamW:
+def fused_allowed(precision: str) -> bool:
+    """Whether Lightning clips gradients for a fused AdamW under `precision` (trainer.precision).
+    Its mixed-precision plugins refuse: a fused step unscales gradients itself, after clipping
+    would have run on scaled ones."""
+    return "mixed" not in str(precision)
+
+
+def adamw(groups: list[dict], stage: StageConfig, precision: str) -> torch.optim.AdamW:
     """AdamW over `param_groups(...)`; the fused kernel (CPU and GPU) is about 4x faster than foreach
-    on the CPU, which matters when the optimizer step is a quarter of a small model's step."""
-    return torch.optim.AdamW(groups, lr=stage.lr, betas=tuple(stage.adam_betas), eps=stage.adam_eps, fused=True)
+    on the CPU, which matters when the optimizer step is a quarter of a small model's step; foreach
+    where the precision plugin would refuse to clip with it (see fused_allowed)."""
+    fused = fused_allowed(precision)
+    return torch.optim.AdamW(
+        groups, lr=stage.lr, betas=tuple(stage.adam_betas), eps=stage.adam_eps, fused=fused, foreach=not fused
+    )
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str, min_ratio: float) -> float:

@@ -105,7 +105,9 @@ class RewardModule(pl.LightningModule):
 
     def configure_optimizers(self):
         optimizer = optim.adamw(
-            optim.param_groups(self.model.named_parameters(), self.stage.weight_decay, self.stage.lr), self.stage
+            optim.param_groups(self.model.named_parameters(), self.stage.weight_decay, self.stage.lr),
+            self.stage,
+            self.trainer.precision,
         )
         total = optim.total_steps(self.trainer)
         return {"optimizer": optimizer, "lr_scheduler": optim.scheduler(optimizer, self.stage, total)}
@@ -178,7 +180,12 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
         extra = _log_calibration(module.last_scores[split], split, stage.calibration_bins, tracker)
         if gold is not None and stage.gold_eval_prompts:
             prompts = data.prompts.get("test") or data.prompts["validation"]
-            extra.update(_gold_agreement(module.model, tokenizer, renderer, prompts, gold, run, source.location, tracker))
+            extra.update(
+                _gold_agreement(
+                    module.model, tokenizer, renderer, prompts, gold, run, source.location, tracker,
+                    trainer.strategy.root_device,
+                )
+            )
         tracker.log_metrics(extra, step=trainer.global_step)
         return {**metrics, **extra}
 
@@ -213,12 +220,15 @@ def _log_calibration(scores: tuple[np.ndarray, np.ndarray], split: str, bins: in
 
 
 @torch.no_grad()
-def _gold_agreement(reward_model, tokenizer, renderer, prompts, gold, run: RunConfig, policy_dir, tracker) -> dict[str, float]:
+def _gold_agreement(
+    reward_model, tokenizer, renderer, prompts, gold, run: RunConfig, policy_dir, tracker, device: torch.device
+) -> dict[str, float]:
     """Sample two fresh responses per held-out prompt from the policy the reward model started from,
-    and count how often the reward model orders them as the gold annotator does."""
+    and count how often the reward model orders them as the gold annotator does; both models on
+    `device`, the stage's (Lightning hands the trained model back on the CPU)."""
     stage: RMStageConfig = run.stage
     prompts = prompts[: stage.gold_eval_prompts]
-    policy = models.load_causal_lm(run.model, policy_dir, seed=run.seed)
+    policy = models.load_causal_lm(run.model, policy_dir, seed=run.seed).to(device)
     policy.eval()
     prompt_ids = encode_prompts(renderer, prompts)
     doubled = [ids for ids in prompt_ids for _ in range(2)]
@@ -236,10 +246,9 @@ def _gold_agreement(reward_model, tokenizer, renderer, prompts, gold, run: RunCo
     as_str = [prompt_text(p) for p in prompts for _ in range(2)]
     gold_scores = np.asarray(gold.score_texts(as_str, texts), dtype=float)
     sequences = [p + r for p, r in zip(doubled, responses)]
-    reward_model.eval()
-    rm_scores = (
-        sequence_scores(reward_model, pad(sequences, tokenizer.pad_token_id), attention_mask(sequences)).cpu().numpy()
-    )
+    reward_model.to(device).eval()
+    ids, mask = pad(sequences, tokenizer.pad_token_id).to(device), attention_mask(sequences).to(device)
+    rm_scores = sequence_scores(reward_model, ids, mask).float().cpu().numpy()
     gold_diff = gold_scores[0::2] - gold_scores[1::2]
     rm_diff = rm_scores[0::2] - rm_scores[1::2]
     decided = gold_diff != 0

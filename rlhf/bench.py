@@ -131,6 +131,11 @@ def attended_pairs(batch: dict) -> float:
     return float((lengths * (lengths + 1) / 2).sum())
 
 
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class StepTimer(pl.Callback):
     """Times whole training steps after the warm-up ones, adding up each `counts[name](batch)`."""
 
@@ -141,9 +146,11 @@ class StepTimer(pl.Callback):
         self._start = 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        _synchronize(pl_module.device)
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        _synchronize(pl_module.device)  # a GPU runs behind the Python that queued its work
         if trainer.global_step > self.warmup:
             self.seconds += time.perf_counter() - self._start
             self.steps += 1

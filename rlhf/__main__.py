@@ -69,6 +69,10 @@ def _app(cfg: DictConfig) -> float | None:
         # Checked before the heavy libraries are even imported: a bad value fails in a second.
         try:
             run = validate(cfg)
+            from rlhf.hardware import check
+
+            # What this machine and the chosen strategy can run, before any model loads.
+            check(run.stage.name, run.trainer)
         except ConfigError as err:
             from rlhf.tracking import record_rejected
 

@@ -132,6 +132,11 @@ def attended_pairs(batch: dict) -> float:
     return float((lengths * (lengths + 1) / 2).sum())
 
 
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class StepTimer(pl.Callback):
     """Times whole training steps after the warm-up ones, adding up each `counts[name](batch)`."""
 
@@ -142,9 +147,11 @@ class StepTimer(pl.Callback):
         self._start = 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        _synchronize(pl_module.device)
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        _synchronize(pl_module.device)  # a GPU runs behind the Python that queued its work
         if trainer.global_step > self.warmup:
             self.seconds += time.perf_counter() - self._start
             self.steps += 1
@@ -197,9 +204,10 @@ def count_tokens(batch: dict) -> float:
 def _bench(cfg: DictConfig) -> None:
     from rlhf.__main__ import launch_info, quiet_libraries
     from rlhf.config import validate
+    from rlhf.hardware import check
+    from rlhf.runner import stage_trainer
     from rlhf.stages import get_stage, load
     from rlhf.tracking import peak_memory, recorded, start_tracker
-    from rlhf.training import build_trainer
 
     quiet_libraries()
     settings = SETTINGS
@@ -212,6 +220,7 @@ def _bench(cfg: DictConfig) -> None:
         if "rollout" in cfg.stage:  # a stage that samples: its batch is a rollout batch
             cfg.stage.rollout.batch_size = settings["batch_size"]
     run = validate(cfg)
+    check(run.stage.name, run.trainer)
     rate = MatmulRate(settings["warmup"])
     rate.sample(8)
     tracker = start_tracker(run, launch_info())
@@ -226,16 +235,7 @@ def _bench(cfg: DictConfig) -> None:
             counts["flops"] = workload.flops.step
         timer = StepTimer(settings["warmup"], counts)
         # The rate is sampled last, after the timer has stopped.
-        callbacks = [*job.callbacks, timer, *workload.callbacks, rate]
-        trainer = build_trainer(
-            run.trainer,
-            tracker,
-            run.output_dir,
-            callbacks,
-            checkpoint_every=run.checkpoint.every_n_steps,
-            limit_eval_batches=getattr(run.stage, "limit_eval_batches", None),
-            manual_optimization=not job.module.automatic_optimization,
-        )
+        trainer = stage_trainer(run, tracker, run.output_dir, job, [timer, *workload.callbacks, rate])
         trainer.fit(job.module, datamodule=job.datamodule)
         rate.sample(8)
         if workload.described:

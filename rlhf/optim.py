@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from contextlib import contextmanager
 
 import torch
+from pytorch_lightning.core.optimizer import do_nothing_closure
 
 from rlhf.config import StageConfig
 
@@ -25,10 +27,21 @@ def param_groups(
     return [g for g in groups if g["params"]]
 
 
-def adamw(groups: list[dict], stage: StageConfig) -> torch.optim.AdamW:
+def fused_allowed(precision: str) -> bool:
+    """Whether Lightning clips gradients for a fused AdamW under `precision` (trainer.precision).
+    Its mixed-precision plugins refuse: a fused step unscales gradients itself, after clipping
+    would have run on scaled ones."""
+    return "mixed" not in str(precision)
+
+
+def adamw(groups: list[dict], stage: StageConfig, precision: str) -> torch.optim.AdamW:
     """AdamW over `param_groups(...)`; the fused kernel (CPU and GPU) is about 4x faster than foreach
-    on the CPU, which matters when the optimizer step is a quarter of a small model's step."""
-    return torch.optim.AdamW(groups, lr=stage.lr, betas=tuple(stage.adam_betas), eps=stage.adam_eps, fused=True)
+    on the CPU, which matters when the optimizer step is a quarter of a small model's step; foreach
+    where the precision plugin would refuse to clip with it (see fused_allowed)."""
+    fused = fused_allowed(precision)
+    return torch.optim.AdamW(
+        groups, lr=stage.lr, betas=tuple(stage.adam_betas), eps=stage.adam_eps, fused=fused, foreach=not fused
+    )
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str, min_ratio: float) -> float:
@@ -55,3 +68,18 @@ def scheduler(optimizer: torch.optim.Optimizer, stage: StageConfig, total_steps:
 def total_steps(trainer) -> int:
     """Optimizer steps the run will take: max_steps when set (without loading the data early)."""
     return int(trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches)
+
+
+@contextmanager
+def counted_once(optimizer):
+    """Lightning counts a manual-optimisation step (global_step: trainer.max_steps, checkpoints,
+    resume) at each LightningOptimizer.step(); an RL iteration takes a varying number of them. Inside
+    the block the steps run uncounted, and the block counts as one step, however many it took."""
+    before, after = optimizer._on_before_step, optimizer._on_after_step
+    optimizer._on_before_step = optimizer._on_after_step = do_nothing_closure
+    try:
+        yield
+    finally:
+        optimizer._on_before_step, optimizer._on_after_step = before, after
+    before()
+    after()

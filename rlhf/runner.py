@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import signal
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytorch_lightning as pl
 
 from rlhf.config import RunConfig
 from rlhf.lineage import ResumePoint, find_resume_point
-from rlhf.stages import get_stage
+from rlhf.stages import StageJob, get_stage
 from rlhf.sweeps import objective
 from rlhf.tracking import (
     Launch,
@@ -48,6 +49,22 @@ def _terminate_as_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def stage_trainer(
+    run: RunConfig, tracker, output_dir: str | Path, job: StageJob, extra_callbacks: Sequence[pl.Callback] = ()
+) -> pl.Trainer:
+    """The Lightning Trainer for a stage's job, built from the run's trainer and checkpoint settings."""
+    return build_trainer(
+        run.trainer,
+        tracker,
+        output_dir,
+        [*job.callbacks, *extra_callbacks],
+        checkpoint_every=run.checkpoint.every_n_steps,
+        limit_eval_batches=getattr(run.stage, "limit_eval_batches", None),
+        batches_per_epoch=getattr(job.datamodule, "train_batches", None),
+        manual_optimization=not job.module.automatic_optimization,
+    )
+
+
 def execute(run: RunConfig, launch: Launch) -> float | None:
     """Train the configured stage; return the metric a sweep optimises (None if it was not produced)."""
     pl.seed_everything(run.seed, workers=True, verbose=False)
@@ -67,16 +84,7 @@ def execute(run: RunConfig, launch: Launch) -> float | None:
             tracker.log_metrics(peak_memory())
             primary = is_rank_zero()
         else:
-            trainer = build_trainer(
-                run.trainer,
-                tracker,
-                output_dir,
-                job.callbacks,
-                checkpoint_every=run.checkpoint.every_n_steps,
-                limit_eval_batches=getattr(run.stage, "limit_eval_batches", None),
-                batches_per_epoch=getattr(job.datamodule, "train_batches", None),
-                manual_optimization=not job.module.automatic_optimization,
-            )
+            trainer = stage_trainer(run, tracker, output_dir, job)
             trainer.fit(job.module, datamodule=job.datamodule, ckpt_path=resume.checkpoint if resume else None)
             validate_final(trainer, job.module, job.datamodule)
             metrics = job.finish(trainer, output_dir)

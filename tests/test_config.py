@@ -7,6 +7,7 @@ new YAML file is covered without touching this file.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -272,6 +273,12 @@ class Rejection:
 
 UNTRACKED = ("experiment=smoke", "tracking=none")
 
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
 REJECTIONS = {
     "typo": Rejection(("stage.lrr=1",), "stage.lrr", ("stage.lr",)),
     "wrong-type": Rejection(("stage.lr=abc",), "stage.lr"),
@@ -301,7 +308,18 @@ REJECTIONS = {
     "trainer-typo": Rejection(("trainer.max_stepz=3",), "trainer.max_stepz", ("trainer.max_steps",)),
     "trainer-added-typo": Rejection(("+trainer.max_stepz=3",), "trainer.max_stepz", ("Trainer",)),
     "trainer-managed": Rejection(("+trainer.logger=false",), "trainer.logger"),
+    # Strategies a stage cannot run: refused with the stage, the strategy and what to use instead.
+    "sft-fsdp": Rejection(("hardware=fsdp",), "trainer.strategy", ("stage=sft", "fsdp", "hardware=gpu")),
+    "rm-fsdp": Rejection(("stage=rm", "hardware=fsdp"), "trainer.strategy", ("stage=rm", "fsdp", "hardware=gpu")),
+    "ppo-fsdp": Rejection(("stage=ppo", "hardware=fsdp"), "trainer.strategy", ("stage=ppo", "fsdp", "hardware=gpu")),
+    "ppo-deepspeed": Rejection(
+        ("stage=ppo", "hardware=deepspeed"), "trainer.strategy", ("stage=ppo", "deepspeed_stage_2", "hardware=gpu")
+    ),
 }
+if importlib.util.find_spec("deepspeed") is None:
+    REJECTIONS["deepspeed-missing"] = Rejection(("hardware=deepspeed",), "trainer.strategy", ("pip install deepspeed",))
+if not _has_cuda():
+    REJECTIONS["gpu-missing"] = Rejection(("hardware=gpu",), "trainer.accelerator", ("hardware=cpu",))
 
 
 @dataclass

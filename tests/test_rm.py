@@ -121,3 +121,16 @@ def test_rm_on_rankings_scores_each_records_pairs_together(tmp_path, cli, mlflow
     metrics = run.data.metrics
     assert metrics["test/accuracy"] > 0.6, metrics["test/accuracy"]
     assert metrics["perf/pairs_per_s"] > 0 and "test/gold_accuracy/unsafe" in metrics
+
+
+@pytest.mark.distributed
+def test_rm_ddp_on_cpu(cli, mlflow_client):
+    """Two gloo ranks: one run recorded, held-out metrics over both ranks' pairs, one saved model."""
+    cli("experiment=smoke", "stage=rm", "stage.init_from=base", "trainer.max_steps=4", "trainer.val_check_interval=4",
+        "hardware=ddp", "trainer.devices=2", "tracking.log_model=false", timeout=900)
+    (run,) = runs_of(mlflow_client, "smoke", "rm")
+    assert run.info.status == "FINISHED"
+    assert run.data.params["trainer.strategy"] == "ddp"
+    assert 0.0 <= run.data.metrics["val/accuracy"] <= 1.0
+    assert "gold/agreement" in run.data.metrics
+    assert (Path(run.data.tags["rlhf.output_dir"]) / "model" / "model.safetensors").is_file()

@@ -37,6 +37,8 @@ class Stage:
     objective: tuple[str, str]
     # "module:function" giving the rlhf.bench workload, None if not benchmarked.
     bench: str | None = None
+    # Sharded strategy families (fsdp, deepspeed) this stage cannot run under, with the reason.
+    refused_strategies: dict[str, str] = field(default_factory=dict)
 
     def build(self, run: RunConfig, tracker: Tracker) -> StageJob:
         return load(self.builder)(run, tracker)

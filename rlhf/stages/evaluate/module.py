@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf import models, plots
+from rlhf import hardware, models, plots
 from rlhf.config import ModelConfig, RolloutConfig, RunConfig
 from rlhf.data.formats import prompt_text
 from rlhf.data.loading import attention_mask, pad
@@ -100,11 +100,18 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
     tracker.set_tags({f"{TAG_PREFIX}eval.policies": " ".join(r.label for r in results)})
 
     def finish(trainer, output_dir: Path) -> dict[str, float]:
-        reference_model = models.load_causal_lm(run.model, reference.location, seed=run.seed).eval()
+        # No Trainer here: the models go where Lightning would put a Trainer's on this hardware.
+        device = hardware.device(run.trainer)
+        reference_model = models.load_causal_lm(run.model, reference.location, seed=run.seed).to(device).eval()
         for result in results:
-            _sample_and_measure(result, items, run.model, stage.rollout, run.seed, tokenizer, reference_model, sft_test, gold)
+            _sample_and_measure(
+                result, items, run.model, stage.rollout, run.seed, tokenizer, reference_model, sft_test, gold, device
+            )
         del reference_model
-        _score_with_reward(results, items, reward_spec, run.model, run.data.chat_template, stage.rollout.batch_size, tracker, tokenizer)
+        _score_with_reward(
+            results, items, reward_spec, run.model, run.data.chat_template, stage.rollout.batch_size, tracker,
+            tokenizer, device,
+        )
         return _report(results, items, stage, gold is not None, tracker, output_dir)
 
     return StageJob(None, None, finish)
@@ -112,9 +119,9 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
 
 @torch.no_grad()
 def _sample_and_measure(
-    result, items, model: ModelConfig, rollout: RolloutConfig, seed: int, tokenizer, reference, sft_test, gold
+    result, items, model: ModelConfig, rollout: RolloutConfig, seed: int, tokenizer, reference, sft_test, gold, device
 ) -> None:
-    policy = models.load_causal_lm(model, result.source.location, seed=seed).eval()
+    policy = models.load_causal_lm(model, result.source.location, seed=seed).to(device).eval()
     stops = eos_ids(tokenizer, policy)
     responses: list[list[int]] = []
     with torch.random.fork_rng():
@@ -131,9 +138,10 @@ def _sample_and_measure(
     for start in range(0, len(items), rollout.batch_size):
         prompts = [i["prompt_ids"] for i in items[start : start + rollout.batch_size]]
         answers = responses[start : start + rollout.batch_size]
-        response, response_mask = pad(answers, tokenizer.pad_token_id), attention_mask(answers)
+        response, response_mask = pad(answers, tokenizer.pad_token_id).to(device), attention_mask(answers).to(device)
         ids, mask, where = join_prompt_response(
-            pad(prompts, tokenizer.pad_token_id, left=True), attention_mask(prompts, left=True), response, response_mask
+            pad(prompts, tokenizer.pad_token_id, left=True).to(device), attention_mask(prompts, left=True).to(device),
+            response, response_mask,
         )
         targets = response[response_mask.bool()]
         temperature = rollout.temperature
@@ -158,20 +166,23 @@ def _sample_and_measure(
         collate = CausalLMCollator(tokenizer.pad_token_id)
         loss_sum, tokens = 0.0, 0
         for start in range(0, len(sft_test), rollout.batch_size):
-            batch = collate(sft_test[start : start + rollout.batch_size])
+            batch = {k: v.to(device) for k, v in collate(sft_test[start : start + rollout.batch_size]).items()}
             loss, count = completion_loss(policy, batch["input_ids"], batch["attention_mask"], batch["labels"])
             loss_sum, tokens = loss_sum + float(loss), tokens + int(count)
         result.metrics["perplexity"] = math.exp(min(loss_sum / max(tokens, 1), 50.0))
 
 
 def _score_with_reward(
-    results, items, reward_spec: str, model: ModelConfig, chat_template: str, batch_size: int, tracker: Tracker, tokenizer
+    results, items, reward_spec: str, model: ModelConfig, chat_template: str, batch_size: int, tracker: Tracker,
+    tokenizer, device,
 ) -> None:
     """Score every policy's responses with one reward: a model (with its own tokenizer and template) or a function."""
     key = "stage.reward_from"
     reward, _ = load_reward(
         reward_spec, key, model, chat_template, STAGE.sources.get("reward_from"), tracker, tokenizer, batch_size
     )
+    if reward.model is not None:
+        reward.model.to(device)
     prompts = [i["prompt"] for i in items]
     for result in results:
         result.rewards = reward.score_texts(prompts, result.responses)

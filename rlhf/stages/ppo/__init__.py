@@ -80,4 +80,8 @@ STAGE = Stage(
     sources={"policy_from": "sft", "reward_from": "rm"},
     objective=("val/score_raw", "maximize"),
     bench="rlhf.stages.ppo.module:bench_workload",
+    refused_strategies={
+        "fsdp": "PPO generates with the policy inside its training step, which FSDP's sharded parameters do not allow",
+        "deepspeed": "PPO generates with the policy and steps several models inside its training step, which DeepSpeed's engine does not allow",
+    },
 )

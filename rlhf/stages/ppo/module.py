@@ -62,6 +62,9 @@ class PPOModule(pl.LightningModule):
             torch.nn.init.zeros_(self.value_head.weight)
             torch.nn.init.zeros_(self.value_head.bias)
         self.reward = reward
+        # Registered, so Lightning moves the reward model to the device with the others; frozen and
+        # left out of checkpoints like the reference.
+        self.reward_model = reward.model
         self.stage = stage
         self.pad_token_id, self.eos_token_ids = pad_token_id, eos_token_ids
         self.max_grad_norm = max_grad_norm
@@ -215,7 +218,9 @@ class PPOModule(pl.LightningModule):
                 logprobs, entropy = _scatter(logprobs, part.response_mask), _scatter(entropy, part.response_mask)
                 values = _scatter(values, part.response_mask)
                 pg_loss, pg_stats = rl.policy_loss(logprobs, part.logprobs, part.advantages, part.response_mask, stage.clip_range)
-                if stage.max_approx_kl is not None and pg_stats["approx_kl"].item() > stage.max_approx_kl:
+                # Decided on the mean over ranks, so all stop together: a rank that stepped on alone
+                # would wait in its gradient all-reduce for ranks that never join it.
+                if stage.max_approx_kl is not None and self._mean_over_ranks(pg_stats["approx_kl"]) > stage.max_approx_kl:
                     stopped = True
                     break
                 vf_loss, vf_stats = rl.value_loss(values, part.values, part.returns, part.response_mask, stage.value_clip_range)
@@ -223,13 +228,9 @@ class PPOModule(pl.LightningModule):
                 loss = pg_loss + stage.vf_coef * vf_loss - stage.entropy_coef * mean_entropy
                 optimizer.zero_grad(set_to_none=True)
                 self.manual_backward(loss)
-                if self.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(
-                        [p for group in optimizer.param_groups for p in group["params"]], self.max_grad_norm
-                    )
-                # The inner updates go to the torch optimizer itself; Lightning counts one step per PPO
-                # iteration (see training_step), so trainer.max_steps counts PPO iterations.
-                optimizer.optimizer.step()
+                # Through the strategy and precision plugin (loss scaling, unscaling before the
+                # clipping in on_before_optimizer_step); counted as steps by training_step, not here.
+                optimizer.step()
                 updates += 1
                 for key, value in {
                     "policy/loss": pg_loss.item(),
@@ -246,19 +247,27 @@ class PPOModule(pl.LightningModule):
         out.update({"ppo/updates": float(updates), "ppo/epochs": float(epochs_run), "ppo/early_stopped": float(stopped)})
         return out
 
+    def _mean_over_ranks(self, value: torch.Tensor) -> float:
+        return float(self.trainer.strategy.reduce(value.detach().clone().float(), reduce_op="mean"))
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # Called by the precision plugin after it unscales the gradients, before each inner step.
+        if self.max_grad_norm:
+            self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+
     def training_step(self, batch: dict, batch_idx: int) -> None:
         optimizer = self.optimizers()
-        iteration = self.global_step  # before this iteration's bookkeeping step counts it
+        iteration = self.global_step  # before this iteration is counted
         step_start = time.perf_counter()
         episode, stats, _ = self.rollout(batch)
         start = time.perf_counter()
-        stats.update(self._update(episode, optimizer))
+        with optim.counted_once(optimizer):
+            stats.update(self._update(episode, optimizer))
         stats["time/training_s"] = time.perf_counter() - start
-        # The bookkeeping step: no parameter has a gradient now, so AdamW changes nothing, but
-        # Lightning counts the PPO iteration (global_step, checkpoints, max_steps).
-        optimizer.step()
         self.lr_schedulers().step()
         episodes = episode.query.shape[0] * self.trainer.world_size
+        # One coefficient on every rank, from the KL of all ranks' episodes; logged and checkpointed as is.
+        stats["kl/mean"] = self._mean_over_ranks(torch.tensor(stats["kl/mean"], device=self.device))
         self.kl_ctl.update(stats["kl/mean"], episodes)
         elapsed = time.perf_counter() - step_start
         stats["perf/episodes_per_s"] = episodes / elapsed
@@ -289,14 +298,14 @@ class PPOModule(pl.LightningModule):
         critic = self.value_head if self.value_model is None else self.value_model
         groups = optim.param_groups(self.policy.named_parameters(), stage.weight_decay, stage.lr)
         groups += optim.param_groups(critic.named_parameters(), stage.weight_decay, stage.critic_lr or stage.lr)
-        optimizer = optim.adamw(groups, stage)
+        optimizer = optim.adamw(groups, stage, self.trainer.precision)
         return {"optimizer": optimizer, "lr_scheduler": optim.scheduler(optimizer, stage, optim.total_steps(self.trainer))}
 
     # -- checkpoints --------------------------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = {
-            k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(("reference.", "reward."))
+            k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(("reference.", "reward_model."))
         }
         checkpoint["ppo"] = {"kl_controller": self.kl_ctl.state_dict(), "running_reward": self.running.state_dict()}
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from omegaconf import MISSING
 
 from rlhf.config import StageConfig
+from rlhf.hardware import FSDP_CANNOT_CLIP_OR_SAVE
 from rlhf.stages import Stage
 
 
@@ -45,4 +46,5 @@ STAGE = Stage(
     sources={"init_from": "sft"},
     objective=("val/accuracy", "maximize"),
     bench="rlhf.stages.rm.module:bench_workload",
+    refused_strategies={"fsdp": FSDP_CANNOT_CLIP_OR_SAVE},
 )

@@ -106,7 +106,9 @@ class RewardModule(pl.LightningModule):
 
     def configure_optimizers(self):
         optimizer = optim.adamw(
-            optim.param_groups(self.model.named_parameters(), self.stage.weight_decay, self.stage.lr), self.stage
+            optim.param_groups(self.model.named_parameters(), self.stage.weight_decay, self.stage.lr),
+            self.stage,
+            self.trainer.precision,
         )
         total = optim.total_steps(self.trainer)
         return {"optimizer": optimizer, "lr_scheduler": optim.scheduler(optimizer, self.stage, total)}
@@ -178,9 +180,13 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
         extra = _log_calibration(module.last_scores[split], split, stage.calibration_bins, tracker)
         if gold is not None and stage.gold_eval_prompts:
             prompts = data.prompts.get("test") or data.prompts["validation"]
-            policy = models.load_causal_lm(run.model, source.location, seed=run.seed)
+            # Lightning hands the trained model back on the CPU: both models go to the stage's device.
+            device = trainer.strategy.root_device
+            policy = models.load_causal_lm(run.model, source.location, seed=run.seed).to(device)
             extra.update(
-                _gold_agreement(module.model, policy, tokenizer, renderer, prompts, gold, stage, run.seed, tracker)
+                _gold_agreement(
+                    module.model.to(device), policy, tokenizer, renderer, prompts, gold, stage, run.seed, tracker
+                )
             )
         tracker.log_metrics(extra, step=trainer.global_step)
         return {**metrics, **extra}
@@ -220,7 +226,8 @@ def _gold_agreement(
     reward_model, policy, tokenizer, renderer, prompts, gold, stage: RMStageConfig, seed: int, tracker
 ) -> dict[str, float]:
     """Sample two fresh responses per held-out prompt from the policy the reward model started from,
-    and count how often the reward model orders them as the gold annotator does."""
+    and count how often the reward model orders them as the gold annotator does (both models on one
+    device)."""
     prompts = prompts[: stage.gold_eval_prompts]
     policy.eval()
     prompt_ids = encode_prompts(renderer, prompts)
@@ -239,10 +246,10 @@ def _gold_agreement(
     as_str = [prompt_text(p) for p in prompts for _ in range(2)]
     gold_scores = np.asarray(gold.score_texts(as_str, texts), dtype=float)
     sequences = [p + r for p, r in zip(doubled, responses)]
+    device = policy.device
     reward_model.eval()
-    rm_scores = (
-        sequence_scores(reward_model, pad(sequences, tokenizer.pad_token_id), attention_mask(sequences)).cpu().numpy()
-    )
+    ids, mask = pad(sequences, tokenizer.pad_token_id).to(device), attention_mask(sequences).to(device)
+    rm_scores = sequence_scores(reward_model, ids, mask).float().cpu().numpy()
     gold_diff = gold_scores[0::2] - gold_scores[1::2]
     rm_diff = rm_scores[0::2] - rm_scores[1::2]
     decided = gold_diff != 0

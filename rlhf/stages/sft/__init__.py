@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from omegaconf import MISSING
 
 from rlhf.config import StageConfig
+from rlhf.hardware import FSDP_CANNOT_CLIP_OR_SAVE
 from rlhf.stages import Stage
 
 
@@ -36,4 +37,5 @@ STAGE = Stage(
     sources={},
     objective=("val/loss", "minimize"),
     bench="rlhf.stages.sft.module:bench_workload",
+    refused_strategies={"fsdp": FSDP_CANNOT_CLIP_OR_SAVE},
 )

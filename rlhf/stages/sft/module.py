@@ -83,7 +83,9 @@ class SFTModule(pl.LightningModule):
 
     def configure_optimizers(self):
         optimizer = optim.adamw(
-            optim.param_groups(self.model.named_parameters(), self.stage.weight_decay, self.stage.lr), self.stage
+            optim.param_groups(self.model.named_parameters(), self.stage.weight_decay, self.stage.lr),
+            self.stage,
+            self.trainer.precision,
         )
         total = optim.total_steps(self.trainer)
         return {"optimizer": optimizer, "lr_scheduler": optim.scheduler(optimizer, self.stage, total)}
@@ -128,7 +130,8 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
                 metrics.update({k: float(v) for k, v in result.items()})
         if trainer.is_global_zero:
             models.save_model(module.model, tokenizer, output_dir / "model")
-            _log_samples(module.model, tokenizer, renderer, data.prompts["validation"], data.references["validation"], stage, tracker)
+            # On the stage's device: Lightning hands the trained model back on the CPU.
+            _log_samples(module.model.to(trainer.strategy.root_device), tokenizer, renderer, data.prompts["validation"], data.references["validation"], stage, tracker)
         return metrics
 
     return StageJob(module, datamodule, finish, callbacks=[Throughput(_count_tokens)])

@@ -26,6 +26,7 @@ OBJECTIVES = {
     "sft": ("val/loss", "minimize"),
     "rm": ("val/accuracy", "maximize"),
     "ppo": ("val/score_raw", "maximize"),
+    # the headline win rate of the last policy, ties counted as half a win (rlhf.evaluation.win_rate)
     "eval": ("eval/win_rate_rm", "maximize"),
 }
 

@@ -33,17 +33,29 @@ def test_wilson_interval_narrows_with_more_trials_and_widens_with_confidence():
     assert wide[0] < narrow[0] < 0.6 < narrow[1] < wide[1]
 
 
-def test_win_rate_counts_ties_apart_from_the_rate():
+def test_win_rate_counts_a_tie_as_half_a_win():
     outcome = win_rate([1.0, 2.0, 3.0, 0.0, 5.0], [0.0, 2.0, 1.0, 1.0, 5.0])
     assert (outcome.wins, outcome.ties, outcome.losses) == (2, 2, 1)
-    assert outcome.rate == pytest.approx(2 / 3)  # ties are not split into the rate
-    assert (outcome.low, outcome.high) == pytest.approx(wilson_interval(2, 3))
+    assert outcome.rate == pytest.approx(0.6)  # (2 + 2 / 2) / 5
+    # Wilson over n = 5 with 3 successes: z = 1.95996, centre (0.6 + z²/10) / (1 + z²/5) = 0.5566,
+    # half z·sqrt(0.048 + z²/100) / (1 + z²/5) = 0.3258
+    assert (outcome.low, outcome.high) == pytest.approx((0.2307, 0.8824), abs=1e-4)
     assert win_rate([1.0, 1.05], [1.0, 1.0], tie_tolerance=0.1).ties == 2
 
 
-def test_win_rate_of_identical_scores_is_undefined_not_half():
+def test_mostly_ties_read_near_a_half_not_as_the_decided_share():
+    candidate = [1.0] * 3 + [0.0] + [0.5] * 96  # 3 wins, 1 loss, 96 ties
+    outcome = win_rate(candidate, [0.5] * 100)
+    assert (outcome.wins, outcome.ties, outcome.losses) == (3, 96, 1)
+    assert outcome.rate == pytest.approx(0.51)  # (3 + 48) / 100, not 3 / 4
+    assert outcome.low < 0.51 < outcome.high
+
+
+def test_win_rate_of_identical_scores_is_a_half():
     outcome = win_rate([0.3, 0.3], [0.3, 0.3])
-    assert outcome.ties == 2 and math.isnan(outcome.rate) and (outcome.low, outcome.high) == (0.0, 1.0)
+    assert outcome.ties == 2 and outcome.rate == 0.5
+    assert (outcome.low, outcome.high) == pytest.approx(wilson_interval(1, 2))
+    assert math.isnan(win_rate([], []).rate)
 
 
 def test_win_rate_needs_paired_scores():
@@ -96,9 +108,10 @@ def test_eval_logs_metrics_per_policy_and_win_rates(report):
     assert 0 <= metrics[f"eval/{ppo_label}/distinct_1"] <= 1
     for judge in ("rm", "gold"):
         prefix = f"eval/{ppo_label}/win_rate_{judge}"
-        assert metrics[f"eval/{ppo_label}/ties_{judge}"] >= 0
-        if prefix in metrics:  # undefined (not logged) when every pair ties
-            assert metrics[f"{prefix}_low"] <= metrics[prefix] <= metrics[f"{prefix}_high"]
+        counts = [metrics[f"eval/{ppo_label}/{name}_{judge}"] for name in ("wins", "ties", "losses")]
+        assert sum(counts) == 16
+        assert metrics[prefix] == pytest.approx((counts[0] + counts[1] / 2) / 16)
+        assert metrics[f"{prefix}_low"] <= metrics[prefix] <= metrics[f"{prefix}_high"]
     assert "eval/win_rate_rm" in metrics  # the name a sweep optimises
 
 
@@ -140,7 +153,7 @@ def test_a_policy_against_itself_ties_everywhere_at_zero_kl(tmp_path, cli, mlflo
     metrics = run.data.metrics
     first, second = run.data.tags["rlhf.eval.policies"].split()
     assert metrics[f"eval/{second}/ties_rm"] == 8 and metrics[f"eval/{second}/ties_gold"] == 8
-    assert "eval/win_rate_rm" not in metrics  # undefined with no decided pair, so not logged as a number
+    assert metrics["eval/win_rate_rm"] == 0.5  # all ties: half a win each
     assert metrics[f"eval/{first}/kl"] == metrics[f"eval/{second}/kl"] == pytest.approx(0.0, abs=1e-5)
     assert metrics[f"eval/{first}/reward_mean"] == metrics[f"eval/{second}/reward_mean"]
     assert run.data.tags["rlhf.policies.0"] == "base"

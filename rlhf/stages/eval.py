@@ -4,7 +4,8 @@ Every policy answers the same prompts with the same sampling seed. Responses are
 reward model of the lineage (or another), by the task's gold annotator when the data has one, and
 by cheap automatic metrics: length, distinct-1/2, share ending with EOS, perplexity on the SFT test
 split, and KL to the reference policy on the policy's own samples. Win rates against the first
-policy (the baseline) come with Wilson intervals, ties counted separately.
+policy (the baseline) count a tie as half a win, (wins + ties / 2) / n, with Wilson intervals; wins,
+ties and losses are logged too.
 """
 
 from __future__ import annotations
@@ -185,8 +186,9 @@ def _report(results, items, stage: EvalStageConfig, has_gold: bool, tracker: Tra
         wins[result.label] = judged
         for judge, outcome in judged.items():
             prefix = f"eval/{result.label}/win_rate_{judge}"
-            metrics.update({prefix: outcome.rate, f"{prefix}_low": outcome.low, f"{prefix}_high": outcome.high,
-                            f"eval/{result.label}/ties_{judge}": outcome.ties})
+            metrics.update({prefix: outcome.rate, f"{prefix}_low": outcome.low, f"{prefix}_high": outcome.high})
+            metrics.update({f"eval/{result.label}/{name}_{judge}": float(getattr(outcome, name))
+                            for name in ("wins", "ties", "losses")})
     if wins:  # the last policy against the baseline, under names a sweep can optimise
         last = wins[results[-1].label]
         metrics.update({f"eval/win_rate_{judge}": outcome.rate for judge, outcome in last.items()})

@@ -341,13 +341,15 @@ class PPOStageConfig(StageConfig):
     kl_estimator: str = "k1"
     kl_target: float | None = None
     kl_horizon: int = 10000
-    # Stop an epoch's remaining minibatches when the approximate KL(old || new) exceeds this (null: never).
+    # Stop the iteration's updates (its remaining minibatches and epochs) when a minibatch's
+    # approximate KL(old || new) exceeds this (null: never).
     max_approx_kl: float | None = 0.5
     # Reward normalisation: auto (the reward model's stored statistics, else running statistics),
     # model, running, or none; then clipping to +- reward_clip (null: no clipping).
     reward_norm: str = "auto"
     reward_clip: float | None = 10.0
-    # Added to the score of responses that end without EOS (null: no penalty), e.g. -1.0.
+    # Subtracted from the raw score of responses cut off without EOS, before normalisation (null or
+    # 0: no penalty); non-negative, e.g. 1.0.
     missing_eos_penalty: float | None = None
     whiten_advantages: bool = True
     # Log a table of sample prompts, responses and scores every this many steps (0: never).
@@ -393,6 +395,14 @@ class PPOStageConfig(StageConfig):
             out.append(("critic_lr", f"must be > 0 or null, got {self.critic_lr}"))
         if self.log_samples_every < 0:
             out.append(("log_samples_every", f"must be >= 0, got {self.log_samples_every}"))
+        if self.missing_eos_penalty is not None and self.missing_eos_penalty < 0:
+            out.append(("missing_eos_penalty", f"must be >= 0 (it is subtracted), got {self.missing_eos_penalty}"))
+        # PPO's ratio and KL use log-probabilities of the full softmax; samples from a truncated one
+        # would make every update off-policy. Evaluation may truncate.
+        for key, off in (("top_k", 0), ("top_p", 1.0)):
+            if getattr(self.rollout, key) != off:
+                out.append((f"rollout.{key}", f"must be {off} for PPO: its log-probabilities are of the full "
+                            "softmax, so truncated sampling makes the updates off-policy (stage=eval may truncate)"))
         return out
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
-from conftest import runs_of
+from conftest import TESTS_DIR, runs_of
 
 from rlhf.evaluation import distinct_n, wilson_interval, win_rate
 
@@ -140,6 +141,7 @@ def test_pipeline_sweep_is_judged_by_its_last_stage(pipeline):
 # ---------------------------------------------------------------------------------------------------------
 # Policies named explicitly, and what goes wrong
 
+PPO_REWARDS = {"PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")])}
 SAME_TWICE = [
     "experiment=smoke", "stage=eval", "stage.policies=[base,base]", "stage.reference=base",
     "stage.reward_from=fn:rlhf.tasks.assistant.gold_reward", "stage.num_prompts=8", "stage.perplexity_examples=0",
@@ -172,3 +174,34 @@ def test_eval_rejects_an_impossible_value_before_loading(tmp_path, cli):
     result = cli("experiment=smoke", "stage=eval", "stage.confidence=1.5", check=False)
     assert result.returncode == 2
     assert "stage.confidence" in result.stderr and "must be in (0, 1)" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The gold annotator belongs to the shipped task's data
+
+
+def test_gold_annotator_follows_the_data_source(compose):
+    from rlhf.config import validate
+    from rlhf.data.sources import gold_annotator
+
+    task = validate(compose(["tracking=none"])).data
+    assert gold_annotator(task.gold_reward, task.prompts.path) == "rlhf.tasks.assistant.gold_reward"
+    assert gold_annotator(task.gold_reward, task.preference.path) == "rlhf.tasks.assistant.gold_reward"
+    own = validate(compose(["tracking=none", "data.prompts.path=my/prompts.jsonl"])).data
+    assert gold_annotator(own.gold_reward, own.prompts.path) is None  # it has never seen these prompts
+    chosen = validate(compose(["tracking=none", "data.prompts.path=my/prompts.jsonl",
+                               "data.gold_reward=ppo_rewards.brevity"])).data
+    assert gold_annotator(chosen.gold_reward, chosen.prompts.path) == "ppo_rewards.brevity"  # the user's choice
+    off = validate(compose(["tracking=none", "data.gold_reward=null"])).data
+    assert gold_annotator(off.gold_reward, off.prompts.path) is None
+
+
+@pytest.mark.slow
+def test_eval_on_the_users_prompts_reports_no_gold(tmp_path, cli, mlflow_client):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Tell me about item {i}."}) + "\n" for i in range(12)))
+    own = [f"data.prompts.path={prompts}", "data.prompts.eval_split=null", "data.prompts.test_split=null"]
+    cli(*SAME_TWICE, *own, "stage.reward_from=fn:ppo_rewards.brevity", env=PPO_REWARDS)
+    (run,) = runs_of(mlflow_client, "smoke", "eval")
+    assert "eval/win_rate_rm" in run.data.metrics
+    assert not [key for key in run.data.metrics if "gold" in key]

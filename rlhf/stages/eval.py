@@ -22,6 +22,7 @@ from rlhf.config import EvalStageConfig, RunConfig
 from rlhf.data.formats import prompt_text
 from rlhf.data.loading import attention_mask, pad
 from rlhf.data.prepare import CausalLMCollator, prepare_prompts, prepare_sft
+from rlhf.data.sources import gold_annotator
 from rlhf.data.tokenize import ChatRenderer
 from rlhf.errors import LineageError
 from rlhf.evaluation import WinRate, distinct_n, mean, win_rate
@@ -90,7 +91,8 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
     prompts_data = prepare_prompts(run.data, renderer, run.seed, stage.rollout.max_new_tokens)
     split = stage.split if stage.split in prompts_data.splits else "validation"
     items = prompts_data.splits[split][: stage.num_prompts]
-    gold = load_function(run.data.gold_reward, "data.gold_reward") if run.data.gold_reward else None
+    gold_name = gold_annotator(run.data.gold_reward, run.data.prompts.path)
+    gold = load_function(gold_name, "data.gold_reward") if gold_name else None
     sft_test = None
     if stage.perplexity_examples:
         sft_data = prepare_sft(run.data, renderer, run.seed)

@@ -21,6 +21,7 @@ from rlhf import models, optim, rl
 from rlhf.config import PPOStageConfig, RunConfig
 from rlhf.data.loading import ExamplesDataModule, attention_mask, pad, position_ids
 from rlhf.data.prepare import prepare_prompts
+from rlhf.data.sources import gold_annotator
 from rlhf.data.tokenize import ChatRenderer
 from rlhf.errors import ConfigError
 from rlhf.lineage import resolve_source
@@ -376,7 +377,8 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
     policy_source = resolve_source(stage.policy_from, "stage.policy_from", "sft", tracker)
     tokenizer = models.load_tokenizer(run.model, policy_source.location)
     renderer = ChatRenderer(tokenizer, run.data.chat_template)
-    gold = load_function(run.data.gold_reward, "data.gold_reward") if run.data.gold_reward else None
+    gold_name = gold_annotator(run.data.gold_reward, run.data.prompts.path)
+    gold = load_function(gold_name, "data.gold_reward") if gold_name else None
     reward, reward_location = load_reward(stage.reward_from, "stage.reward_from", run, tracker, tokenizer)
     data = prepare_prompts(run.data, renderer, run.seed, stage.rollout.max_new_tokens)
     tracker.log_metrics(data.stats)

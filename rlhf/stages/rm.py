@@ -20,6 +20,7 @@ from rlhf.config import RMStageConfig, RunConfig
 from rlhf.data.formats import prompt_text
 from rlhf.data.loading import ExamplesDataModule, attention_mask, pad
 from rlhf.data.prepare import PairCollator, Prepared, group_comparisons, prepare_preferences
+from rlhf.data.sources import gold_annotator
 from rlhf.data.tokenize import ChatRenderer, encode_prompts
 from rlhf.lineage import resolve_source
 from rlhf.losses import bradley_terry, gold_order_agreement, preference_accuracy
@@ -130,8 +131,9 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
     tokenizer = models.load_tokenizer(run.model, source.location)
     renderer = ChatRenderer(tokenizer, run.data.chat_template)
     gold = None
-    if run.data.gold_reward:
-        gold = FunctionReward(load_function(run.data.gold_reward, "data.gold_reward"), tokenizer)
+    gold_name = gold_annotator(run.data.gold_reward, run.data.preference.path)
+    if gold_name:
+        gold = FunctionReward(load_function(gold_name, "data.gold_reward"), tokenizer)
     data = prepare_preferences(run.data, renderer, run.seed)
     if gold is not None:
         _attach_gold_order(data, gold)

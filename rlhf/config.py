@@ -269,6 +269,10 @@ class RMStageConfig(StageConfig):
     # each response is scored once for all its pairs (with share_prefix, the prompt too), and
     # batch_size counts records. Off: every pair is its own example. No effect on plain pairs.
     group_by_record: bool = True
+    # How the loss weighs the pairs of one record (a ranking of K gives C(K, 2) pairs): record, each
+    # record's pairs weigh 1 in total, so every prompt counts once (InstructGPT); pair, every pair
+    # weighs 1, so a ranking counts C(K, 2) times. Applies with or without group_by_record.
+    pair_weighting: str = "record"
     # Subtract each pair's margin (e.g. a rating gap) inside the Bradley-Terry loss.
     use_margin: bool = False
     # Weight of the reward-centering term mean((r_chosen + r_rejected)^2); ~0.01 keeps rewards near 0.
@@ -284,6 +288,8 @@ class RMStageConfig(StageConfig):
         out = super().problems()
         if self.center_rewards < 0:
             out.append(("center_rewards", f"must be >= 0, got {self.center_rewards}"))
+        if self.pair_weighting not in ("record", "pair"):
+            out.append(("pair_weighting", f"must be record or pair, got {self.pair_weighting!r}"))
         if self.calibration_bins < 2:
             out.append(("calibration_bins", f"must be >= 2, got {self.calibration_bins}"))
         if self.gold_eval_prompts < 0:

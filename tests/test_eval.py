@@ -205,3 +205,47 @@ def test_eval_on_the_users_prompts_reports_no_gold(tmp_path, cli, mlflow_client)
     (run,) = runs_of(mlflow_client, "smoke", "eval")
     assert "eval/win_rate_rm" in run.data.metrics
     assert not [key for key in run.data.metrics if "gold" in key]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Evaluation scores what PPO optimised
+
+
+def test_a_cut_off_response_scores_the_same_in_eval_as_in_ppo(tiny_model_config, tokenizer):
+    """PPO scores the sampled ids; evaluation must too, not the re-rendered text, whose chat template
+    closes a response cut off at max_new_tokens with EOS as if it had finished."""
+    import torch
+
+    from rlhf.data.tokenize import ChatRenderer, encode_prompts
+    from rlhf.lineage import ModelSource
+    from rlhf.models import load_scalar_model
+    from rlhf.rewards import ModelReward
+    from rlhf.stages.eval import PolicyResult, score_responses
+    from rlhf.stages.ppo import Rollout
+
+    renderer = ChatRenderer(tokenizer)
+    prompts = ["What is 2 + 3?", "Name the capital city of Kenya."]
+    items = [{"prompt": p, "prompt_ids": ids} for p, ids in zip(prompts, encode_prompts(renderer, prompts))]
+    cut_off = tokenizer("The capital of Kenya", add_special_tokens=False)["input_ids"]  # no EOS
+    finished = tokenizer("5.", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    responses = [finished, cut_off]
+    model = load_scalar_model(tiny_model_config, None, tokenizer.pad_token_id, seed=3).eval()
+    reward = ModelReward(model, tokenizer, renderer, same_tokens=True)
+    texts = reward.decode(responses)
+
+    # PPO: the rollout's episode layout, scored as rlhf.stages.ppo scores it
+    from rlhf.data.loading import attention_mask, pad
+
+    prompt_ids = [i["prompt_ids"] for i in items]
+    episode = Rollout(pad(prompt_ids, tokenizer.pad_token_id, left=True), attention_mask(prompt_ids, left=True),
+                      pad(responses, tokenizer.pad_token_id), attention_mask(responses), *([None] * 7))
+    ids, mask, _ = episode.sequences()
+    ppo_scores = reward(ids, mask, prompts, texts)
+
+    result = PolicyResult("0-policy", ModelSource("base", None), responses=texts, response_ids=responses)
+    score_responses([result], items, reward, tokenizer.pad_token_id, batch_size=1)
+    torch.testing.assert_close(torch.tensor(result.rewards), ppo_scores, atol=1e-5, rtol=0)
+    # the text path reads the cut-off response as finished and scores it differently
+    from_text = reward.score_texts(prompts, texts)
+    assert from_text[1] != pytest.approx(result.rewards[1], abs=1e-4)
+    assert from_text[0] == pytest.approx(result.rewards[0], abs=1e-4)

@@ -40,6 +40,8 @@ class PolicyResult:
     label: str
     source: ModelSource
     responses: list[str] = field(default_factory=list)
+    # the sampled token ids, what the reward model scores when it shares the policy's tokenizer
+    response_ids: list[list[int]] = field(default_factory=list)
     rewards: list[float] = field(default_factory=list)
     gold: list[float] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
@@ -127,15 +129,12 @@ def _sample_and_measure(result, items, run: RunConfig, tokenizer, reference, sft
                 top_k=stage.rollout.top_k, top_p=stage.rollout.top_p,
             )
     result.responses = tokenizer.batch_decode(responses, skip_special_tokens=True)
+    result.response_ids = responses
     kl = []
     for start in range(0, len(items), stage.rollout.batch_size):
-        prompts = [i["prompt_ids"] for i in items[start : start + stage.rollout.batch_size]]
         answers = responses[start : start + stage.rollout.batch_size]
-        response, response_mask = pad(answers, tokenizer.pad_token_id), attention_mask(answers)
-        ids, mask, where = join_prompt_response(
-            pad(prompts, tokenizer.pad_token_id, left=True), attention_mask(prompts, left=True), response, response_mask
-        )
-        targets = response[response_mask.bool()]
+        ids, mask, where, targets = _episodes(items[start : start + stage.rollout.batch_size], answers,
+                                              tokenizer.pad_token_id)
         temperature = stage.rollout.temperature
         own, _ = response_logprobs(policy, ids, mask, where, targets, temperature, with_entropy=False)
         ref, _ = response_logprobs(reference, ids, mask, where, targets, temperature, with_entropy=False)
@@ -164,12 +163,37 @@ def _sample_and_measure(result, items, run: RunConfig, tokenizer, reference, sft
         result.metrics["perplexity"] = math.exp(min(loss_sum / max(tokens, 1), 50.0))
 
 
+def _episodes(items, responses: list[list[int]], pad_token_id: int):
+    """(ids, mask, where, targets) of prompts followed by their responses, laid out as PPO lays out
+    its episodes (left-padded prompts, right-padded responses; see join_prompt_response)."""
+    prompts = [i["prompt_ids"] for i in items]
+    response, response_mask = pad(responses, pad_token_id), attention_mask(responses)
+    ids, mask, where = join_prompt_response(
+        pad(prompts, pad_token_id, left=True), attention_mask(prompts, left=True), response, response_mask
+    )
+    return ids, mask, where, response[response_mask.bool()]
+
+
 def _score_with_reward(results, items, reward_spec: str, run: RunConfig, tracker: Tracker, tokenizer) -> None:
     """Score every policy's responses with one reward: a model (with its own tokenizer and template) or a function."""
     reward, _ = load_reward(reward_spec, "stage.reward_from", run, tracker, tokenizer, run.stage.rollout.batch_size)
-    prompts = [i["prompt"] for i in items]
+    score_responses(results, items, reward, tokenizer.pad_token_id, run.stage.rollout.batch_size)
+
+
+@torch.no_grad()
+def score_responses(results, items, reward, pad_token_id: int, batch_size: int) -> None:
+    """Rewards of every policy's responses, computed as PPO computes them: a reward model sharing the
+    policy's tokenizer scores the sampled token ids, so a response cut off at max_new_tokens is scored
+    cut off (re-rendering its text would close the turn with EOS); otherwise the texts are scored."""
+    device = reward.model.device if reward.model is not None else torch.device("cpu")
     for result in results:
-        result.rewards = reward.score_texts(prompts, result.responses)
+        result.rewards = []
+        for start in range(0, len(items), batch_size):
+            part = items[start : start + batch_size]
+            ids, mask, _, _ = _episodes(part, result.response_ids[start : start + batch_size], pad_token_id)
+            texts = result.responses[start : start + batch_size]
+            scores = reward(ids.to(device), mask.to(device), [i["prompt"] for i in part], texts)
+            result.rewards += [float(x) for x in scores.tolist()]
         result.metrics["reward_mean"] = mean(result.rewards)
 
 

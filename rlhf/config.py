@@ -306,7 +306,7 @@ class RolloutConfig:
     max_new_tokens: int = 32
     # Sampling temperature; the policy's log-probabilities use the same temperature (logits / T).
     temperature: float = 0.7
-    # 0 disables top-k; 1.0 disables top-p.
+    # 0 disables top-k; 1.0 disables top-p. Evaluation only: PPO refuses truncated sampling.
     top_k: int = 0
     top_p: float = 1.0
 

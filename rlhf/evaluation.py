@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from statistics import NormalDist
 
 
-def wilson_interval(successes: int, trials: int, confidence: float = 0.95) -> tuple[float, float]:
-    """Wilson score interval of a binomial proportion (sensible near 0 and 1, and for small n)."""
+def wilson_interval(successes: float, trials: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion (sensible near 0 and 1, and for small n).
+    `successes` may be fractional: a tie counts as half a win."""
     if trials == 0:
         return 0.0, 1.0
     z = NormalDist().inv_cdf(0.5 + confidence / 2)
@@ -30,7 +31,8 @@ class WinRate:
     wins: int
     ties: int
     losses: int
-    # wins / (wins + losses): ties are reported separately, not split
+    # (wins + ties / 2) / n over all pairs: a tie is half a win, as in AlpacaEval and most
+    # head-to-head reports, so 3 wins, 1 loss and 96 ties reads 0.51, not 0.75
     rate: float
     low: float
     high: float
@@ -43,8 +45,8 @@ class WinRate:
 def win_rate(
     candidate: Sequence[float], baseline: Sequence[float], confidence: float = 0.95, tie_tolerance: float = 0.0
 ) -> WinRate:
-    """Compare paired scores; |difference| <= tie_tolerance is a tie. The interval is Wilson's over
-    the decided pairs."""
+    """Compare paired scores; |difference| <= tie_tolerance is a tie, counted as half a win. The
+    interval is Wilson's over all n pairs with wins + ties / 2 successes."""
     if len(candidate) != len(baseline):
         raise ValueError(f"{len(candidate)} candidate scores but {len(baseline)} baseline scores")
     wins = ties = losses = 0
@@ -55,9 +57,10 @@ def win_rate(
             wins += 1
         else:
             losses += 1
-    decided = wins + losses
-    rate = wins / decided if decided else float("nan")
-    low, high = wilson_interval(wins, decided, confidence)
+    n = wins + ties + losses
+    successes = wins + ties / 2
+    rate = successes / n if n else float("nan")
+    low, high = wilson_interval(successes, n, confidence)
     return WinRate(wins, ties, losses, rate, low, high)
 
 

@@ -99,7 +99,7 @@ def win_rates(wins: dict, baseline: str, confidence: float):
     ax.set_xticks([i + width * (len(judges) - 1) / 2 for i in range(len(labels))], labels, fontsize=7)
     ax.set_ylim(0, 1)
     ax.set_ylabel(f"win rate vs {baseline}")
-    ax.set_title(f"Win rates ({confidence:.0%} Wilson intervals; ties excluded)")
+    ax.set_title(f"Win rates ({confidence:.0%} Wilson intervals; a tie counts half)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig

@@ -15,19 +15,38 @@ def bradley_terry(
     rejected: torch.Tensor,
     margin: torch.Tensor | None = None,
     centering: float = 0.0,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean of -log sigmoid(r_chosen - r_rejected - margin), plus centering * mean((r_c + r_r)^2).
 
     The margin asks chosen to win by at least that much (Llama 2's rating-gap margin); the centering
     term (coefficient ~0.01) keeps rewards near zero, where PPO's normalisation expects them.
+    `weight` (per pair) makes both means weighted, e.g. 1 / C(K, 2) for the pairs of a K-way ranking
+    so that each record counts once (InstructGPT).
     """
     difference = chosen - rejected
     if margin is not None:
         difference = difference - margin
-    loss = -F.logsigmoid(difference).mean()
+    if weight is None:
+        weight = torch.ones_like(difference)
+    total = weight.sum().clamp(min=torch.finfo(weight.dtype).tiny)
+    loss = (weight * -F.logsigmoid(difference)).sum() / total
     if centering:
-        loss = loss + centering * ((chosen + rejected) ** 2).mean()
+        loss = loss + centering * (weight * (chosen + rejected) ** 2).sum() / total
     return loss
+
+
+def pair_weights(records: list[int], mode: str) -> list[float]:
+    """Per-pair loss weights from each pair's record index: record, 1 / (the record's number of
+    pairs), so a ranking of K responses weighs as much as one pair in total; pair, 1 each."""
+    if mode == "pair":
+        return [1.0] * len(records)
+    if mode != "record":
+        raise ValueError(f"unknown pair weighting {mode!r}; use record or pair")
+    counts: dict[int, int] = {}
+    for record in records:
+        counts[record] = counts.get(record, 0) + 1
+    return [1.0 / counts[record] for record in records]
 
 
 def preference_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:

@@ -27,8 +27,12 @@ def load_function(dotted: str, key: str) -> RewardFunction:
     return function
 
 
-def load_gold(dotted: str | None) -> RewardFunction | None:
-    """The data's gold annotator (data.gold_reward), None when the data has none."""
+def load_gold(setting: str | None, data_path: str | None) -> RewardFunction | None:
+    """The gold annotator of data read from `data_path` (data.gold_reward is `setting`; see
+    rlhf.data.sources.gold_annotator), None when that data has none."""
+    from rlhf.data.sources import gold_annotator
+
+    dotted = gold_annotator(setting, data_path)
     return load_function(dotted, "data.gold_reward") if dotted else None
 
 

@@ -87,6 +87,22 @@ def gae(
     return advantages, (advantages + values) * mask
 
 
+def resolve_reward_norm(mode: str, has_model_stats: bool) -> str:
+    """stage.reward_norm with auto resolved: the reward model's stored statistics when it has them,
+    else running statistics."""
+    if mode == "auto":
+        return "model" if has_model_stats else "running"
+    return mode
+
+
+def penalise_missing_eos(raw: torch.Tensor, ended: torch.Tensor, penalty: float | None) -> torch.Tensor:
+    """Raw scores minus `penalty` (>= 0) where a response was cut off without EOS (`ended` false);
+    applied before normalisation, so the penalty is in the reward's own units."""
+    if not penalty:
+        return raw
+    return raw - penalty * (~ended.bool()).to(raw.dtype)
+
+
 def policy_loss(
     logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip: float
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -157,11 +173,18 @@ class KLController:
 
 @dataclass
 class RunningMoments:
-    """Mean and standard deviation of everything seen so far (Chan et al.'s parallel update)."""
+    """Mean and standard deviation of everything seen so far (Chan et al.'s parallel update).
+
+    `std`, the scale rewards are divided by, shrinks the observed variance towards 1 with the weight
+    of `prior_count` observations: a first batch of equal scores (variance 0) would otherwise set a
+    scale near 0, and the next scores would be multiplied by millions and hit the clip. After a few
+    hundred scores the prior no longer matters.
+    """
 
     mean: float = 0.0
-    var: float = 1.0
-    count: float = 1e-8
+    var: float = 0.0
+    count: float = 0.0
+    prior_count: float = 1.0
 
     def update(self, values: torch.Tensor) -> None:
         values = values.detach().float()
@@ -177,7 +200,7 @@ class RunningMoments:
 
     @property
     def std(self) -> float:
-        return max(self.var, 1e-12) ** 0.5
+        return ((self.var * self.count + self.prior_count) / (self.count + self.prior_count)) ** 0.5
 
     def state_dict(self) -> dict[str, float]:
         return {"mean": self.mean, "var": self.var, "count": self.count}

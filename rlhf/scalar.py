@@ -77,6 +77,21 @@ def pair_scores(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torc
     return scores[batch["pair_index"][:, 0]], scores[batch["pair_index"][:, 1]]
 
 
+def fold_normalisation(model: torch.nn.Module, mean: float, std: float) -> None:
+    """Make the score head output (score - mean) / std: weight / std and (bias - mean) / std, adding
+    a bias to a head without one. A value model started from a reward model then predicts returns on
+    the scale of the normalised scores it learns from, rather than raw scores."""
+    inner = unwrap(model)
+    head = _head(inner)
+    folded = torch.nn.Linear(head.in_features, head.out_features, bias=True, device=head.weight.device,
+                             dtype=head.weight.dtype)
+    with torch.no_grad():
+        folded.weight.copy_(head.weight / std)
+        bias = head.bias if head.bias is not None else torch.zeros_like(folded.bias)
+        folded.bias.copy_((bias - mean) / std)
+    inner.score = folded
+
+
 def ensure_distinct_pad(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | None = None) -> bool:
     """Give the tokenizer a pad token no text produces, if its pad is EOS; resize `model` to match.
 

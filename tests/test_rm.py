@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import runs_of
+from conftest import runs_of, stage_config
 
 
 @pytest.fixture(scope="module")
@@ -134,3 +134,58 @@ def test_rm_ddp_on_cpu(cli, mlflow_client):
     assert 0.0 <= run.data.metrics["val/accuracy"] <= 1.0
     assert "gold/agreement" in run.data.metrics
     assert (Path(run.data.tags["rlhf.output_dir"]) / "model" / "model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# How the pairs of one ranking weigh in the loss
+
+# A ranking of 3 (record 0: pairs a>b, a>c, b>c) and a plain pair (record 1), scored so that the
+# ranking's pairs tie (difference 0, loss log 2 = 0.693147) and the plain pair wins by 2
+# (loss -log sigmoid(2) = 0.126928).
+RANKING = [{"chosen": [5, 1], "rejected": [5, 2], "margin": 0.0, "record": 0},
+           {"chosen": [5, 1], "rejected": [5, 3], "margin": 0.0, "record": 0},
+           {"chosen": [5, 2], "rejected": [5, 3], "margin": 0.0, "record": 0},
+           {"chosen": [6, 1], "rejected": [6, 2], "margin": 0.0, "record": 1}]
+SCORES = {(5, 1): 0.5, (5, 2): 0.5, (5, 3): 0.5, (6, 1): 2.0, (6, 2): 0.0}
+
+
+@pytest.mark.parametrize(
+    ("mode", "grouped", "expected"),
+    [
+        ("record", True, 0.410038),  # (0.693147 + 0.126928) / 2: each record counts once
+        ("record", False, 0.410038),  # the same weights when every pair is its own example
+        ("pair", True, 0.551593),  # (3 * 0.693147 + 0.126928) / 4: the ranking counts three times
+        ("pair", False, 0.551593),
+    ],
+)
+def test_a_rankings_pairs_weigh_as_one_record_or_as_pairs(mode, grouped, expected):
+    from rlhf.data.prepare import PairCollator, group_comparisons
+    from rlhf.preference import pair_weights
+    from rlhf.stages.rm.module import RewardModule
+
+    features = [dict(f) for f in RANKING]
+    for feature, weight in zip(features, pair_weights([f["record"] for f in features], mode)):
+        feature["weight"] = weight
+    if grouped:
+        features = group_comparisons(features)
+    batch = PairCollator(0, multiple_of=1)(features)
+    sequences = batch["input_ids"].tolist()
+    scores = torch.tensor([SCORES[tuple(s[:2])] for s in sequences])
+    chosen, rejected = scores[batch["pair_index"][:, 0]], scores[batch["pair_index"][:, 1]]
+    module = RewardModule(torch.nn.Linear(1, 1), stage_config("rm", pair_weighting=mode))
+    loss = module._loss(chosen, rejected, batch["margin"], batch["weight"])
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_weighted_bradley_terry_by_hand():
+    from rlhf.preference import bradley_terry, pair_weights
+
+    assert pair_weights([7, 7, 7, 2, 9, 9], "record") == [1 / 3, 1 / 3, 1 / 3, 1.0, 0.5, 0.5]
+    assert pair_weights([7, 7, 2], "pair") == [1.0, 1.0, 1.0]
+    chosen, rejected = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 0.0])
+    # -log sigmoid(1) = 0.313262, -log sigmoid(0) = 0.693147; weights 3 : 1
+    loss = bradley_terry(chosen, rejected, weight=torch.tensor([0.75, 0.25]))
+    assert loss.item() == pytest.approx(0.75 * 0.313262 + 0.25 * 0.693147, abs=1e-6)
+    # centering weighted the same way: 0.1 * (0.75 * 1 + 0.25 * 0)
+    centred = bradley_terry(chosen, rejected, centering=0.1, weight=torch.tensor([0.75, 0.25]))
+    assert centred.item() == pytest.approx(loss.item() + 0.075, abs=1e-6)

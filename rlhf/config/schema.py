@@ -129,9 +129,11 @@ class DataConfig:
     # Apply the tokenizer's chat template: auto (when it has one), always (fallback template if it has
     # none), never (plain prompt + completion text).
     chat_template: str = "auto"
-    # "module.function" scoring (prompts, responses) -> list of floats by the task's gold annotator;
-    # logged by PPO and evaluation when set.
-    gold_reward: str | None = None
+    # Gold annotator, a "module.function" scoring (prompts, responses) -> list of floats, logged by
+    # RM, PPO and evaluation. auto: the shipped task's own annotator when the stage's data (RM:
+    # data.preference, PPO and eval: data.prompts) is a task:<name>/... path, none for other data
+    # (it knows only the task's prompts); a dotted path: that function on any data; null: none.
+    gold_reward: str | None = "auto"
     # Seed of the shipped task's generator and its label noise (used by task:... paths).
     task_seed: int = 0
     task_noise: float = 0.1

@@ -150,7 +150,7 @@ def prepare_prompts(data: DataConfig, renderer: ChatRenderer, seed: int, max_new
 
 
 # Per-pair fields of preference features besides the two sequences (the last two are optional).
-PER_PAIR_FIELDS = ("margin", "gold_order", "slice")
+PER_PAIR_FIELDS = ("margin", "gold_order", "slice", "weight")
 
 
 def as_comparisons(feature: dict) -> dict:

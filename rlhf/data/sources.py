@@ -62,6 +62,21 @@ def task_slice_column(path: str | None) -> str | None:
     return getattr(_task(path)[0], "SLICE_COLUMN", None)
 
 
+def gold_annotator(setting: str | None, path: str | None) -> str | None:
+    """The gold annotator (module.function) for data read from `path`, or None.
+
+    `setting` is data.gold_reward: auto gives a shipped task's own annotator only when the data comes
+    from that task (task:<name>/...), since it knows nothing of other prompts; any other value is
+    the user's explicit choice, kept whatever the data; null: none.
+    """
+    if setting != "auto":
+        return setting or None
+    if not path or not path.startswith(TASK_SCHEME):
+        return None
+    module, name, _ = _task(path)
+    return f"rlhf.tasks.{name}.gold_reward" if callable(getattr(module, "gold_reward", None)) else None
+
+
 def _split_files(directory: Path) -> dict[str, str]:
     files = {}
     for file in sorted(directory.iterdir()):

@@ -4,7 +4,8 @@ Every policy answers the same prompts with the same sampling seed. Responses are
 reward model of the lineage (or another), by the task's gold annotator when the data has one, and
 by cheap automatic metrics: length, distinct-1/2, share ending with EOS, perplexity on the SFT test
 split, and KL to the reference policy on the policy's own samples. Win rates against the first
-policy (the baseline) come with Wilson intervals, ties counted separately.
+policy (the baseline) count a tie as half a win, (wins + ties / 2) / n, with Wilson intervals; wins,
+ties and losses are logged too.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ class PolicyResult:
     label: str
     source: ModelSource
     responses: list[str] = field(default_factory=list)
+    # the sampled token ids, what the reward model scores when it shares the policy's tokenizer
+    response_ids: list[list[int]] = field(default_factory=list)
     rewards: list[float] = field(default_factory=list)
     gold: list[float] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
@@ -91,7 +94,7 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
     prompts_data = prepare_prompts(run.data, renderer, run.seed, stage.rollout.max_new_tokens)
     split = stage.split if stage.split in prompts_data.splits else "validation"
     items = prompts_data.splits[split][: stage.num_prompts]
-    gold = load_gold(run.data.gold_reward)
+    gold = load_gold(run.data.gold_reward, run.data.prompts.path)
     sft_test = None
     if stage.perplexity_examples:
         sft_data = prepare_sft(run.data, renderer, run.seed)
@@ -134,16 +137,12 @@ def _sample_and_measure(
                 top_k=rollout.top_k, top_p=rollout.top_p,
             )
     result.responses = tokenizer.batch_decode(responses, skip_special_tokens=True)
+    result.response_ids = responses
     kl = []
     for start in range(0, len(items), rollout.batch_size):
-        prompts = [i["prompt_ids"] for i in items[start : start + rollout.batch_size]]
         answers = responses[start : start + rollout.batch_size]
-        response, response_mask = pad(answers, tokenizer.pad_token_id).to(device), attention_mask(answers).to(device)
-        ids, mask, where = join_prompt_response(
-            pad(prompts, tokenizer.pad_token_id, left=True).to(device), attention_mask(prompts, left=True).to(device),
-            response, response_mask,
-        )
-        targets = response[response_mask.bool()]
+        ids, mask, where, targets = _episodes(items[start : start + rollout.batch_size], answers, tokenizer.pad_token_id)
+        ids, mask, where, targets = ids.to(device), mask.to(device), where.to(device), targets.to(device)
         temperature = rollout.temperature
         own, _ = response_logprobs(policy, ids, mask, where, targets, temperature, with_entropy=False)
         ref, _ = response_logprobs(reference, ids, mask, where, targets, temperature, with_entropy=False)
@@ -172,6 +171,17 @@ def _sample_and_measure(
         result.metrics["perplexity"] = math.exp(min(loss_sum / max(tokens, 1), 50.0))
 
 
+def _episodes(items, responses: list[list[int]], pad_token_id: int):
+    """(ids, mask, where, targets) of prompts followed by their responses, laid out as PPO lays out
+    its episodes (left-padded prompts, right-padded responses; see join_prompt_response)."""
+    prompts = [i["prompt_ids"] for i in items]
+    response, response_mask = pad(responses, pad_token_id), attention_mask(responses)
+    ids, mask, where = join_prompt_response(
+        pad(prompts, pad_token_id, left=True), attention_mask(prompts, left=True), response, response_mask
+    )
+    return ids, mask, where, response[response_mask.bool()]
+
+
 def _score_with_reward(
     results, items, reward_spec: str, model: ModelConfig, chat_template: str, batch_size: int, tracker: Tracker,
     tokenizer, device,
@@ -183,9 +193,23 @@ def _score_with_reward(
     )
     if reward.model is not None:
         reward.model.to(device)
-    prompts = [i["prompt"] for i in items]
+    score_responses(results, items, reward, tokenizer.pad_token_id, batch_size)
+
+
+@torch.no_grad()
+def score_responses(results, items, reward, pad_token_id: int, batch_size: int) -> None:
+    """Rewards of every policy's responses, computed as PPO computes them: a reward model sharing the
+    policy's tokenizer scores the sampled token ids, so a response cut off at max_new_tokens is scored
+    cut off (re-rendering its text would close the turn with EOS); otherwise the texts are scored."""
+    device = reward.model.device if reward.model is not None else torch.device("cpu")
     for result in results:
-        result.rewards = reward.score_texts(prompts, result.responses)
+        result.rewards = []
+        for start in range(0, len(items), batch_size):
+            part = items[start : start + batch_size]
+            ids, mask, _, _ = _episodes(part, result.response_ids[start : start + batch_size], pad_token_id)
+            texts = result.responses[start : start + batch_size]
+            scores = reward(ids.to(device), mask.to(device), [i["prompt"] for i in part], texts)
+            result.rewards += [float(x) for x in scores.tolist()]
         result.metrics["reward_mean"] = mean(result.rewards)
 
 
@@ -204,8 +228,9 @@ def _report(results, items, stage: EvalStageConfig, has_gold: bool, tracker: Tra
         wins[result.label] = judged
         for judge, outcome in judged.items():
             prefix = f"eval/{result.label}/win_rate_{judge}"
-            metrics.update({prefix: outcome.rate, f"{prefix}_low": outcome.low, f"{prefix}_high": outcome.high,
-                            f"eval/{result.label}/ties_{judge}": outcome.ties})
+            metrics.update({prefix: outcome.rate, f"{prefix}_low": outcome.low, f"{prefix}_high": outcome.high})
+            metrics.update({f"eval/{result.label}/{name}_{judge}": float(getattr(outcome, name))
+                            for name in ("wins", "ties", "losses")})
     if wins:  # the last policy against the baseline, under names a sweep can optimise
         last = wins[results[-1].label]
         metrics.update({f"eval/win_rate_{judge}": outcome.rate for judge, outcome in last.items()})

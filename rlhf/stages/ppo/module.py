@@ -25,7 +25,7 @@ from rlhf.errors import ConfigError
 from rlhf.lineage import resolve_source
 from rlhf.policy import eos_ids, generate, response_logprobs
 from rlhf.rewards import RewardSource, load_gold, load_reward
-from rlhf.scalar import token_scores
+from rlhf.scalar import fold_normalisation, token_scores
 from rlhf.stages import StageJob
 from rlhf.stages.ppo import STAGE, PPOStageConfig
 from rlhf.stages.ppo.episodes import Rollout, _scatter, disable_dropout
@@ -145,12 +145,13 @@ class PPOModule(pl.LightningModule):
         timings["time/scoring_s"] = time.perf_counter() - start
 
         ended = torch.tensor([bool(r) and r[-1] in self.eos_token_ids for r in responses], device=device)
-        scores = self._normalise(raw, update=training)
-        if stage.missing_eos_penalty is not None:
-            scores = scores + (~ended).float() * stage.missing_eos_penalty
+        scores = self._normalise(rl.penalise_missing_eos(raw, ended, stage.missing_eos_penalty), update=training)
         kl = rl.kl_penalty(logprobs, ref_logprobs, stage.kl_estimator) * response_mask
         rewards, non_score = rl.token_rewards(scores, kl, response_mask, self.kl_ctl.value)
         advantages, returns = rl.gae(rewards, values, response_mask, stage.gamma, stage.lam)
+        # Logged before whitening, which makes the mean 0 by construction.
+        advantages_mean = rl.masked_mean(advantages, response_mask).item()
+        advantages_std = rl.masked_var(advantages, response_mask).sqrt().item()
         if stage.whiten_advantages:
             advantages = rl.whiten(advantages, response_mask)
         episode = Rollout(query, query_mask, response, response_mask, logprobs, ref_logprobs, values, scores, kl,
@@ -166,8 +167,8 @@ class PPOModule(pl.LightningModule):
             "response/length": response_mask.sum(-1).float().mean().item(),
             "policy/entropy": entropy.mean().item(),
             "response/eos_share": ended.float().mean().item(),
-            "advantages/mean": rl.masked_mean(advantages, response_mask).item(),
-            "advantages/std": rl.masked_var(advantages, response_mask).sqrt().item(),
+            "advantages/mean": advantages_mean,
+            "advantages/std": advantages_std,
             "value/explained_variance": rl.explained_variance(values, returns, response_mask).item(),
             **timings,
         }
@@ -177,9 +178,7 @@ class PPOModule(pl.LightningModule):
         return episode, stats, texts
 
     def _normalise(self, raw: torch.Tensor, update: bool) -> torch.Tensor:
-        mode = self.stage.reward_norm
-        if mode == "auto":
-            mode = "model" if self.reward_stats is not None else "running"
+        mode = rl.resolve_reward_norm(self.stage.reward_norm, self.reward_stats is not None)
         if mode == "model":
             if self.reward_stats is None:
                 raise ValueError("stage.reward_norm=model needs a reward model with stored statistics")
@@ -187,7 +186,8 @@ class PPOModule(pl.LightningModule):
             scores = (raw - mean) / max(std, 1e-8)
         elif mode == "running":
             if update:
-                self.running.update(self.all_gather(raw).reshape(-1))
+                gathered = self.all_gather(raw).reshape(-1) if self._trainer is not None else raw
+                self.running.update(gathered)
             scores = (raw - self.running.mean) / self.running.std
         else:
             scores = raw
@@ -314,6 +314,22 @@ class PPOModule(pl.LightningModule):
         self.running.load_state_dict(checkpoint["ppo"]["running_reward"])
 
 
+def load_critic(
+    model_cfg, reward_location: str | None, policy_location: str | None, pad_token_id: int, seed: int,
+    reward_stats: tuple[float, float] | None, reward_norm: str,
+) -> torch.nn.Module:
+    """The separate value model: the reward model (or, for a reward function, the policy with a new
+    head). Started from a reward model whose scores PPO normalises with its stored statistics, the
+    normalisation is folded into its head, so its first values are on the scale of the returns."""
+    value_model = models.load_scalar_model(model_cfg, reward_location or policy_location, pad_token_id, seed=seed)
+    if reward_location is not None and reward_stats is not None and rl.resolve_reward_norm(reward_norm, True) == "model":
+        mean, std = reward_stats
+        fold_normalisation(value_model, mean, max(std, 1e-8))  # as _normalise divides
+    if model_cfg.lora.enabled:
+        value_model = models.apply_lora(value_model, model_cfg.lora, "SEQ_CLS")
+    return value_model
+
+
 class PromptCollator:
     def __call__(self, items: list[dict]) -> dict:
         return {"prompt_ids": [i["prompt_ids"] for i in items], "prompts": [i["prompt"] for i in items]}
@@ -324,7 +340,7 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
     policy_source = resolve_source(stage.policy_from, "stage.policy_from", STAGE.sources["policy_from"], tracker)
     tokenizer = models.load_tokenizer(run.model, policy_source.location)
     renderer = ChatRenderer(tokenizer, run.data.chat_template)
-    gold = load_gold(run.data.gold_reward)
+    gold = load_gold(run.data.gold_reward, run.data.prompts.path)
     reward, reward_location = load_reward(
         stage.reward_from, "stage.reward_from", run.model, run.data.chat_template, STAGE.sources["reward_from"], tracker, tokenizer
     )
@@ -348,10 +364,10 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
                 "stage.critic=separate: the value model would start from the reward model, whose tokenizer "
                 "differs from the policy's; use stage.critic=shared"
             )
-        critic_from = reward_location or policy_source.location
-        value_model = models.load_scalar_model(run.model, critic_from, tokenizer.pad_token_id, seed=run.seed)
-        if run.model.lora.enabled:
-            value_model = models.apply_lora(value_model, run.model.lora, "SEQ_CLS")
+        value_model = load_critic(
+            run.model, reward_location, policy_source.location, tokenizer.pad_token_id, run.seed,
+            reward_stats, stage.reward_norm,
+        )
     tracker.log_metrics(
         {
             "model/parameters": models.count_parameters(policy),

@@ -20,6 +20,7 @@ class RMStageConfig(StageConfig):
     init_from: str = MISSING
     share_prefix: bool = MISSING
     group_by_record: bool = MISSING
+    pair_weighting: str = MISSING
     use_margin: bool = MISSING
     center_rewards: float = MISSING
     calibration_bins: int = MISSING
@@ -30,6 +31,8 @@ class RMStageConfig(StageConfig):
         out = super().problems()
         if self.center_rewards < 0:
             out.append(("center_rewards", f"must be >= 0, got {self.center_rewards}"))
+        if self.pair_weighting not in ("record", "pair"):
+            out.append(("pair_weighting", f"must be record or pair, got {self.pair_weighting!r}"))
         if self.calibration_bins < 2:
             out.append(("calibration_bins", f"must be >= 2, got {self.calibration_bins}"))
         if self.gold_eval_prompts < 0:

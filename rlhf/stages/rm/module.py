@@ -23,7 +23,7 @@ from rlhf.data.prepare import PairCollator, Prepared, group_comparisons, prepare
 from rlhf.data.tokenize import ChatRenderer, encode_prompts
 from rlhf.lineage import resolve_source
 from rlhf.policy import eos_ids, generate
-from rlhf.preference import bradley_terry, gold_order_agreement, preference_accuracy
+from rlhf.preference import bradley_terry, gold_order_agreement, pair_weights, preference_accuracy
 from rlhf.rewards import FunctionReward, load_gold
 from rlhf.scalar import ensure_distinct_pad, pair_scores, sequence_scores, supports_attention_masks
 from rlhf.stages import StageJob
@@ -48,12 +48,13 @@ class RewardModule(pl.LightningModule):
     def _pair_scores(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         return pair_scores(self.model, batch)
 
-    def _loss(self, chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
-        return bradley_terry(chosen, rejected, margin if self.stage.use_margin else None, self.stage.center_rewards)
+    def _loss(self, chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor, weight=None) -> torch.Tensor:
+        margin = margin if self.stage.use_margin else None
+        return bradley_terry(chosen, rejected, margin, self.stage.center_rewards, weight)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         chosen, rejected = self._pair_scores(batch)
-        loss = self._loss(chosen, rejected, batch["margin"])
+        loss = self._loss(chosen, rejected, batch["margin"], batch.get("weight"))
         if not logs_this_step(self.trainer):
             return loss
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
@@ -67,15 +68,16 @@ class RewardModule(pl.LightningModule):
         gold_order = batch.get("gold_order", torch.zeros_like(batch["margin"]))
         slice_index = batch.get("slice", torch.full_like(batch["margin"], -1))
         store = self._scores.setdefault(split, [])
-        store.append(torch.stack([chosen, rejected, batch["margin"], gold_order, slice_index], dim=1).detach())
+        weight = batch.get("weight", torch.ones_like(batch["margin"]))
+        store.append(torch.stack([chosen, rejected, batch["margin"], gold_order, slice_index, weight], dim=1).detach())
 
     def _eval_epoch_end(self, split: str, prefix: str) -> None:
-        rows = torch.cat(self._scores.pop(split, [torch.empty(0, 5, device=self.device)]))
-        rows = self.all_gather(rows).reshape(-1, 5)  # every rank's pairs
-        chosen, rejected, margin, gold_order, slice_index = rows.unbind(1)
+        rows = torch.cat(self._scores.pop(split, [torch.empty(0, 6, device=self.device)]))
+        rows = self.all_gather(rows).reshape(-1, 6)  # every rank's pairs
+        chosen, rejected, margin, gold_order, slice_index, weight = rows.unbind(1)
         both = torch.cat([chosen, rejected])
         metrics = {
-            f"{prefix}/loss": self._loss(chosen, rejected, margin),
+            f"{prefix}/loss": self._loss(chosen, rejected, margin, weight),
             f"{prefix}/margin": (chosen - rejected).mean(),
             f"{prefix}/reward_mean": both.mean(),
             f"{prefix}/reward_std": both.std(),
@@ -132,9 +134,12 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
     source = resolve_source(stage.init_from, "stage.init_from", STAGE.sources["init_from"], tracker)
     tokenizer = models.load_tokenizer(run.model, source.location)
     renderer = ChatRenderer(tokenizer, run.data.chat_template)
-    annotator = load_gold(run.data.gold_reward)
+    annotator = load_gold(run.data.gold_reward, run.data.preference.path)
     gold = FunctionReward(annotator, tokenizer) if annotator else None
     data = prepare_preferences(run.data, renderer, run.seed)
+    for features in data.splits.values():
+        for feature, weight in zip(features, pair_weights([f["record"] for f in features], stage.pair_weighting)):
+            feature["weight"] = weight
     if gold is not None:
         _attach_gold_order(data, gold)
     if stage.group_by_record:

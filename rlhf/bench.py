@@ -3,13 +3,15 @@
     python -m rlhf.bench stage=sft model=smollm2-135m          # batch 8 x 256 tokens, fp32
     python -m rlhf.bench stage=rm model=smollm2-135m stage.init_from=base
     python -m rlhf.bench stage=ppo model=tiny stage.policy_from=base stage.reward_from=fn:rlhf.tasks.assistant.gold_reward
+    python -m rlhf.bench stage=grpo model=tiny stage.policy_from=base stage.reward_from=fn:rlhf.tasks.assistant.gold_reward
 
 It composes the same config as `python -m rlhf` (any override works), builds the stage exactly as a
 run would, and trains bench.warmup + bench.steps steps with Lightning on a fixed workload: SFT,
 bench.batch_size sequences of bench.length random tokens, every token trained; RM, that many pairs
-of such sequences; PPO, the configured prompts with a rollout batch of bench.batch_size
+of such sequences; PPO, the configured prompts with a rollout batch of bench.batch_size; GRPO, the same number of
+episodes as bench.batch_size / stage.group_size prompts x stage.group_size responses
 (bench.synthetic=0 trains SFT and RM on the configured data instead). It prints throughput, peak
-memory, PPO's time split, and model FLOPs utilisation (MFU): the step's matrix work (`FlopCount`)
+memory, the RL stages' time split, and model FLOPs utilisation (MFU): the step's matrix work (`FlopCount`)
 per second over this machine's fp32 matmul rate. The machine is shared and its rate drifts (single
 products of the same size range over 1.5x within a minute), so the rate is sampled before, between
 and after the timed steps (outside their timing): `mfu` divides by the median reading, the rate the
@@ -219,7 +221,14 @@ def _ppo_workload(job, run, settings) -> Workload:
     return Workload("episodes", lambda batch: float(len(batch["prompt_ids"])), None)
 
 
-WORKLOADS = {"sft": _sft_workload, "rm": _rm_workload, "ppo": _ppo_workload}
+def grpo_workload(job, run, settings) -> Workload:
+    group = run.stage.group_size
+    return Workload("episodes", lambda batch: float(len(batch["prompt_ids"]) * group), None)
+
+
+WORKLOADS = {"sft": _sft_workload, "rm": _rm_workload, "ppo": _ppo_workload, "grpo": grpo_workload}
+# Stages that sample episodes: their rollout is sized by bench.batch_size and their time split reported.
+RL_STAGES = ("ppo", "grpo")
 
 
 def _tokens(batch: dict) -> float:
@@ -244,6 +253,8 @@ def _bench(cfg: DictConfig) -> None:
         cfg.tracking.run_name = f"bench {cfg.stage.name}-{cfg.model.name}"
         if cfg.stage.name == "ppo":
             cfg.stage.rollout.batch_size = settings["batch_size"]
+        elif cfg.stage.name == "grpo":  # the same episodes per iteration as PPO's, in groups
+            cfg.stage.rollout.batch_size = max(1, settings["batch_size"] // cfg.stage.group_size)
     run = validate(cfg)
     rate = MatmulRate(settings["warmup"])
     rate.sample(8)
@@ -251,7 +262,7 @@ def _bench(cfg: DictConfig) -> None:
     with recorded(tracker):
         job = get_stage(run.stage.name)(run, tracker)
         workload = WORKLOADS[run.stage.name](job, run, settings)
-        if run.stage.name != "ppo":
+        if run.stage.name not in RL_STAGES:
             job.datamodule.batch_size = settings["batch_size"]
         counts = {workload.unit: workload.count, "tokens": _tokens}
         if workload.flops is not None:
@@ -259,7 +270,7 @@ def _bench(cfg: DictConfig) -> None:
         timer = StepTimer(settings["warmup"], counts)
         split = PPOTimeSplit(settings["warmup"])
         # The rate is sampled last, after the timer has stopped.
-        callbacks = [*job.callbacks, timer] + ([split] if run.stage.name == "ppo" else []) + [rate]
+        callbacks = [*job.callbacks, timer] + ([split] if run.stage.name in RL_STAGES else []) + [rate]
         trainer = build_trainer(
             run, tracker, run.output_dir, callbacks, manual_optimization=not job.module.automatic_optimization
         )
@@ -267,6 +278,9 @@ def _bench(cfg: DictConfig) -> None:
         rate.sample(8)
         if run.stage.name == "ppo":
             described = f"{run.data.name} prompts, rollout batch {settings['batch_size']}"
+        elif run.stage.name == "grpo":
+            rollout = run.stage.rollout.batch_size
+            described = f"{run.data.name} prompts, {rollout} prompts x {run.stage.group_size} responses"
         elif settings["synthetic"]:
             described = f"synthetic {settings['batch_size']} x {settings['length']} tokens"
         else:
@@ -288,7 +302,7 @@ def _bench(cfg: DictConfig) -> None:
             figures["model_gflops"] = round(achieved / 1e9, 1)
             figures["mfu"] = round(achieved / rate.sustained, 3)
             figures["mfu_of_peak"] = round(achieved / rate.peak, 3)
-        if run.stage.name == "ppo":
+        if run.stage.name in RL_STAGES:
             figures.update(split.averages())
         figures.update({k: round(v, 1) for k, v in peak_memory().items()})
         tracker.log_metrics({f"bench/{k}": v for k, v in figures.items() if isinstance(v, (int, float))})

@@ -178,7 +178,7 @@ class DataConfig:
 
 @dataclass
 class BaseStageConfig:
-    # Which stage implementation runs (sft, rm, ppo, eval); a key of rlhf.stages.STAGES.
+    # Which stage implementation runs (sft, rm, ppo, grpo, eval); a key of rlhf.stages.STAGES.
     name: str = MISSING
 
     def problems(self) -> list[tuple[str, str]]:
@@ -302,6 +302,20 @@ class RolloutConfig:
     top_k: int = 0
     top_p: float = 1.0
 
+    def problems(self) -> list[tuple[str, str]]:
+        out = []
+        if self.batch_size < 1:
+            out.append(("batch_size", f"must be >= 1, got {self.batch_size}"))
+        if self.max_new_tokens < 1:
+            out.append(("max_new_tokens", f"must be >= 1, got {self.max_new_tokens}"))
+        if not self.temperature > 0:
+            out.append(("temperature", f"must be > 0, got {self.temperature}"))
+        if not 0 < self.top_p <= 1:
+            out.append(("top_p", f"must be in (0, 1], got {self.top_p}"))
+        if self.top_k < 0:
+            out.append(("top_k", f"must be >= 0, got {self.top_k}"))
+        return out
+
 
 @dataclass
 class PPOStageConfig(StageConfig):
@@ -361,16 +375,6 @@ class PPOStageConfig(StageConfig):
         for key in positive:
             if getattr(self, key) < 1:
                 out.append((key, f"must be >= 1, got {getattr(self, key)}"))
-        if self.rollout.batch_size < 1:
-            out.append(("rollout.batch_size", f"must be >= 1, got {self.rollout.batch_size}"))
-        if self.rollout.max_new_tokens < 1:
-            out.append(("rollout.max_new_tokens", f"must be >= 1, got {self.rollout.max_new_tokens}"))
-        if not self.rollout.temperature > 0:
-            out.append(("rollout.temperature", f"must be > 0, got {self.rollout.temperature}"))
-        if not 0 < self.rollout.top_p <= 1:
-            out.append(("rollout.top_p", f"must be in (0, 1], got {self.rollout.top_p}"))
-        if self.rollout.top_k < 0:
-            out.append(("rollout.top_k", f"must be >= 0, got {self.rollout.top_k}"))
         if self.minibatch_size > self.rollout.batch_size:
             out.append(("minibatch_size", f"must be <= stage.rollout.batch_size ({self.rollout.batch_size}), got {self.minibatch_size}"))
         for key in ("clip_range", "value_clip_range"):
@@ -427,14 +431,10 @@ class EvalStageConfig(BaseStageConfig):
             out.append(("policies", "must name at least one policy, or be null"))
         if self.num_prompts < 1:
             out.append(("num_prompts", f"must be >= 1, got {self.num_prompts}"))
-        if self.rollout.batch_size < 1:
-            out.append(("rollout.batch_size", f"must be >= 1, got {self.rollout.batch_size}"))
         if self.perplexity_examples < 0:
             out.append(("perplexity_examples", f"must be >= 0, got {self.perplexity_examples}"))
         if not 0 < self.confidence < 1:
             out.append(("confidence", f"must be in (0, 1), got {self.confidence}"))
-        if not self.rollout.temperature > 0:
-            out.append(("rollout.temperature", f"must be > 0, got {self.rollout.temperature}"))
         return out
 
 
@@ -500,6 +500,10 @@ STAGE_SCHEMAS: dict[str, type[BaseStageConfig]] = {
     "ppo": PPOStageConfig,
     "eval": EvalStageConfig,
 }
+
+
+# A stage packaged with its own schema adds it here when imported (rlhf/stages/grpo/__init__.py).
+import rlhf.stages.grpo  # noqa: E402, F401
 
 
 def register_configs() -> None:

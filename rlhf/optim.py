@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from contextlib import contextmanager
 
 import torch
 
@@ -55,3 +56,21 @@ def scheduler(optimizer: torch.optim.Optimizer, stage: StageConfig, total_steps:
 def total_steps(trainer) -> int:
     """Optimizer steps the run will take: max_steps when set (without loading the data early)."""
     return int(trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches)
+
+
+@contextmanager
+def uncounted(optimizer):
+    """Steps of a LightningOptimizer inside this block update the weights through Lightning (precision
+    plugin, strategy) without counting as trainer steps: a stage that takes several optimizer steps
+    per iteration keeps trainer.global_step, checkpoints and trainer.max_steps counting iterations.
+    Lightning's manual-optimisation loop counts a step in these two hooks of the optimizer."""
+    before, after = optimizer._on_before_step, optimizer._on_after_step
+    optimizer._on_before_step = optimizer._on_after_step = _nothing
+    try:
+        yield optimizer
+    finally:
+        optimizer._on_before_step, optimizer._on_after_step = before, after
+
+
+def _nothing() -> None:
+    return None

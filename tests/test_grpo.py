@@ -128,8 +128,8 @@ def test_a_group_of_one_is_fine_for_reinforce_pp(compose):
 # -- the stage end to end ---------------------------------------------------------------------------
 
 # The tiny random policy and a reward for short text (tests/ppo_rewards.py): no earlier run needed.
-GRPO = ["experiment=smoke", "stage=grpo", "stage.policy_from=base", "stage.reward_from=fn:ppo_rewards.brevity",
-        "tracking.log_model=false"]
+GRPO = ["experiment=smoke", "stage=grpo", "stage.reward_from=fn:ppo_rewards.brevity", "tracking.log_model=false"]
+BASE = [*GRPO, "stage.policy_from=base"]
 
 
 def test_grpo_raises_a_simple_reward_and_logs_what_ppo_logs(pipeline, cli, mlflow_client):
@@ -161,7 +161,7 @@ def test_grpo_raises_a_simple_reward_and_logs_what_ppo_logs(pipeline, cli, mlflo
 
 def test_kl_in_the_loss_or_in_the_reward(cli, mlflow_client):
     """Both places of the KL run, with the other estimators and the sequence-level average."""
-    cli("-m", *GRPO, "trainer.max_steps=2", "trainer.val_check_interval=2", "checkpoint.every_n_steps=0",
+    cli("-m", *BASE, "trainer.max_steps=2", "trainer.val_check_interval=2", "checkpoint.every_n_steps=0",
         "stage.kl_in=loss,reward", "stage.advantage=rloo", "stage.loss_average=sequence", "stage.minibatch_size=6",
         env=REWARDS)
     runs = runs_of(mlflow_client, "smoke", "grpo")
@@ -175,7 +175,7 @@ def test_kl_in_the_loss_or_in_the_reward(cli, mlflow_client):
 def test_killed_grpo_resumes_to_the_same_result(tmp_path, cli, mlflow_client):
     """Policy, optimizer, running reward statistics, data position and random generators come back from
     the checkpoint: the resumed run matches an uninterrupted one (two optimizer steps an iteration)."""
-    args = [*GRPO, "trainer.max_steps=6", "checkpoint.every_n_steps=3", "trainer.val_check_interval=3",
+    args = [*BASE, "trainer.max_steps=6", "checkpoint.every_n_steps=3", "trainer.val_check_interval=3",
             "stage.ppo_epochs=2", "stage.advantage=reinforce_pp", "stage.kl_in=reward"]
     assert_resume_matches(args, ("reward/score_raw", "reward/score", "kl/mean", "policy/loss"), tmp_path, cli,
                           mlflow_client)
@@ -184,7 +184,7 @@ def test_killed_grpo_resumes_to_the_same_result(tmp_path, cli, mlflow_client):
 @pytest.mark.distributed
 def test_grpo_ddp_on_cpu(cli, mlflow_client):
     """Two ranks, each sampling whole groups for its own prompts."""
-    cli(*GRPO, "trainer.max_steps=3", "hardware=ddp", "trainer.devices=2", env=REWARDS, timeout=900)
+    cli(*BASE, "trainer.max_steps=3", "hardware=ddp", "trainer.devices=2", env=REWARDS, timeout=900)
     (run,) = runs_of(mlflow_client, "smoke", "grpo")
     assert run.info.status == "FINISHED"
     assert run.data.metrics["perf/episodes_per_s"] > 0

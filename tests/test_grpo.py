@@ -136,8 +136,8 @@ def test_grpo_raises_a_simple_reward_and_logs_what_ppo_logs(pipeline, cli, mlflo
     """Rewarding shorter text, the mean reward of the smoke SFT policy rises clearly within 20
     iterations of 4 x 4 episodes; 4 optimizer steps an iteration, and still one logged step
     (trainer.max_steps) per iteration."""
-    cli(*GRPO, f"stage.policy_from={pipeline.model_dir('sft')}", "trainer.max_steps=20", "trainer.val_check_interval=10", "stage.lr=3e-3", "stage.kl_coef=0.01",
-        "stage.ppo_epochs=4", "checkpoint.every_n_steps=0", env=REWARDS)
+    cli(*GRPO, f"stage.policy_from={pipeline.model_dir('sft')}", "trainer.max_steps=20", "trainer.val_check_interval=10",
+        "stage.lr=3e-3", "stage.kl_coef=0.01", "stage.ppo_epochs=4", "checkpoint.every_n_steps=0", env=REWARDS)
     (run,) = runs_of(mlflow_client, "smoke", "grpo")
     steps, rewards = zip(*history(mlflow_client, run.info.run_id, "reward/score_raw"))
     assert list(steps) == list(range(20))

@@ -234,7 +234,12 @@ class RLModule(pl.LightningModule):
             )
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        episode, stats, _ = self.sample(batch, training=False)
+        # Validation samples from its own copy of the random state: training draws the same samples
+        # whether or not a validation ran, so a run resumed from a checkpoint taken just before one
+        # (checkpoints are written before the validation of the same step) continues as it would have.
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            episode, stats, _ = self.sample(batch, training=False)
         size = episode.query.shape[0]
         names = {"reward/score_raw": "val/score_raw", "reward/gold": "val/gold", "kl/mean": "val/kl",
                  "response/length": "val/response_length", "response/eos_share": "val/eos_share"}

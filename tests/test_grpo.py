@@ -4,6 +4,7 @@ stage end to end (learning a simple reward, resuming, KL in the loss or in the r
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -188,3 +189,21 @@ def test_grpo_ddp_on_cpu(cli, mlflow_client):
     (run,) = runs_of(mlflow_client, "smoke", "grpo")
     assert run.info.status == "FINISHED"
     assert run.data.metrics["perf/episodes_per_s"] > 0
+
+
+def test_bench_runs_the_grpo_workload(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import OFFLINE, THREADS
+
+    args = ["stage=grpo", "experiment=smoke", "stage.policy_from=base", "stage.reward_from=fn:ppo_rewards.brevity",
+            "bench.steps=2", "tracking=none"]
+    result = subprocess.run([sys.executable, "-m", "rlhf.bench", *args], cwd=tmp_path,
+                            env={**os.environ, **OFFLINE, **THREADS, **REWARDS}, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout[result.stdout.index("{") :])
+    assert figures["workload"].endswith("2 prompts x 4 responses")
+    assert figures["steps_timed"] == 2 and figures["episodes_per_s"] > 0 and figures["training_s"] > 0

@@ -233,13 +233,19 @@ class RLModule(pl.LightningModule):
                 "samples/train.json",
             )
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        # Validation samples from its own copy of the random state: training draws the same samples
-        # whether or not a validation ran, so a run resumed from a checkpoint taken just before one
-        # (checkpoints are written before the validation of the same step) continues as it would have.
+    # Validation samples from its own copy of the random state: training draws the same samples
+    # whether or not a validation ran, so a run resumed from a checkpoint taken just before one
+    # (checkpoints are written before the validation of the same step) continues as it would have.
+    def on_validation_epoch_start(self) -> None:
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            episode, stats, _ = self.sample(batch, training=False)
+        self._random_state = torch.random.fork_rng(devices=devices)
+        self._random_state.__enter__()
+
+    def on_validation_epoch_end(self) -> None:
+        self._random_state.__exit__(None, None, None)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        episode, stats, _ = self.sample(batch, training=False)
         size = episode.query.shape[0]
         names = {"reward/score_raw": "val/score_raw", "reward/gold": "val/gold", "kl/mean": "val/kl",
                  "response/length": "val/response_length", "response/eos_share": "val/eos_share"}

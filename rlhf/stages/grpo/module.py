@@ -81,12 +81,12 @@ class GRPOModule(RLModule):
                 if stage.loss_average == "token":
                     share = part.response_mask.sum() / tokens
                 else:
-                    share = torch.tensor(part.query.shape[0] / size)
+                    share = part.query.shape[0] / size
                 self.manual_backward(loss * share)
                 parts.update({"policy/clipfrac": pg_stats["clipfrac"], "policy/approx_kl": pg_stats["approx_kl"],
                               "policy/ratio": pg_stats["ratio"]})
                 for key, value in parts.items():
-                    totals[key] = totals.get(key, 0.0) + (value * share).item() / stage.ppo_epochs
+                    totals[key] = totals.get(key, 0.0) + float(value * share) / stage.ppo_epochs
             if self.max_grad_norm:
                 self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
             # Lightning counts only the iteration's last step: trainer.max_steps counts iterations.

@@ -47,8 +47,8 @@ class Rollout:
     returns: torch.Tensor | None
 
     def select(self, index: torch.Tensor) -> Rollout:
-        return Rollout(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[index]
-                          for f in fields(self)})
+        tensors = {f.name: getattr(self, f.name) for f in fields(self)}
+        return Rollout(**{name: None if t is None else t[index] for name, t in tensors.items()})
 
     def sequences(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(ids, mask, where) of prompt + response (see join_prompt_response)."""

@@ -3,13 +3,15 @@
     python -m rlhf.bench stage=sft model=smollm2-135m          # batch 8 x 256 tokens, fp32
     python -m rlhf.bench stage=rm model=smollm2-135m stage.init_from=base
     python -m rlhf.bench stage=ppo model=tiny stage.policy_from=base stage.reward_from=fn:rlhf.tasks.assistant.gold_reward
+    python -m rlhf.bench stage=grpo model=tiny stage.policy_from=base stage.reward_from=fn:rlhf.tasks.assistant.gold_reward
 
 It composes the same config as `python -m rlhf` (any override works), builds the stage exactly as a
 run would, and trains bench.warmup + bench.steps steps with Lightning on a fixed workload: SFT,
 bench.batch_size sequences of bench.length random tokens, every token trained; RM, that many pairs
-of such sequences; PPO, the configured prompts with a rollout batch of bench.batch_size
+of such sequences; PPO, the configured prompts with a rollout batch of bench.batch_size; GRPO, bench.batch_size
+prompts x stage.group_size responses
 (bench.synthetic=0 trains SFT and RM on the configured data instead). It prints throughput, peak
-memory, PPO's time split, and model FLOPs utilisation (MFU): the step's matrix work (`FlopCount`)
+memory, the RL stages' time split, and model FLOPs utilisation (MFU): the step's matrix work (`FlopCount`)
 per second over this machine's fp32 matmul rate. The machine is shared and its rate drifts (single
 products of the same size range over 1.5x within a minute), so the rate is sampled before, between
 and after the timed steps (outside their timing): `mfu` divides by the median reading, the rate the
@@ -162,8 +164,8 @@ class StepTimer(pl.Callback):
         return self.totals[name] / self.seconds
 
 
-class PPOTimeSplit(pl.Callback):
-    """Averages PPO's logged time split (generation, scoring, training) over the timed steps."""
+class RLTimeSplit(pl.Callback):
+    """Averages an RL stage's logged time split (generation, scoring, training) over the timed steps."""
 
     def __init__(self, warmup: int):
         self.warmup, self.totals, self.steps = warmup, {}, 0
@@ -219,6 +221,8 @@ def _bench(cfg: DictConfig) -> None:
         cfg.tracking.run_name = f"bench {cfg.stage.name}-{cfg.model.name}"
         if "rollout" in cfg.stage:  # a stage that samples: its batch is a rollout batch
             cfg.stage.rollout.batch_size = settings["batch_size"]
+        elif cfg.stage.name == "grpo":  # the same episodes per iteration as PPO's, in groups
+            cfg.stage.rollout.batch_size = max(1, settings["batch_size"] // cfg.stage.group_size)
     run = validate(cfg)
     check(run.stage.name, run.trainer)
     rate = MatmulRate(settings["warmup"])

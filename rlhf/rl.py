@@ -1,5 +1,6 @@
-"""The maths of PPO for language models, as pure functions of tensors: learning from episodes the
-policy samples (rlhf.preference holds the maths of learning from labelled pairs).
+"""The maths of RL for language models, PPO and critic-free (GRPO, RLOO, REINFORCE++), as pure
+functions of tensors: learning from episodes the policy samples (rlhf.preference holds the maths of
+learning from labelled pairs).
 
 Shapes: B rollouts, T response tokens. `mask` (B, T) is 1 on real response tokens (up to and
 including the first EOS) and 0 after; every function here ignores masked positions exactly.
@@ -103,15 +104,31 @@ def penalise_missing_eos(raw: torch.Tensor, ended: torch.Tensor, penalty: float 
     return raw - penalty * (~ended.bool()).to(raw.dtype)
 
 
+def masked_average(values: torch.Tensor, mask: torch.Tensor, level: str = "token") -> torch.Tensor:
+    """Mean of (B, T) values over the masked tokens: `token`, every token weighs the same; `sequence`,
+    the mean of each sequence's token mean, so every sequence weighs the same whatever its length."""
+    if level == "token":
+        return masked_mean(values, mask)
+    if level == "sequence":
+        return masked_mean(values, mask, dim=-1).mean()
+    raise ValueError(f"unknown loss average {level!r}; use token or sequence")
+
+
 def policy_loss(
-    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip: float
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float,
+    average: str = "token",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO's clipped surrogate: mean over tokens of max(-A r, -A clip(r, 1-e, 1+e)), r = p/p_old."""
+    """PPO's clipped surrogate: mean over tokens of max(-A r, -A clip(r, 1-e, 1+e)), r = p/p_old;
+    `average`: over all tokens, or per sequence first (see masked_average)."""
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    loss = masked_average(torch.maximum(unclipped, clipped), mask, average)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((clipped > unclipped).float(), mask),
@@ -133,6 +150,71 @@ def value_loss(
     with torch.no_grad():
         stats = {"clipfrac": masked_mean((clipped > unclipped).float(), mask)}
     return loss, stats
+
+
+# -- critic-free advantages (GRPO, RLOO, REINFORCE++) ----------------------------------------------
+# Scores (B,) come in groups: rows [g * G, (g + 1) * G) are the G responses to one prompt.
+
+
+def grpo_baseline(scores: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """(r - mean of its group) / (std of its group + eps), the std unbiased (Shao et al. 2024,
+    DeepSeekMath). A group whose rewards are all equal gets 0: it says nothing about which response
+    is better."""
+    groups = scores.view(-1, group_size)
+    mean, std = groups.mean(-1, keepdim=True), groups.std(-1, keepdim=True)
+    return ((groups - mean) / (std + eps)).view(-1)
+
+
+def rloo_baseline(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """r minus the mean of the other responses of its group (leave-one-out; Ahmadian et al. 2024):
+    an unbiased baseline, since it does not depend on the response it is subtracted from."""
+    groups = scores.view(-1, group_size)
+    others = (groups.sum(-1, keepdim=True) - groups) / (group_size - 1)
+    return (groups - others).view(-1)
+
+
+def reinforce_pp_baseline(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """REINFORCE++ (Hu 2025) keeps the score; its baseline is the normalisation over the whole batch
+    that follows (critic_free_advantages whitens its token advantages)."""
+    return scores
+
+
+# name: (sequence baseline, whether the token advantages are then normalised over the batch)
+ADVANTAGE_ESTIMATORS = {
+    "grpo": (grpo_baseline, False),
+    "rloo": (rloo_baseline, False),
+    "reinforce_pp": (reinforce_pp_baseline, True),
+}
+
+
+def critic_free_advantages(
+    scores: torch.Tensor,
+    mask: torch.Tensor,
+    estimator: str,
+    group_size: int,
+    kl: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+) -> torch.Tensor:
+    """Token advantages (B, T) without a value model.
+
+    The estimator's baseline turns each score into a sequence advantage. Without `kl` (the KL is a
+    term of the loss) every token of a response gets its sequence's advantage; with it, the per-token
+    rewards of token_rewards (the sequence advantage on the last token, -kl_coef * KL on each) are
+    summed from each token to the end (the return, undiscounted). REINFORCE++ then whitens the
+    advantages over the batch's tokens.
+    """
+    if estimator not in ADVANTAGE_ESTIMATORS:
+        raise ValueError(f"unknown advantage estimator {estimator!r}; use one of {', '.join(ADVANTAGE_ESTIMATORS)}")
+    baseline, normalise = ADVANTAGE_ESTIMATORS[estimator]
+    sequence = baseline(scores, group_size)
+    if kl is None:
+        advantages = sequence[:, None] * mask
+    else:
+        rewards, _ = token_rewards(sequence, kl, mask, kl_coef)
+        advantages = rewards.flip(-1).cumsum(-1).flip(-1) * mask
+    if normalise:
+        advantages = whiten(advantages, mask)
+    return advantages
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:

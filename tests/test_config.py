@@ -296,7 +296,7 @@ REJECTIONS = {
     "unknown-stage": Rejection(("stage=nope",), "stage", ("nope", *options("stage"))),
     "added-root-key": Rejection(("+foo=1",), "foo"),
     "added-stage-key": Rejection(("+stage.bar=2",), "stage.bar"),
-    "other-stage-key": Rejection(("stage.reward_from=x",), "stage.reward_from", ("stage=eval|ppo",)),
+    "other-stage-key": Rejection(("stage.reward_from=x",), "stage.reward_from", ("it is a key of stage=", "eval", "ppo")),
     # A multirun composes its default stage (sft) before sweeping; `++` is the way in for the swept stages' keys.
     "multirun-stage-key": Rejection(("-m", "stage=ppo,eval", "stage.reward_from=x"), "stage.reward_from", ("++",)),
     "multirun-forced-stage-key-reaches-the-jobs": Rejection(

@@ -222,8 +222,8 @@ def test_a_cut_off_response_scores_the_same_in_eval_as_in_ppo(tiny_model_config,
     from rlhf.lineage import ModelSource
     from rlhf.models import load_scalar_model
     from rlhf.rewards import ModelReward
+    from rlhf.rollout import Rollout
     from rlhf.stages.evaluate.module import PolicyResult, score_responses
-    from rlhf.stages.ppo.episodes import Rollout
 
     renderer = ChatRenderer(tokenizer)
     prompts = ["What is 2 + 3?", "Name the capital city of Kenya."]

@@ -75,6 +75,12 @@ def test_killed_ppo_resumes_to_the_same_result(pipeline, tmp_path, cli, mlflow_c
     generators come back from the checkpoint: the resumed run matches an uninterrupted one."""
     args = [*PPO, f"stage.policy_from={pipeline.model_dir('sft')}", "trainer.max_steps=6",
             "checkpoint.every_n_steps=3", "stage.kl_target=1.0"]
+    assert_resume_matches(args, ("reward/score_raw", "kl/mean", "kl/coef"), tmp_path, cli, mlflow_client)
+
+
+def assert_resume_matches(args, keys, tmp_path, cli, mlflow_client) -> None:
+    """Runs `args` (6 steps, a checkpoint every 3) whole, and again killed after its step-3 checkpoint
+    and resumed; each metric of `keys` must be the same at steps 3 to 5."""
     cli(*args, "tracking.experiment=whole", env=REWARDS)
     process = _start([*args, "tracking.experiment=cut"], tmp_path, env=REWARDS)
     _wait_for(lambda: any((tmp_path / "outputs").glob("*/*/checkpoints/step-000003.ckpt")), 600, process)
@@ -84,7 +90,7 @@ def test_killed_ppo_resumes_to_the_same_result(pipeline, tmp_path, cli, mlflow_c
     (whole,) = runs_of(mlflow_client, "whole")
     (resumed,) = runs_of(mlflow_client, "cut")
     assert resumed.info.status == "FINISHED"
-    for key in ("reward/score_raw", "kl/mean", "kl/coef"):
+    for key in keys:
         expected = dict(history(mlflow_client, whole.info.run_id, key))
         got = dict(history(mlflow_client, resumed.info.run_id, key))
         assert max(expected) == max(got) == 5
@@ -160,7 +166,7 @@ def _fit_one_iteration(module, tokenizer):
     import pytorch_lightning as pl
     from torch.utils.data import DataLoader
 
-    from rlhf.stages.ppo.module import PromptCollator
+    from rlhf.rollout import PromptCollator
 
     data = [{"prompt_ids": ids, "prompt": p} for ids, p in zip(_batch(tokenizer)["prompt_ids"], TASK_PROMPTS)]
     trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,

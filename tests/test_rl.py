@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from rlhf import rl
-from rlhf.stages.ppo.episodes import Rollout, _scatter, disable_dropout
+from rlhf.models import disable_dropout
+from rlhf.rollout import Rollout
+from rlhf.rollout import scatter as _scatter
 
 TOL = 1e-6
 

@@ -8,9 +8,9 @@ value updates on minibatches. The maths lives in rlhf.rl; this module only orche
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -18,23 +18,21 @@ import torch
 
 from rlhf import models, optim, rl
 from rlhf.config import RunConfig
-from rlhf.data.loading import ExamplesDataModule, attention_mask, pad, position_ids
-from rlhf.data.prepare import prepare_prompts
-from rlhf.data.tokenize import ChatRenderer
+from rlhf.data.loading import position_ids
 from rlhf.errors import ConfigError
-from rlhf.lineage import resolve_source
-from rlhf.policy import eos_ids, generate, response_logprobs
-from rlhf.rewards import RewardSource, load_gold, load_reward
+from rlhf.policy import eos_ids, response_logprobs
+from rlhf.rewards import RewardSource
+from rlhf.rollout import RLModule, Rollout, load_rl_setup, prompt_datamodule
+from rlhf.rollout import scatter as _scatter
 from rlhf.scalar import fold_normalisation, token_scores
 from rlhf.stages import StageJob
 from rlhf.stages.ppo import STAGE, PPOStageConfig
-from rlhf.stages.ppo.episodes import Rollout, _scatter, disable_dropout
 from rlhf.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
 
-class PPOModule(pl.LightningModule):
+class PPOModule(RLModule):
     def __init__(
         self,
         policy: torch.nn.Module,
@@ -49,36 +47,18 @@ class PPOModule(pl.LightningModule):
         gold=None,
         tracker: Tracker | None = None,
     ):
-        super().__init__()
-        self.automatic_optimization = False
-        # Frozen models are rebuilt from their sources on resume, not stored in checkpoints.
-        self.strict_loading = False
-        self.policy = policy
-        self.reference = reference  # None: the policy with its LoRA adapters disabled
+        super().__init__(
+            policy, reference, reward, stage, pad_token_id, eos_token_ids, max_grad_norm, reward_stats, gold, tracker
+        )
         self.value_model = value_model  # None: the shared critic, a value head on the policy
         hidden = models.unwrap(policy).config.hidden_size
         self.value_head = torch.nn.Linear(hidden, 1) if value_model is None else None
         if self.value_head is not None:
             torch.nn.init.zeros_(self.value_head.weight)
             torch.nn.init.zeros_(self.value_head.bias)
-        self.reward = reward
-        # Registered, so Lightning moves the reward model to the device with the others; frozen and
-        # left out of checkpoints like the reference.
-        self.reward_model = reward.model
-        self.stage = stage
-        self.pad_token_id, self.eos_token_ids = pad_token_id, eos_token_ids
-        self.max_grad_norm = max_grad_norm
-        self.reward_stats = reward_stats
-        self.running = rl.RunningMoments()
         self.kl_ctl = rl.KLController(stage.kl_coef, stage.kl_target, stage.kl_horizon)
-        self.gold = gold
-        self.tracker = tracker
-        for frozen in (reference, getattr(reward, "model", None)):
-            if frozen is not None:
-                frozen.requires_grad_(False).eval()
-        for model in (policy, reference, value_model, getattr(reward, "model", None)):
-            if model is not None:
-                disable_dropout(model)
+        if value_model is not None:
+            models.disable_dropout(value_model)
 
     # -- forward passes -----------------------------------------------------------------------------
 
@@ -98,14 +78,6 @@ class PPOModule(pl.LightningModule):
         )
         return logp, entropy, self.value_head(hidden[where]).squeeze(-1).float()
 
-    def _reference_logprobs(self, ids, mask, where, targets) -> torch.Tensor:
-        context = self.policy.disable_adapter() if self.reference is None else nullcontext()
-        with context:
-            logp, _ = response_logprobs(
-                self.reference or self.policy, ids, mask, where, targets, self.stage.rollout.temperature, with_entropy=False
-            )
-        return logp
-
     def _values(self, ids, mask, where) -> torch.Tensor:
         return token_scores(self.value_model, ids, mask)[where]
 
@@ -114,39 +86,15 @@ class PPOModule(pl.LightningModule):
     @torch.no_grad()
     def rollout(self, batch: dict, training: bool = True) -> tuple[Rollout, dict[str, float], list[str]]:
         """Sample, score and turn into advantages; `training=False` (validation) changes no statistics."""
-        stage, timings = self.stage, {}
+        stage = self.stage
+        episode, stats, texts = self.sample(batch, training)
         start = time.perf_counter()
-        responses = generate(
-            self.policy,
-            batch["prompt_ids"],
-            pad_token_id=self.pad_token_id,
-            eos_token_ids=self.eos_token_ids,
-            max_new_tokens=stage.rollout.max_new_tokens,
-            temperature=stage.rollout.temperature,
-            top_k=stage.rollout.top_k,
-            top_p=stage.rollout.top_p,
-        )
-        timings["time/generation_s"] = time.perf_counter() - start
-        start = time.perf_counter()
-        device = self.device
-        query = pad(batch["prompt_ids"], self.pad_token_id, left=True).to(device)
-        query_mask = attention_mask(batch["prompt_ids"], left=True).to(device)
-        response = pad(responses, self.pad_token_id).to(device)
-        response_mask = attention_mask(responses).to(device)
-        partial = Rollout(query, query_mask, response, response_mask, *([None] * 7))
-        ids, mask, where = partial.sequences()
-        targets = response[response_mask.bool()]
-        logprobs, entropy, values = self._policy_pass(ids, mask, where, targets, with_entropy=True)
-        logprobs = _scatter(logprobs, response_mask)
-        ref_logprobs = _scatter(self._reference_logprobs(ids, mask, where, targets), response_mask)
-        values = _scatter(values if values is not None else self._values(ids, mask, where), response_mask)
-        texts = self.reward.decode(responses)
-        raw = self.reward(ids, mask, batch["prompts"], texts).to(device).float()
-        timings["time/scoring_s"] = time.perf_counter() - start
-
-        ended = torch.tensor([bool(r) and r[-1] in self.eos_token_ids for r in responses], device=device)
-        scores = self._normalise(rl.penalise_missing_eos(raw, ended, stage.missing_eos_penalty), update=training)
-        kl = rl.kl_penalty(logprobs, ref_logprobs, stage.kl_estimator) * response_mask
+        response_mask = episode.response_mask
+        values = episode.values
+        if values is None:
+            values = _scatter(self._values(*episode.sequences()), response_mask)
+        stats["time/scoring_s"] += time.perf_counter() - start
+        scores, kl = episode.scores, episode.kl
         rewards, non_score = rl.token_rewards(scores, kl, response_mask, self.kl_ctl.value)
         advantages, returns = rl.gae(rewards, values, response_mask, stage.gamma, stage.lam)
         # Logged before whitening, which makes the mean 0 by construction.
@@ -154,46 +102,17 @@ class PPOModule(pl.LightningModule):
         advantages_std = rl.masked_var(advantages, response_mask).sqrt().item()
         if stage.whiten_advantages:
             advantages = rl.whiten(advantages, response_mask)
-        episode = Rollout(query, query_mask, response, response_mask, logprobs, ref_logprobs, values, scores, kl,
-                          advantages, returns)
+        episode = dataclasses.replace(episode, values=values, advantages=advantages, returns=returns)
         kl_sum = kl.sum(-1)
-        stats = {
-            "reward/score_raw": raw.mean().item(),
-            "reward/score": scores.mean().item(),
+        stats.update({
             "reward/non_score": non_score.sum(-1).mean().item(),
             "reward/total": (scores - self.kl_ctl.value * kl_sum).mean().item(),
-            "kl/mean": kl_sum.mean().item(),
             "kl/coef": self.kl_ctl.value,
-            "response/length": response_mask.sum(-1).float().mean().item(),
-            "policy/entropy": entropy.mean().item(),
-            "response/eos_share": ended.float().mean().item(),
             "advantages/mean": advantages_mean,
             "advantages/std": advantages_std,
             "value/explained_variance": rl.explained_variance(values, returns, response_mask).item(),
-            **timings,
-        }
-        if self.gold is not None:
-            stats["reward/gold"] = float(sum(self.gold(batch["prompts"], texts)) / len(texts))
-        self._last_samples = (batch["prompts"], texts, raw.tolist())
+        })
         return episode, stats, texts
-
-    def _normalise(self, raw: torch.Tensor, update: bool) -> torch.Tensor:
-        mode = rl.resolve_reward_norm(self.stage.reward_norm, self.reward_stats is not None)
-        if mode == "model":
-            if self.reward_stats is None:
-                raise ValueError("stage.reward_norm=model needs a reward model with stored statistics")
-            mean, std = self.reward_stats
-            scores = (raw - mean) / max(std, 1e-8)
-        elif mode == "running":
-            if update:
-                gathered = self.all_gather(raw).reshape(-1) if self._trainer is not None else raw
-                self.running.update(gathered)
-            scores = (raw - self.running.mean) / self.running.std
-        else:
-            scores = raw
-        if self.stage.reward_clip is not None:
-            scores = scores.clamp(-self.stage.reward_clip, self.stage.reward_clip)
-        return scores
 
     # -- optimisation -------------------------------------------------------------------------------
 
@@ -247,14 +166,6 @@ class PPOModule(pl.LightningModule):
         out.update({"ppo/updates": float(updates), "ppo/epochs": float(epochs_run), "ppo/early_stopped": float(stopped)})
         return out
 
-    def _mean_over_ranks(self, value: torch.Tensor) -> float:
-        return float(self.trainer.strategy.reduce(value.detach().clone().float(), reduce_op="mean"))
-
-    def on_before_optimizer_step(self, optimizer) -> None:
-        # Called by the precision plugin after it unscales the gradients, before each inner step.
-        if self.max_grad_norm:
-            self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
-
     def training_step(self, batch: dict, batch_idx: int) -> None:
         optimizer = self.optimizers()
         iteration = self.global_step  # before this iteration is counted
@@ -273,25 +184,7 @@ class PPOModule(pl.LightningModule):
         stats["perf/episodes_per_s"] = episodes / elapsed
         stats["perf/step_time_s"] = elapsed
         stats["train/lr"] = optimizer.param_groups[0]["lr"]
-        self.log_dict(stats, on_step=True, on_epoch=False, prog_bar=False, rank_zero_only=True)
-        self.log("reward", stats["reward/score_raw"], prog_bar=True, on_step=True, on_epoch=False, rank_zero_only=True)
-        self.log("kl", stats["kl/mean"], prog_bar=True, on_step=True, on_epoch=False, rank_zero_only=True)
-        every = self.stage.log_samples_every
-        if every and self.tracker is not None and iteration % every == 0 and self.trainer.is_global_zero:
-            prompts, texts, scores = self._last_samples
-            self.tracker.log_table(
-                {"step": [iteration] * len(texts), "prompt": [str(p) for p in prompts], "response": texts, "score": scores},
-                "samples/train.json",
-            )
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        episode, stats, _ = self.rollout(batch, training=False)
-        size = episode.query.shape[0]
-        names = {"reward/score_raw": "val/score_raw", "reward/gold": "val/gold", "kl/mean": "val/kl",
-                 "response/length": "val/response_length", "response/eos_share": "val/eos_share"}
-        for key, name in names.items():
-            if key in stats:
-                self.log(name, stats[key], on_step=False, on_epoch=True, batch_size=size, sync_dist=True)
+        self._log_iteration(stats, iteration)
 
     def configure_optimizers(self):
         stage = self.stage
@@ -304,9 +197,7 @@ class PPOModule(pl.LightningModule):
     # -- checkpoints --------------------------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["state_dict"] = {
-            k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(("reference.", "reward_model."))
-        }
+        super().on_save_checkpoint(checkpoint)
         checkpoint["ppo"] = {"kl_controller": self.kl_ctl.state_dict(), "running_reward": self.running.state_dict()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -330,33 +221,11 @@ def load_critic(
     return value_model
 
 
-class PromptCollator:
-    def __call__(self, items: list[dict]) -> dict:
-        return {"prompt_ids": [i["prompt_ids"] for i in items], "prompts": [i["prompt"] for i in items]}
-
-
 def build(run: RunConfig, tracker: Tracker) -> StageJob:
     stage: PPOStageConfig = run.stage
-    policy_source = resolve_source(stage.policy_from, "stage.policy_from", STAGE.sources["policy_from"], tracker)
-    tokenizer = models.load_tokenizer(run.model, policy_source.location)
-    renderer = ChatRenderer(tokenizer, run.data.chat_template)
-    gold = load_gold(run.data.gold_reward, run.data.prompts.path)
-    reward, reward_location = load_reward(
-        stage.reward_from, "stage.reward_from", run.model, run.data.chat_template, STAGE.sources["reward_from"], tracker, tokenizer
-    )
-    data = prepare_prompts(run.data, renderer, run.seed, stage.rollout.max_new_tokens)
-    tracker.log_metrics(data.stats)
-
-    policy = models.load_causal_lm(run.model, policy_source.location, seed=run.seed)
-    reference = None
-    if run.model.lora.enabled:
-        policy = models.apply_lora(policy, run.model.lora, "CAUSAL_LM")
-    else:
-        reference = models.load_causal_lm(run.model, policy_source.location, seed=run.seed)
-    reward_stats = None
-    if reward.model is not None:
-        config = models.unwrap(reward.model).config
-        reward_stats = (config.reward_mean, config.reward_std) if hasattr(config, "reward_mean") else None
+    setup = load_rl_setup(run, tracker, STAGE.sources)
+    tokenizer, policy, reward, reward_location = setup.tokenizer, setup.policy, setup.reward, setup.reward_location
+    reward_stats = setup.reward_stats
     value_model = None
     if stage.critic == "separate":
         if reward.model is not None and not reward.same_tokens:
@@ -365,7 +234,7 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
                 "differs from the policy's; use stage.critic=shared"
             )
         value_model = load_critic(
-            run.model, reward_location, policy_source.location, tokenizer.pad_token_id, run.seed,
+            run.model, reward_location, setup.policy_location, tokenizer.pad_token_id, run.seed,
             reward_stats, stage.reward_norm,
         )
     tracker.log_metrics(
@@ -377,7 +246,7 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
     )
     module = PPOModule(
         policy,
-        reference,
+        setup.reference,
         value_model,
         reward,
         stage,
@@ -385,17 +254,10 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
         eos_token_ids=eos_ids(tokenizer, policy),
         max_grad_norm=run.trainer.get("gradient_clip_val"),
         reward_stats=reward_stats,
-        gold=gold,
+        gold=setup.gold,
         tracker=tracker,
     )
-    datamodule = ExamplesDataModule(
-        data.splits,
-        PromptCollator(),
-        batch_size=stage.rollout.batch_size,
-        eval_batch_size=stage.eval_batch_size,
-        seed=run.seed,
-        num_workers=run.data.num_workers,
-    )
+    datamodule = prompt_datamodule(run, setup.data)
 
     def finish(trainer: pl.Trainer, output_dir: Path) -> dict[str, float]:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -411,8 +273,8 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
 def bench_workload(job: StageJob, run: RunConfig, settings: dict[str, int]):
     """rlhf.bench's fixed workload for this stage: the configured prompts, a rollout batch of
     bench.batch_size, and the time split between generation, scoring and training."""
-    from rlhf.bench import PPOTimeSplit, Workload
+    from rlhf.bench import RLTimeSplit, Workload
 
-    split = PPOTimeSplit(settings["warmup"])
+    split = RLTimeSplit(settings["warmup"])
     described = f"{run.data.name} prompts, rollout batch {settings['batch_size']}"
     return Workload("episodes", lambda batch: float(len(batch["prompt_ids"])), None, described, [split], split.averages)

@@ -1,0 +1,168 @@
+"""GRPO and its critic-free relatives: one training step is one iteration.
+
+Each prompt of the batch is sampled stage.group_size times (the KV-cached sampler of rlhf.rollout,
+the prompt repeated), the episodes scored as PPO scores them (reference log-probabilities, reward,
+its normalisation and EOS handling), and the group's rewards are each other's baseline
+(rlhf.rl.critic_free_advantages). Then stage.ppo_epochs optimizer steps of the clipped surrogate
+over the whole batch, with the KL to the reference in the reward or as a k3 term of the loss. No
+value model. Prompts, not samples, are split between ranks, so every group is whole on one rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+
+from rlhf import models, optim, rl
+from rlhf.config import RunConfig
+from rlhf.policy import eos_ids
+from rlhf.rollout import RLModule, Rollout, load_rl_setup, prompt_datamodule, scatter
+from rlhf.stages import StageJob
+from rlhf.stages.grpo import STAGE, GRPOStageConfig
+from rlhf.tracking import Tracker
+
+
+class GRPOModule(RLModule):
+    stage: GRPOStageConfig
+
+    @torch.no_grad()
+    def rollout(self, batch: dict, training: bool = True) -> tuple[Rollout, dict[str, float], list[str]]:
+        """group_size scored responses per prompt, with their advantages."""
+        stage, group = self.stage, self.stage.group_size
+        # The responses to one prompt are neighbours: rows [g * G, (g + 1) * G) are a group.
+        repeated = {key: [item for item in batch[key] for _ in range(group)] for key in ("prompt_ids", "prompts")}
+        episode, stats, texts = self.sample(repeated, training)
+        mask = episode.response_mask
+        kl = episode.kl if stage.kl_in == "reward" else None
+        advantages = rl.critic_free_advantages(episode.scores, mask, stage.advantage, group, kl, stage.kl_coef)
+        episode = dataclasses.replace(episode, advantages=advantages)
+        spread = episode.scores.view(-1, group).std(-1) if group > 1 else torch.zeros(1)
+        stats.update({
+            "kl/coef": stage.kl_coef,
+            "reward/total": (episode.scores - stage.kl_coef * episode.kl.sum(-1)).mean().item(),
+            # Groups whose responses all scored the same teach nothing (zero advantage under grpo, rloo).
+            "reward/group_std": spread.mean().item(),
+            "reward/equal_groups": (spread < 1e-6).float().mean().item(),
+            "advantages/mean": rl.masked_mean(advantages, mask).item(),
+            "advantages/std": rl.masked_var(advantages, mask).sqrt().item(),
+        })
+        return episode, stats, texts
+
+    def _update(self, episode: Rollout, optimizer) -> dict[str, float]:
+        """stage.ppo_epochs optimizer steps over the whole rollout batch, each summing the gradients
+        of passes of stage.minibatch_size episodes. A pass's loss is weighted by its share of the
+        batch (of tokens or of responses, as stage.loss_average), so the passes of an epoch add up
+        to the loss of the batch whatever their sizes."""
+        stage = self.stage
+        size = episode.query.shape[0]
+        tokens = episode.response_mask.sum()
+        totals: dict[str, float] = {}
+        for _ in range(stage.ppo_epochs):
+            for start in range(0, size, stage.minibatch_size):
+                part = episode.select(torch.arange(start, min(start + stage.minibatch_size, size), device=tokens.device))
+                ids, mask, where = part.sequences()
+                targets = part.response[part.response_mask.bool()]
+                logprobs, _, _ = self._policy_pass(ids, mask, where, targets, with_entropy=False)
+                logprobs = scatter(logprobs, part.response_mask)
+                pg_loss, pg_stats = rl.policy_loss(
+                    logprobs, part.logprobs, part.advantages, part.response_mask, stage.clip_range, stage.loss_average
+                )
+                loss, parts = pg_loss, {"policy/loss": pg_loss.detach()}
+                if stage.kl_in == "loss":
+                    kl = rl.kl_penalty(logprobs, part.ref_logprobs, "k3")
+                    kl_loss = rl.masked_average(kl, part.response_mask, stage.loss_average)
+                    loss = loss + stage.kl_coef * kl_loss
+                    parts["kl/loss"] = kl_loss.detach()
+                if stage.loss_average == "token":
+                    share = part.response_mask.sum() / tokens
+                else:
+                    share = part.query.shape[0] / size
+                self.manual_backward(loss * share)
+                parts.update({"policy/clipfrac": pg_stats["clipfrac"], "policy/approx_kl": pg_stats["approx_kl"],
+                              "policy/ratio": pg_stats["ratio"]})
+                for key, value in parts.items():
+                    totals[key] = totals.get(key, 0.0) + float(value * share) / stage.ppo_epochs
+            # Through the precision plugin, which unscales, and clipping in on_before_optimizer_step;
+            # counted as one trainer step per iteration by training_step.
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return totals
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        optimizer = self.optimizers()
+        iteration = self.global_step  # before this iteration's step counts it
+        step_start = time.perf_counter()
+        episode, stats, _ = self.rollout(batch)
+        start = time.perf_counter()
+        with optim.counted_once(optimizer):
+            stats.update(self._update(episode, optimizer))
+        stats["time/training_s"] = time.perf_counter() - start
+        self.lr_schedulers().step()
+        episodes = episode.query.shape[0] * self.trainer.world_size
+        elapsed = time.perf_counter() - step_start
+        stats["perf/episodes_per_s"] = episodes / elapsed
+        stats["perf/step_time_s"] = elapsed
+        stats["train/lr"] = optimizer.param_groups[0]["lr"]
+        self._log_iteration(stats, iteration)
+
+    def configure_optimizers(self):
+        stage = self.stage
+        groups = optim.param_groups(self.policy.named_parameters(), stage.weight_decay, stage.lr)
+        optimizer = optim.adamw(groups, stage, self.trainer.precision)
+        return {"optimizer": optimizer, "lr_scheduler": optim.scheduler(optimizer, stage, optim.total_steps(self.trainer))}
+
+    # -- checkpoints --------------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["grpo"] = {"running_reward": self.running.state_dict()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.running.load_state_dict(checkpoint["grpo"]["running_reward"])
+
+
+def build(run: RunConfig, tracker: Tracker) -> StageJob:
+    setup = load_rl_setup(run, tracker, STAGE.sources)
+    policy, tokenizer = setup.policy, setup.tokenizer
+    tracker.log_metrics(
+        {
+            "model/parameters": models.count_parameters(policy),
+            "model/trainable_parameters": models.count_parameters(policy, trainable_only=True),
+        }
+    )
+    module = GRPOModule(
+        policy,
+        setup.reference,
+        setup.reward,
+        run.stage,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_ids=eos_ids(tokenizer, policy),
+        max_grad_norm=run.trainer.get("gradient_clip_val"),
+        reward_stats=setup.reward_stats,
+        gold=setup.gold,
+        tracker=tracker,
+    )
+
+    def finish(trainer: pl.Trainer, output_dir: Path) -> dict[str, float]:
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        if trainer.is_global_zero:
+            models.save_model(module.policy, tokenizer, output_dir / "model")
+        return metrics
+
+    return StageJob(module, prompt_datamodule(run, setup.data), finish, callbacks=[])
+
+
+def bench_workload(job: StageJob, run: RunConfig, settings: dict[str, int]):
+    """rlhf.bench's fixed workload for this stage: the configured prompts, bench.batch_size prompts
+    sampled group_size times each, and the time split between generation, scoring and training."""
+    from rlhf.bench import RLTimeSplit, Workload
+
+    group = run.stage.group_size
+    split = RLTimeSplit(settings["warmup"])
+    described = f"{run.data.name} prompts, {settings['batch_size']} prompts x {group} responses"
+    return Workload("episodes", lambda batch: float(len(batch["prompt_ids"]) * group), None, described, [split],
+                    split.averages)

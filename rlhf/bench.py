@@ -2,12 +2,13 @@
 
     python -m rlhf.bench stage=sft model=smollm2-135m          # batch 8 x 256 tokens, fp32
     python -m rlhf.bench stage=rm model=smollm2-135m stage.init_from=base
+    python -m rlhf.bench stage=dpo model=smollm2-135m stage.init_from=base
     python -m rlhf.bench stage=ppo model=tiny stage.policy_from=base stage.reward_from=fn:rlhf.tasks.assistant.gold_reward
 
 It composes the same config as `python -m rlhf` (any override works), builds the stage exactly as a
 run would, and trains bench.warmup + bench.steps steps with Lightning on a fixed workload: SFT,
 bench.batch_size sequences of bench.length random tokens, every token trained; RM, that many pairs
-of such sequences; PPO, the configured prompts with a rollout batch of bench.batch_size
+of such sequences; DPO, that many pairs of two random responses after a shared random prompt; PPO, the configured prompts with a rollout batch of bench.batch_size
 (bench.synthetic=0 trains SFT and RM on the configured data instead). It prints throughput, peak
 memory, PPO's time split, and model FLOPs utilisation (MFU): the step's matrix work (`FlopCount`)
 per second over this machine's fp32 matmul rate. The machine is shared and its rate drifts (single
@@ -219,7 +220,13 @@ def _ppo_workload(job, run, settings) -> Workload:
     return Workload("episodes", lambda batch: float(len(batch["prompt_ids"])), None)
 
 
-WORKLOADS = {"sft": _sft_workload, "rm": _rm_workload, "ppo": _ppo_workload}
+def _dpo_workload(job, run, settings) -> Workload:
+    from rlhf.stages.dpo.module import bench_workload
+
+    return bench_workload(job, run, settings)
+
+
+WORKLOADS = {"sft": _sft_workload, "rm": _rm_workload, "ppo": _ppo_workload, "dpo": _dpo_workload}
 
 
 def _tokens(batch: dict) -> float:

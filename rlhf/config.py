@@ -504,6 +504,9 @@ STAGE_SCHEMAS: dict[str, type[BaseStageConfig]] = {
 
 def register_configs() -> None:
     """Register the schemas with Hydra: the root, and one per stage (stage/<name>.yaml extends it)."""
+    from rlhf.stages.dpo import DPOStageConfig  # imports this module: registered here, not above
+
+    STAGE_SCHEMAS.setdefault("dpo", DPOStageConfig)
     cs = ConfigStore.instance()
     cs.store(name="rlhf_schema", node=RunConfig)
     for name, schema in STAGE_SCHEMAS.items():

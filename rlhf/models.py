@@ -224,6 +224,20 @@ def unwrap(model: torch.nn.Module) -> PreTrainedModel:
     return get_base() if callable(get_base) else model  # type: ignore[return-value]
 
 
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout off everywhere: log-probabilities of the same tokens must not change between passes."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name in ("attention_dropout", "dropout_p"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+    config = getattr(unwrap(model), "config", None)
+    for name in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout"):
+        if isinstance(getattr(config, name, None), float):
+            setattr(config, name, 0.0)
+
+
 def save_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, directory: str | Path) -> Path:
     """Save as a plain Hugging Face directory (LoRA adapters merged into the weights)."""
     directory = Path(directory)

@@ -26,6 +26,7 @@ OBJECTIVES = {
     "sft": ("val/loss", "minimize"),
     "rm": ("val/accuracy", "maximize"),
     "ppo": ("val/score_raw", "maximize"),
+    "dpo": ("val/rewards/accuracies", "maximize"),
     "eval": ("eval/win_rate_rm", "maximize"),
 }
 

@@ -48,13 +48,19 @@ def _ppo(run: RunConfig, tracker: Tracker) -> StageJob:
     return ppo.build(run, tracker)
 
 
+def _dpo(run: RunConfig, tracker: Tracker) -> StageJob:
+    from rlhf.stages.dpo import module
+
+    return module.build(run, tracker)
+
+
 def _eval(run: RunConfig, tracker: Tracker) -> StageJob:
     from rlhf.stages import eval as evaluation
 
     return evaluation.build(run, tracker)
 
 
-STAGES: dict[str, Builder] = {"sft": _sft, "rm": _rm, "ppo": _ppo, "eval": _eval}
+STAGES: dict[str, Builder] = {"sft": _sft, "rm": _rm, "ppo": _ppo, "dpo": _dpo, "eval": _eval}
 
 
 def get_stage(name: str) -> Builder:

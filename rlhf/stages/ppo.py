@@ -24,6 +24,7 @@ from rlhf.data.prepare import prepare_prompts
 from rlhf.data.tokenize import ChatRenderer
 from rlhf.errors import ConfigError
 from rlhf.lineage import resolve_source
+from rlhf.models import disable_dropout
 from rlhf.policy import eos_ids, generate, join_prompt_response, response_logprobs
 from rlhf.rewards import RewardSource, load_function, load_reward
 from rlhf.scalar import token_scores
@@ -56,20 +57,6 @@ class Rollout:
     def sequences(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(ids, mask, where) of prompt + response (see join_prompt_response)."""
         return join_prompt_response(self.query, self.query_mask, self.response, self.response_mask)
-
-
-def disable_dropout(model: torch.nn.Module) -> None:
-    """Dropout off everywhere: log-probabilities of the same tokens must not change between passes."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-        for name in ("attention_dropout", "dropout_p"):
-            if isinstance(getattr(module, name, None), float):
-                setattr(module, name, 0.0)
-    config = getattr(models.unwrap(model), "config", None)
-    for name in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout"):
-        if isinstance(getattr(config, name, None), float):
-            setattr(config, name, 0.0)
 
 
 def _scatter(flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,14 @@ from rlhf.data.prepare import PairCollator, as_comparisons, group_comparisons, p
 from rlhf.data.tokenize import ChatRenderer, encode_prompts
 from rlhf.lineage import resolve_source
 from rlhf.losses import dpo_loss, preference_accuracy
-from rlhf.policy import eos_ids, generate, join_prompt_response, packs_pairs, response_logprobs, sequence_logprobs
+from rlhf.policy import (
+    eos_ids,
+    generate,
+    join_prompt_response,
+    packs_pairs,
+    response_logprobs,
+    sequence_logprobs,
+)
 from rlhf.rewards import load_function
 from rlhf.stages import StageJob
 from rlhf.stages.dpo import DPOStageConfig

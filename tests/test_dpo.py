@@ -202,7 +202,7 @@ def test_dpo_learns_on_the_shipped_pairs_and_saves_a_policy(tmp_path, cli, mlflo
     steps; the run logs TRL's metrics, the KL and gold score of held-out samples, and saves a causal LM."""
     from transformers import AutoModelForCausalLM
 
-    cli(*SMOKE, "trainer.limit_test_batches=1")
+    cli(*SMOKE, "+trainer.limit_test_batches=1")
     (run,) = runs_of(mlflow_client, "smoke", "dpo")
     assert run.info.status == "FINISHED" and run.data.tags["rlhf.init_from"] == "base"
     metrics = run.data.metrics
@@ -232,7 +232,7 @@ def test_killed_dpo_resumes_to_the_same_result(tmp_path, cli, mlflow_client, pre
     back, the reference is rebuilt (or recomputed from the initial policy), and the run ends as an
     uninterrupted one does."""
     args = [*SMOKE, "trainer.max_steps=8", "checkpoint.every_n_steps=4", "trainer.val_check_interval=4",
-            "trainer.log_every_n_steps=1", "stage.sample_prompts=0", "trainer.limit_test_batches=1",
+            "trainer.log_every_n_steps=1", "stage.sample_prompts=0", "+trainer.limit_test_batches=1",
             f"stage.precompute_ref={str(precompute).lower()}"]
     cli(*args, "tracking.experiment=whole")
     process = _start([*args, "tracking.experiment=cut"], tmp_path)

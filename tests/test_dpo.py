@@ -250,3 +250,22 @@ def test_killed_dpo_resumes_to_the_same_result(tmp_path, cli, mlflow_client, pre
         assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
     for key in ("val/loss", "val/rewards/accuracies", "test/loss"):
         assert resumed.data.metrics[key] == pytest.approx(whole.data.metrics[key], rel=1e-5), key
+
+
+def test_bench_workload_counts_pairs_and_the_reference_forward_pass(compose, isolated_sources):
+    from rlhf.bench import FlopCount, attended_pairs
+    from rlhf.stages.dpo.module import bench_workload
+
+    run, job = _build(compose)
+    settings = {"batch_size": 4, "length": 32, "synthetic": 1}
+    workload = bench_workload(job, run, settings)
+    batch = job.datamodule.collate(job.datamodule.splits["train"][:4])
+    assert workload.unit == "pairs" and workload.count(batch) == 4
+    # Random responses after a shared prompt of 16 tokens: each response's 16 tokens are trained.
+    assert batch["target_index"].numel() == 8 * 16
+    count = FlopCount.of(job.module.policy, lm_head=True)
+    tokens, trained, attended = float(batch["attention_mask"].sum()), 8 * 16, attended_pairs(batch)
+    policy = (4 * count.body + 2 * count.body_trainable) * tokens + (4 * count.head + 2 * count.head_trainable) * trained
+    policy += 12 * count.layers * count.attention_width * attended
+    reference = 2 * count.body * tokens + 2 * count.head * trained + 4 * count.layers * count.attention_width * attended
+    assert workload.flops.step(batch) == pytest.approx(policy + reference)

@@ -154,6 +154,20 @@ def test_loss_at_initialisation_is_log_2_and_rankings_batch_by_record(compose, i
     assert rows[:, 1:3].abs().max().item() < 1e-5  # implicit rewards
 
 
+def test_each_loss_at_initialisation_through_the_module(compose, isolated_sources):
+    """h = 0 at the start: ipo (1 / (2 beta))^2 = 25 for beta 0.1, hinge 1, sigmoid log 2 with or
+    without label smoothing; a training step's loss has a gradient for each."""
+    from dataclasses import replace
+
+    _, job = _build(compose)
+    batch = next(iter(job.datamodule.train_dataloader()))
+    for loss, smoothing, expected in (("sigmoid", 0.2, LOG2), ("ipo", 0.0, 25.0), ("hinge", 0.0, 1.0)):
+        job.module.stage = replace(job.module.stage, loss=loss, label_smoothing=smoothing)
+        losses, _ = job.module._pair_terms(batch)
+        assert losses.tolist() == pytest.approx([expected] * len(losses), rel=1e-4), loss
+        assert losses.mean().requires_grad
+
+
 def test_lora_reference_is_the_policy_with_its_adapters_off(compose, isolated_sources, tiny_policy, tokenizer, tmp_path):
     from rlhf import models
 

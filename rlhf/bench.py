@@ -2,14 +2,16 @@
 
     python -m rlhf.bench stage=sft model=smollm2-135m          # batch 8 x 256 tokens, fp32
     python -m rlhf.bench stage=rm model=smollm2-135m stage.init_from=base
+    python -m rlhf.bench stage=dpo model=smollm2-135m stage.init_from=base
     python -m rlhf.bench stage=ppo model=tiny stage.policy_from=base stage.reward_from=fn:rlhf.tasks.assistant.gold_reward
     python -m rlhf.bench stage=grpo model=tiny stage.policy_from=base stage.reward_from=fn:rlhf.tasks.assistant.gold_reward
 
 It composes the same config as `python -m rlhf` (any override works), builds the stage exactly as a
 run would, and trains bench.warmup + bench.steps steps with Lightning on a fixed workload: SFT,
 bench.batch_size sequences of bench.length random tokens, every token trained; RM, that many pairs
-of such sequences; PPO, the configured prompts with a rollout batch of bench.batch_size; GRPO, bench.batch_size
-prompts x stage.group_size responses
+of such sequences; DPO, that many pairs of two random responses after a shared random prompt; PPO, the
+configured prompts with a rollout batch of bench.batch_size; GRPO, bench.batch_size prompts x
+stage.group_size responses
 (bench.synthetic=0 trains SFT and RM on the configured data instead). It prints throughput, peak
 memory, the RL stages' time split, and model FLOPs utilisation (MFU): the step's matrix work (`FlopCount`)
 per second over this machine's fp32 matmul rate. The machine is shared and its rate drifts (single

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from rlhf.data.loading import attention_mask, pad, position_ids
 from rlhf.models import unwrap
+from rlhf.scalar import _hidden, supports_attention_masks
 
 # Config fields of architectures that transform logits after the head; those take the plain path.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
@@ -211,6 +212,34 @@ def response_logprobs(
             input_ids=input_ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False
         ).last_hidden_state
     return LinearLogProbs.apply(hidden[where], head.weight, targets, temperature, chunk, with_entropy)
+
+
+def packs_pairs(model: torch.nn.Module) -> bool:
+    """Whether `sequence_logprobs` can read PairCollator's shared-prefix layout with this model."""
+    return supports_attention_masks(model) and _fast_head(model)
+
+
+def sequence_logprobs(model: torch.nn.Module, batch: dict, chunk: int = 1024) -> torch.Tensor:
+    """(N,) the summed log-probabilities of each response's own tokens (the prompt masked) in a
+    PairCollator batch built with `response_tokens`, from one forward pass in either of its layouts."""
+    mask = batch.get("pair_mask", batch["attention_mask"])
+    index, targets = batch["target_index"], batch["target_ids"]
+    if _fast_head(model):
+        hidden = _hidden(model, batch["input_ids"], mask, batch["position_ids"]).flatten(0, 1)[index]
+        head = _plain_linear_head(model)
+        if head is not None:
+            logp, _ = LinearLogProbs.apply(hidden, head.weight, targets, 1.0, chunk, False)
+        else:
+            logits = unwrap(model).get_output_embeddings()(hidden).float()
+            logp = torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+    else:
+        if mask.dim() == 4:
+            raise ValueError("a model that transforms its logits needs side-by-side pairs (share_prefix off)")
+        ids, positions = batch["input_ids"], batch["position_ids"]
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+        logp = torch.log_softmax(logits.flatten(0, 1)[index].float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+    sums = torch.zeros(batch["score_index"].shape[0], dtype=logp.dtype, device=logp.device)
+    return sums.index_add(0, batch["target_response"], logp)
 
 
 def completion_loss(

@@ -1,5 +1,6 @@
 """The maths of learning from labelled preference pairs, as pure functions of scores: the reward
-model's Bradley-Terry loss and its accuracies (tested against hand-computed values).
+model's Bradley-Terry loss and its accuracies, and the losses of direct preference optimisation
+(tested against hand-computed values).
 
 Losses are split by what they learn from: here fixed pairs a rater labelled; rlhf.rl holds the maths of
 learning from episodes the policy samples (KL penalties, advantages, PPO's clipped losses)."""
@@ -68,3 +69,34 @@ def gold_order_agreement(
     chosen, rejected = chosen[decided], rejected[decided]
     better, worse = torch.where(gold_first, chosen, rejected), torch.where(gold_first, rejected, chosen)
     return preference_accuracy(better, worse), gold_first.float().mean()
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    reference_chosen: torch.Tensor,
+    reference_rejected: torch.Tensor,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair losses of direct preference optimisation, and the implicit rewards of chosen and
+    rejected (beta times the policy-to-reference log-ratio), all (P,), from sequence log-probabilities.
+
+    With h = (log pi(c) - log pi(r)) - (log ref(c) - log ref(r)), as TRL writes them:
+    sigmoid (DPO, Rafailov et al. 2023): -log sigmoid(beta h), or with label smoothing e (conservative
+    DPO: labels flipped with probability e) -(1 - e) log sigmoid(beta h) - e log sigmoid(-beta h);
+    ipo (Azar et al. 2023): (h - 1 / (2 beta))^2; hinge (SLiC): max(0, 1 - beta h).
+    """
+    chosen_ratio = policy_chosen - reference_chosen
+    rejected_ratio = policy_rejected - reference_rejected
+    h = chosen_ratio - rejected_ratio
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(beta * h) * (1 - label_smoothing) - F.logsigmoid(-beta * h) * label_smoothing
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * h)
+    else:
+        raise ValueError(f"unknown DPO loss {loss_type!r}; use sigmoid, ipo or hinge")
+    return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()

@@ -151,6 +151,9 @@ def prepare_prompts(data: DataConfig, renderer: ChatRenderer, seed: int, max_new
 
 # Per-pair fields of preference features besides the two sequences (the last two are optional).
 PER_PAIR_FIELDS = ("margin", "gold_order", "slice", "weight")
+# Per-response fields of a comparison group, in the order of its responses (optional): DPO's
+# reference log-probabilities when they are computed before training.
+PER_RESPONSE_FIELDS = ("reference_logps",)
 
 
 def as_comparisons(feature: dict) -> dict:
@@ -160,6 +163,7 @@ def as_comparisons(feature: dict) -> dict:
         return feature
     group = {"responses": [feature["chosen"], feature["rejected"]], "pairs": [(0, 1)]}
     group.update({key: [feature[key]] for key in PER_PAIR_FIELDS if key in feature})
+    group.update({key: feature[key] for key in ("prompt_length", *PER_RESPONSE_FIELDS) if key in feature})
     return group
 
 
@@ -173,6 +177,8 @@ def group_comparisons(features: list[dict]) -> list[dict]:
         if group is None:
             group = groups[feature["record"]] = {"responses": [], "pairs": []}
             group.update({key: [] for key in PER_PAIR_FIELDS if key in feature})
+            if "prompt_length" in feature:  # a record's responses answer one prompt
+                group["prompt_length"] = feature["prompt_length"]
         pair = []
         for sequence in (feature["chosen"], feature["rejected"]):
             if sequence not in group["responses"]:
@@ -203,13 +209,22 @@ class PairCollator:
     (rows x width) positions, and `pair_index` (P, 2) the (preferred, other) responses of each pair
     among those N scores; `attention_mask` (rows, W) is 1 on real tokens and `position_ids` counts
     each sequence's positions. Per pair: `margin`, and when the features carry them `gold_order` (+1:
-    a gold annotator prefers the preferred one, -1: the other, 0: tie) and `slice`.
+    a gold annotator prefers the preferred one, -1: the other, 0: tie) and `slice`. Per response,
+    when the features carry them: `reference_logps` (N,).
+
+    `response_tokens` (for DPO; the features then carry `prompt_length`): also where each response's
+    own tokens are predicted, as `target_index` (M,) positions in the flattened (rows x width)
+    layout whose next-token prediction is a response token, `target_ids` (M,) those tokens and
+    `target_response` (M,) which of the N responses each belongs to. In the shared-prefix layout a
+    position can predict a token of several responses (the end of the prefix predicts each first
+    token that follows it), so positions may repeat.
     """
 
-    def __init__(self, pad_token_id: int, multiple_of: int = 8, share_prefix: bool = False):
+    def __init__(self, pad_token_id: int, multiple_of: int = 8, share_prefix: bool = False, response_tokens: bool = False):
         self.pad_token_id = pad_token_id
         self.multiple_of = multiple_of
         self.share_prefix = share_prefix
+        self.response_tokens = response_tokens
 
     def length(self, feature: dict) -> int:
         """The padded length this example asks of its batch."""
@@ -233,6 +248,9 @@ class PairCollator:
         per_pair["pair_index"] = torch.tensor(
             [(offset + a, offset + b) for g, offset in zip(groups, offsets) for a, b in g["pairs"]], dtype=torch.long
         )
+        for key in PER_RESPONSE_FIELDS:
+            if key in groups[0]:
+                per_pair[key] = torch.tensor([v for g in groups for v in g[key]], dtype=torch.float32)
         responses = [r for g in groups for r in g["responses"]]
         plain_width = self._round_up(max(map(len, responses)))
         if self.share_prefix:
@@ -241,16 +259,41 @@ class PairCollator:
                 max(self._packed_length(g["responses"], p) for g, p in zip(groups, prefixes))
             )
             if packed_width * len(groups) < plain_width * len(responses):
-                return {**self._packed(groups, prefixes, packed_width), **per_pair}
+                packed = self._packed(groups, prefixes, packed_width)
+                if self.response_tokens:
+                    packed.update(self._packed_targets(groups, prefixes, packed_width))
+                return {**packed, **per_pair}
         mask = attention_mask(responses, multiple_of=self.multiple_of)
         ends = mask.sum(-1) - 1
-        return {
+        batch = {
             "input_ids": pad(responses, self.pad_token_id, multiple_of=self.multiple_of),
             "attention_mask": mask,
             "position_ids": position_ids(mask),
             "score_index": torch.arange(len(responses)) * mask.shape[1] + ends,
             **per_pair,
         }
+        if self.response_tokens:
+            starts = [g["prompt_length"] for g in groups for _ in g["responses"]]
+            # Response n sits in row n: its token j is predicted at position j - 1 of that row.
+            width = mask.shape[1]
+            where = [[n * width + j - 1 for j in range(max(s, 1), len(r))] for n, (r, s) in enumerate(zip(responses, starts))]
+            batch.update(_targets(responses, starts, where))
+        return batch
+
+    @staticmethod
+    def _packed_targets(groups: list[dict], prefixes: list[int], width: int) -> dict:
+        responses, starts, where = [], [], []
+        for row, (group, p) in enumerate(zip(groups, prefixes)):
+            rest = p  # where the current response's rest begins in the row
+            for response in group["responses"]:
+                # A response's token k lies at k within the prefix, at rest + (k - p) after it; its
+                # token j is predicted where token j - 1 lies.
+                first = max(group["prompt_length"], 1)
+                where.append([row * width + (j - 1 if j - 1 < p else rest + j - 1 - p) for j in range(first, len(response))])
+                responses.append(response)
+                starts.append(group["prompt_length"])
+                rest += len(response) - p
+        return _targets(responses, starts, where)
 
     def _round_up(self, length: int) -> int:
         return math.ceil(length / self.multiple_of) * self.multiple_of
@@ -288,6 +331,19 @@ class PairCollator:
             "pair_mask": allowed[:, None],
             "score_index": torch.tensor(score_at),
         }
+
+
+def _targets(responses: list[list[int]], starts: list[int], where: list[list[int]]) -> dict:
+    """The response-token fields of a PairCollator batch (see its `response_tokens`)."""
+    return {
+        "target_index": torch.tensor([i for positions in where for i in positions], dtype=torch.long),
+        "target_ids": torch.tensor(
+            [t for r, s in zip(responses, starts) for t in r[max(s, 1) :]], dtype=torch.long
+        ),
+        "target_response": torch.tensor(
+            [n for n, positions in enumerate(where) for _ in positions], dtype=torch.long
+        ),
+    }
 
 
 class CausalLMCollator:

@@ -195,7 +195,15 @@ def encode_preferences(
         rejected = fit(prompt_ids[index], rejected_ids[index], max_length, max_prompt_length, stats, "skip")
         if rejected is None:
             continue
-        features.append({"chosen": chosen[0] + chosen[1], "rejected": rejected[0] + rejected[1], "margin": pair.margin})
+        features.append(
+            {
+                "chosen": chosen[0] + chosen[1],
+                "rejected": rejected[0] + rejected[1],
+                "margin": pair.margin,
+                # Where the responses start: DPO sums log-probabilities from here on.
+                "prompt_length": len(prompt_ids[index]),
+            }
+        )
         kept.append(index)
     return features, kept
 

@@ -62,10 +62,12 @@ def quiet_libraries() -> None:
 def _app(cfg: DictConfig) -> float | None:
     from rlhf.config import validate
     from rlhf.errors import ConfigError, UserError
+    from rlhf.locations import apply_location_overrides
 
     job = job_info()
     try:
         # Checked before the heavy libraries are even imported: a bad value fails in a second.
+        apply_location_overrides(cfg, job.overrides)
         try:
             run = validate(cfg)
         except ConfigError as err:

@@ -181,6 +181,17 @@ def build_trainer(
             from rlhf.errors import ConfigError
 
             raise ConfigError("trainer.accumulate_grad_batches: PPO takes stage.minibatch_size instead; leave it at 1")
+    interval = trainer_args.get("val_check_interval")
+    if (
+        isinstance(interval, int)
+        and not isinstance(interval, bool)
+        and batches_per_epoch is not None
+        and "check_val_every_n_epoch" not in trainer_args
+        and interval > batches_per_epoch(_world_size(trainer_args))
+    ):
+        # A small data set's epoch is shorter than the interval: count it across epochs instead
+        # (Lightning refuses an interval longer than an epoch otherwise).
+        trainer_args["check_val_every_n_epoch"] = None
     if trainer_args.get("max_epochs") is None:
         # One epoch by default; with a step budget, as many epochs as it takes.
         steps = trainer_args.get("max_steps") or -1

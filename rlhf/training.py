@@ -20,6 +20,7 @@ from pytorch_lightning.loggers import MLFlowLogger
 
 from rlhf.config import RunConfig
 from rlhf.lineage import checkpoint_dir
+from rlhf.progress import progress_callbacks
 from rlhf.tracking import Tracker
 
 
@@ -172,6 +173,7 @@ def build_trainer(
             )
         )
     trainer_args = dict(run.trainer)
+    extra += progress_callbacks(trainer_args)
     limit = getattr(run.stage, "limit_eval_batches", None)
     if limit is not None:
         trainer_args.setdefault("limit_val_batches", limit)

@@ -203,11 +203,18 @@ def build_trainer(
             trainer_args["max_epochs"] = math.ceil(steps * accumulate / batches)
         else:
             trainer_args["max_epochs"] = -1 if steps > 0 else 1
-    return pl.Trainer(
-        **trainer_args,
-        logger=RunLogger(tracking_uri=tracker.uri, run_id=tracker.run_id, synchronous=False) if tracker.active else False,
-        callbacks=[*callbacks, *extra],
-        default_root_dir=str(output_dir),
-        enable_checkpointing=every > 0,
-        use_distributed_sampler=False,  # our sampler shards by rank itself, and can resume
-    )
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        return pl.Trainer(
+            **trainer_args,
+            logger=RunLogger(tracking_uri=tracker.uri, run_id=tracker.run_id, synchronous=False) if tracker.active else False,
+            callbacks=[*callbacks, *extra],
+            default_root_dir=str(output_dir),
+            enable_checkpointing=every > 0,
+            use_distributed_sampler=False,  # our sampler shards by rank itself, and can resume
+        )
+    except (MisconfigurationException, ValueError, TypeError, ImportError) as err:
+        from rlhf.errors import trainer_error
+
+        raise trainer_error(err, trainer_args) from None

@@ -130,7 +130,8 @@ def _wrapped_records(records: datasets.Dataset, file: str) -> str | None:
         return None
     column = records.column_names[0]
     value = records[0][column]
-    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+    # A message list is a record's field, not a list of records.
+    if isinstance(value, list) and value and all(isinstance(v, dict) and "role" not in v for v in value):
         return (
             f"{file}: one JSON object holding {len(value)} records under {column!r}; write the records "
             "themselves, one JSON object per line (JSON lines) or as a JSON array"

@@ -2,13 +2,16 @@
 or column, no traceback, the MLflow run (if one was made) FAILED with the error as a tag, no run left
 RUNNING, and nothing already written (earlier outputs, the cached task data) touched.
 
-One table, run through the CLI in one shared directory (so the cases also check each other's outputs
-stay untouched); each fails at validation, data loading or model loading, in seconds.
+One table, run through the CLI's entry point in one shared directory (so the cases also check each
+other's outputs stay untouched); each fails at validation, data loading or model loading. Most run in
+this process (the libraries are imported once: about a second a case); a few, one per phase they fail
+in, run as a separate `python -m rlhf` process as a user would.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -136,6 +139,31 @@ def workspace(tmp_path_factory):
     return d, model, launch
 
 
+# Run as their own process: failing at validation, at composition, in data and in model loading.
+SUBPROCESS = {"max-steps-not-int", "unknown-stage", "unknown-columns-sft", "no-weights"}
+
+
+def _run_in_process(argv: list[str], cwd: Path, monkeypatch, capfd) -> tuple[int, str, str]:
+    from hydra.core.global_hydra import GlobalHydra
+
+    import rlhf.__main__ as entry
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", ["rlhf", *argv])
+    # The entry point sets it to 1 for Hydra; set here, it is restored (unset) after the case.
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
+    capfd.readouterr()
+    code = 0
+    try:
+        entry.main()
+    except SystemExit as exit_:
+        code = exit_.code
+    finally:
+        GlobalHydra.instance().clear()
+    out, err = capfd.readouterr()
+    return code, out, err
+
+
 def _snapshot(*roots: Path) -> dict[str, tuple[int, int]]:
     return {
         str(path): (path.stat().st_size, path.stat().st_mtime_ns)
@@ -156,18 +184,23 @@ def _runs(launch: Path) -> dict:
     return {run.info.run_id: run for run in client.search_runs(experiments)} if experiments else {}
 
 
-@pytest.mark.parametrize("args, names", [pytest.param(a, n, id=i) for i, a, n in CASES])
-def test_bad_input_fails_in_one_line(workspace, args, names):
+@pytest.mark.parametrize("case, args, names", [pytest.param(i, a, n, id=i) for i, a, n in CASES])
+def test_bad_input_fails_in_one_line(workspace, case, args, names, monkeypatch, capfd):
     from rlhf.models import cache_root
 
     d, model, launch = workspace
     before_runs = _runs(launch)
     before = _snapshot(launch / "outputs", cache_root() / "tasks")
-    argv = ["experiment=smoke", *(a.format(d=d, m=model) for a in args)]
-    result = run_cli(argv, launch, timeout=300)
-    output = result.stdout + result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode == 2, output[-3000:]
+    # Its own output directory: cases a second apart would share Hydra's timestamped one.
+    argv = ["experiment=smoke", f"hydra.run.dir=outputs/{case}", *(a.format(d=d, m=model) for a in args)]
+    if case in SUBPROCESS:
+        result = run_cli(argv, launch, timeout=300)
+        code, stdout, stderr = result.returncode, result.stdout, result.stderr
+    else:
+        code, stdout, stderr = _run_in_process(argv, launch, monkeypatch, capfd)
+    output = stdout + stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert code == 2, output[-3000:]
     assert lines and lines[-1].startswith("rlhf: error:"), output[-3000:]
     for name in names:
         assert name in lines[-1], (name, lines[-1])

@@ -147,6 +147,10 @@ def _read_file(file: str, key: str) -> datasets.Dataset:
         problem = _text_problem(file)
         if problem:
             raise DataError(problem)
+    # datasets logs its parse failures as errors of its own; the one line below says where instead.
+    datasets_log = logging.getLogger("datasets")
+    level = datasets_log.level
+    datasets_log.setLevel(logging.CRITICAL)
     try:
         records = datasets.load_dataset(builder, data_files=file, split="train")
     except Exception as err:
@@ -158,6 +162,8 @@ def _read_file(file: str, key: str) -> datasets.Dataset:
         if cause is not None and str(cause).strip():
             first += f" ({type(cause).__name__}: {str(cause).strip().splitlines()[0]})"
         raise DataError(f"{file}: cannot be read as a table of records: {first}") from None
+    finally:
+        datasets_log.setLevel(level)
     wrapped = _wrapped_records(records, file) if builder == "json" else None
     if wrapped:
         raise DataError(wrapped)

@@ -95,3 +95,24 @@ def test_trainer_values_are_checked_against_the_trainer_signature(compose, key, 
     assert (not problems) == ok, problems
     if not ok:
         assert problems[0][0] == f"trainer.{key}"
+
+
+def test_with_a_terminal_the_bar_stays_and_without_one_it_is_replaced(monkeypatch):
+    from rlhf import progress
+
+    monkeypatch.setattr(progress, "has_terminal", lambda: True)
+    args = {"enable_progress_bar": True}
+    assert progress.progress_callbacks(args) == [] and args["enable_progress_bar"] is True
+    monkeypatch.setattr(progress, "has_terminal", lambda: False)
+    monkeypatch.setenv(progress.INTERVAL_ENV, "5")
+    (callback,) = progress.progress_callbacks(args)
+    assert callback.interval == 5.0 and args["enable_progress_bar"] is False
+
+
+def test_a_bad_progress_interval_names_the_variable(monkeypatch):
+    from rlhf import progress
+    from rlhf.errors import ConfigError
+
+    monkeypatch.setenv(progress.INTERVAL_ENV, "soon")
+    with pytest.raises(ConfigError, match=progress.INTERVAL_ENV):
+        progress.interval_seconds()

@@ -63,10 +63,12 @@ def quiet_libraries() -> None:
 def _app(cfg: DictConfig) -> float | None:
     from rlhf.config import validate
     from rlhf.errors import ConfigError, UserError
+    from rlhf.locations import apply_location_overrides
 
     launch = launch_info()
     try:
         # Checked before the heavy libraries are even imported: a bad value fails in a second.
+        apply_location_overrides(cfg, launch.overrides)
         try:
             run = validate(cfg)
             from rlhf.hardware import check

@@ -75,7 +75,14 @@ def _converted_gguf_dir(directory: str, gguf_file: str) -> Path:
     """
     source = Path(directory) / gguf_file
     if not source.is_file():
-        raise ConfigError(f"model.gguf_file: {source} does not exist")
+        found = sorted(p.name for p in Path(directory).glob("*.gguf")) if Path(directory).is_dir() else []
+        if found:
+            hint = f"; it has {', '.join(found)}"
+        elif (Path(directory) / "config.json").is_file():
+            hint = "; it holds a Hugging Face model: set model.gguf_file=null"
+        else:
+            hint = ""
+        raise ConfigError(f"model.gguf_file: {source} does not exist{hint}")
     stat = source.stat()
     key = hashlib.sha256(f"{source.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
     target = cache_root() / "models" / f"{source.stem}-{key}"
@@ -107,6 +114,47 @@ def base_location(cfg: ModelConfig) -> str:
     return location
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def check_location(location: str, key: str, weights: bool = True, tokenizer: bool = False) -> None:
+    """Fail in one line, naming `key`, if a local location cannot hold what is about to be loaded.
+
+    Hub ids pass (their problems show when they load); paths that look local must be a Hugging Face
+    directory with a config.json and, if `weights`, the weights (and, if `tokenizer`, a tokenizer).
+    """
+    path = Path(location).expanduser()
+    if path.is_file():
+        if path.suffix == ".gguf":
+            raise ConfigError(f"{key}: {path} is a GGUF file; set {key}={path.parent} model.gguf_file={path.name}")
+        raise ConfigError(f"{key}: {path} is a file; give the directory holding the model")
+    if not path.is_dir():
+        if location.startswith((".", "/", "~")) or len(Path(location).parts) > 2:
+            raise ConfigError(f"{key}: {location} does not exist (neither a local directory nor a hub id)")
+        return
+    ggufs = sorted(p.name for p in path.glob("*.gguf"))
+    gguf_hint = ""
+    if ggufs:
+        gguf_hint = f"; set model.gguf_file={ggufs[0]} to load {'it' if len(ggufs) == 1 else 'one of ' + ', '.join(ggufs)}"
+    if not (path / "config.json").is_file():
+        if ggufs:
+            raise ConfigError(f"{key}: {path} holds a GGUF file but no config.json{gguf_hint}")
+        found = ", ".join(sorted(p.name for p in path.iterdir())[:6]) or "nothing"
+        raise ConfigError(
+            f"{key}: {path} is not a Hugging Face model directory (no config.json; found: {found}); "
+            "give a directory written by save_pretrained, or a hub id"
+        )
+    if weights and not any((path / name).is_file() for name in WEIGHT_FILES):
+        hint = gguf_hint if ggufs else "; save the model there with save_pretrained, or set model.random_init={} to train it from scratch"
+        raise ConfigError(f"{key}: {path} has a config.json but no weights ({' or '.join(WEIGHT_FILES[::2])}){hint}")
+    if tokenizer and not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ConfigError(
+            f"{key}: {path} has no tokenizer ({', '.join(TOKENIZER_FILES)}); save it there with "
+            "tokenizer.save_pretrained, or set model.tokenizer to a directory or hub id that has it"
+        )
+
+
 def _hub_kwargs(cfg: ModelConfig) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
     if cfg.revision:
@@ -116,6 +164,15 @@ def _hub_kwargs(cfg: ModelConfig) -> dict[str, Any]:
 
 def _load_error(what: str, location: str, err: Exception) -> ConfigError:
     first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if not Path(location).expanduser().exists():
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE or "connect" in first_line:
+            why = "the hub is offline (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else "the hub cannot be reached"
+            return ConfigError(
+                f"{what}: {location!r} is not a local directory, {why} and no copy is cached; download it "
+                f"where there is internet (hf download {location}) or set {what} to a local directory"
+            )
     return ConfigError(f"{what}: cannot load {location!r}: {first_line}")
 
 
@@ -127,6 +184,8 @@ def load_tokenizer(cfg: ModelConfig, location: str | None = None) -> PreTrainedT
     mistaken for padding.
     """
     source = location or (resolve_location(cfg.tokenizer) if cfg.tokenizer else base_location(cfg))
+    if location is None:
+        check_location(source, "model.tokenizer" if cfg.tokenizer else "model.name_or_path", weights=False, tokenizer=True)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **_hub_kwargs(cfg))
     except Exception as err:
@@ -140,7 +199,12 @@ def load_tokenizer(cfg: ModelConfig, location: str | None = None) -> PreTrainedT
 
 
 def _random_model(cfg: ModelConfig, seed: int, auto_class: Any = AutoModelForCausalLM, **config_fields: Any) -> PreTrainedModel:
-    config = AutoConfig.from_pretrained(base_location(cfg), **_hub_kwargs(cfg), **config_fields)
+    source = base_location(cfg)
+    check_location(source, "model.name_or_path", weights=False)
+    try:
+        config = AutoConfig.from_pretrained(source, **_hub_kwargs(cfg), **config_fields)
+    except Exception as err:
+        raise _load_error("model.name_or_path", source, err) from err
     unknown = [k for k in (cfg.random_init or {}) if not hasattr(config, k)]
     if unknown:
         raise ConfigError(f"model.random_init.{unknown[0]}: not a field of {type(config).__name__}")
@@ -157,6 +221,8 @@ def load_causal_lm(cfg: ModelConfig, location: str | None = None, seed: int = 0)
         model = _random_model(cfg, seed)
     else:
         source = location or base_location(cfg)
+        if location is None:
+            check_location(source, "model.name_or_path")
         try:
             model = AutoModelForCausalLM.from_pretrained(source, dtype=_torch_dtype(cfg.dtype), **_hub_kwargs(cfg))
         except Exception as err:
@@ -176,6 +242,8 @@ def load_scalar_model(
         model = _random_model(cfg, seed, AutoModelForSequenceClassification, num_labels=1)
     else:
         source = location or base_location(cfg)
+        if location is None:
+            check_location(source, "model.name_or_path")
         try:
             model = AutoModelForSequenceClassification.from_pretrained(
                 source, num_labels=1, dtype=_torch_dtype(cfg.dtype), **_hub_kwargs(cfg)

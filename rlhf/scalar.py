@@ -1,19 +1,19 @@
 """The one scalar-head model of the project: a causal-LM backbone with a linear `score` head.
 
-The reward model reads the score at a sequence's last real token; a PPO value model reads it at every
-token. Saved as AutoModelForSequenceClassification (one label), which pools the last token that is
-not padding: padding is kept distinct from every real token so both read the same position.
+The reward model reads the score at a sequence's last real token (found from the attention mask,
+never from the pad id); a PPO value model reads it at every token. Saved as
+AutoModelForSequenceClassification (one label). Its pad token is the policy's: a tokenizer without
+one pads with EOS rather than gaining a token the policy's embedding lacks, so plain transformers,
+which pools the last token that is not the pad id, then reads the token before a final EOS.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel
 
 from rlhf.data.loading import position_ids
 from rlhf.models import unwrap
-
-PAD_TOKEN = "<|pad|>"
 
 
 def _hidden(
@@ -91,17 +91,3 @@ def fold_normalisation(model: torch.nn.Module, mean: float, std: float) -> None:
         folded.bias.copy_((bias - mean) / std)
     inner.score = folded
 
-
-def ensure_distinct_pad(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | None = None) -> bool:
-    """Give the tokenizer a pad token no text produces, if its pad is EOS; resize `model` to match.
-
-    Returns whether a token was added. Token ids of all other tokens are unchanged, so a reward model
-    trained this way still scores token ids of its policy.
-    """
-    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
-        return False
-    tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
-    if model is not None:
-        model.resize_token_embeddings(len(tokenizer))
-        model.config.pad_token_id = tokenizer.pad_token_id
-    return True

@@ -101,11 +101,19 @@ def peak_memory() -> dict[str, float]:
 def run_name(run: RunConfig, launch: Launch) -> str:
     if run.tracking.run_name:
         return run.tracking.run_name
+    from rlhf.locations import label
+
     skip = ("stage=", "model=", "data=", "experiment=", "tracking", "hydra", "resume=")
     extra = []
     for override in launch.overrides:
         if not override.startswith(skip):
             key, _, value = override.partition("=")
+            key = key.lstrip("+")
+            # A loaded directory or file already names the run.
+            if key == "model.name_or_path" and run.model.name == label(value):
+                continue
+            if key.startswith("data.") and key.endswith(".path") and label(value) in run.data.name.split("+"):
+                continue
             extra.append(f"{key.split('.')[-1]}={value}")
     return " ".join([f"{run.stage.name}-{run.model.name}-{run.data.name}", *extra])[:250]
 

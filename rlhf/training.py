@@ -19,6 +19,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import MLFlowLogger
 
 from rlhf.lineage import checkpoint_dir
+from rlhf.progress import progress_callbacks
 from rlhf.tracking import Tracker
 
 
@@ -175,6 +176,7 @@ def build_trainer(
             )
         )
     trainer_args = dict(trainer)
+    extra += progress_callbacks(trainer_args)
     if limit_eval_batches is not None:
         trainer_args.setdefault("limit_val_batches", limit_eval_batches)
     if manual_optimization:
@@ -183,6 +185,17 @@ def build_trainer(
             from rlhf.errors import ConfigError
 
             raise ConfigError("trainer.accumulate_grad_batches: PPO takes stage.minibatch_size instead; leave it at 1")
+    interval = trainer_args.get("val_check_interval")
+    if (
+        isinstance(interval, int)
+        and not isinstance(interval, bool)
+        and batches_per_epoch is not None
+        and "check_val_every_n_epoch" not in trainer_args
+        and interval > batches_per_epoch(_world_size(trainer_args))
+    ):
+        # A small data set's epoch is shorter than the interval: count it across epochs instead
+        # (Lightning refuses an interval longer than an epoch otherwise).
+        trainer_args["check_val_every_n_epoch"] = None
     if trainer_args.get("max_epochs") is None:
         # One epoch by default; with a step budget, as many epochs as it takes.
         steps = trainer_args.get("max_steps") or -1
@@ -192,11 +205,18 @@ def build_trainer(
             trainer_args["max_epochs"] = math.ceil(steps * accumulate / batches)
         else:
             trainer_args["max_epochs"] = -1 if steps > 0 else 1
-    return pl.Trainer(
-        **trainer_args,
-        logger=RunLogger(tracking_uri=tracker.uri, run_id=tracker.run_id, synchronous=False) if tracker.active else False,
-        callbacks=[*callbacks, *extra],
-        default_root_dir=str(output_dir),
-        enable_checkpointing=every > 0,
-        use_distributed_sampler=False,  # our sampler shards by rank itself, and can resume
-    )
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        return pl.Trainer(
+            **trainer_args,
+            logger=RunLogger(tracking_uri=tracker.uri, run_id=tracker.run_id, synchronous=False) if tracker.active else False,
+            callbacks=[*callbacks, *extra],
+            default_root_dir=str(output_dir),
+            enable_checkpointing=every > 0,
+            use_distributed_sampler=False,  # our sampler shards by rank itself, and can resume
+        )
+    except (MisconfigurationException, ValueError, TypeError, ImportError) as err:
+        from rlhf.errors import trainer_error
+
+        raise trainer_error(err, trainer_args) from None

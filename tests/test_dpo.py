@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import runs_of
-from rlhf.preference import dpo_loss
 from test_sft import _start, _wait_for, history
+
+from rlhf.preference import dpo_loss
 
 SMOKE = ["experiment=smoke", "stage=dpo", "stage.init_from=base"]
 LOG2 = math.log(2)

@@ -3,7 +3,6 @@ the Bradley-Terry loss, scalar scoring at the last real token, and calibration f
 
 from __future__ import annotations
 
-import copy
 import math
 from collections import Counter
 
@@ -37,7 +36,7 @@ from rlhf.plots import (
     reward_histogram,
 )
 from rlhf.preference import bradley_terry, gold_order_agreement, preference_accuracy
-from rlhf.scalar import PAD_TOKEN, ensure_distinct_pad, last_index, pair_scores, sequence_scores, token_scores
+from rlhf.scalar import last_index, pair_scores, sequence_scores, token_scores
 from rlhf.tasks import assistant
 
 ORIGIN, KEY = "prefs.jsonl", "data.preference"
@@ -794,47 +793,6 @@ def test_token_scores_read_the_sequence_score_at_the_last_real_token(scorer):
         assert per_token.shape == ids.shape
         picked = per_token[torch.arange(len(SEQUENCES)), last_index(mask)]
         assert torch.allclose(picked, sequence_scores(scorer, ids, mask), atol=1e-5)
-
-
-def test_ensure_distinct_pad_adds_a_pad_token_when_pad_is_eos(tokenizer):
-    tok = copy.deepcopy(tokenizer)
-    tok.pad_token = tok.eos_token
-    assert tok.pad_token_id == tok.eos_token_id
-    size, eos_id = len(tok), tok.eos_token_id
-    encoded = tok("Hello there, 2+2=4.<|im_end|>")["input_ids"]
-    model = tiny_scorer(vocab_size=size)
-    assert ensure_distinct_pad(tok, model) is True
-    assert tok.pad_token == PAD_TOKEN
-    assert tok.pad_token_id == size
-    assert tok.pad_token_id != tok.eos_token_id
-    assert tok.eos_token_id == eos_id
-    assert len(tok) == size + 1
-    assert model.get_input_embeddings().weight.shape[0] == size + 1
-    assert model.config.pad_token_id == tok.pad_token_id
-    assert tok("Hello there, 2+2=4.<|im_end|>")["input_ids"] == encoded
-    # Once distinct, nothing changes.
-    assert ensure_distinct_pad(tok, model) is False
-    assert len(tok) == size + 1
-    assert model.get_input_embeddings().weight.shape[0] == size + 1
-
-
-def test_ensure_distinct_pad_leaves_a_distinct_pad_alone(tokenizer):
-    tok = copy.deepcopy(tokenizer)
-    assert tok.pad_token == "<|endoftext|>"
-    size, pad_id = len(tok), tok.pad_token_id
-    model = tiny_scorer(vocab_size=size)
-    assert ensure_distinct_pad(tok, model) is False
-    assert len(tok) == size
-    assert tok.pad_token_id == pad_id
-    assert model.get_input_embeddings().weight.shape[0] == size
-
-
-def test_ensure_distinct_pad_without_a_pad_token(tokenizer):
-    tok = copy.deepcopy(tokenizer)
-    tok.pad_token = None
-    assert ensure_distinct_pad(tok) is True
-    assert tok.pad_token == PAD_TOKEN
-    assert tok.pad_token_id not in (None, tok.eos_token_id)
 
 
 # ---------------------------------------------------------------- calibration

@@ -87,6 +87,8 @@ def describe_compose_error(err: BaseException, multirun: bool = False) -> str:
             if close:
                 message += f"; did you mean {parent + '.' if parent else ''}{close}?"
             message += _other_stages_key(key, full_key, object_type, multirun)
+        elif "not in struct" in message and ".columns." in full_key:
+            message = f"a column mapping is added with a plus: +{full_key}=<your column>"
         elif "not in struct" in message and full_key.startswith("trainer."):
             close = closest(str(getattr(cause, "key", "")), trainer_arguments())
             message = (

@@ -77,15 +77,22 @@ def row_name(origin: str, row: dict, index: int) -> str:
     return f"{origin}: row {row.get('__row__', index + 1)}"
 
 
-def detect_format(columns: Iterable[str], formats: dict[str, tuple[str, ...]], origin: str, key: str) -> str:
+def detect_format(columns: Sequence[str], formats: dict[str, tuple[str, ...]], origin: str, key: str) -> str:
     present = set(columns) - {"__row__"}
     for name, needed in formats.items():
         if set(needed) <= present:
             return name
-    wanted = " or ".join("{" + ", ".join(needed) + "}" for needed in formats.values())
+    lacking = [[c for c in needed if c not in present] for needed in formats.values()]
+    missing = "; or ".join(", ".join(repr(c) for c in columns) for columns in lacking)
+    # The file's other columns, in its order, as the suggested mapping of the first format's.
+    canonical = {c for needed in formats.values() for c in needed}
+    spare = [c for c in columns if c in present and c not in canonical]
+    example = " ".join(
+        f"+{key}.columns.{name}={spare[i] if i < len(spare) else '<your column>'}" for i, name in enumerate(lacking[0])
+    )
     raise DataError(
-        f"{origin}: columns {sorted(present)} match no known format (expected {wanted}); "
-        f"map yours with {key}.columns, e.g. {key}.columns.prompt=question"
+        f"{origin}: columns {sorted(present)} match no known format: missing {missing}; "
+        f"map yours with {key}.columns, e.g. {example}"
     )
 
 
@@ -99,7 +106,7 @@ def check_format(fmt: str, columns: Iterable[str], formats: dict[str, tuple[str,
     if missing:
         raise DataError(
             f"{origin}: format {fmt} needs column {missing[0]!r} (columns: {', '.join(sorted(columns))}); "
-            f"map it with {key}.columns.{missing[0]}=<your column>"
+            f"map it with +{key}.columns.{missing[0]}=<your column>"
         )
     return fmt
 

@@ -50,6 +50,27 @@ def _report(kind: str, split: str, kept: int, stats: DataStats, out: dict[str, f
         log.warning("data.%s %s: %d examples kept; %s", kind, split, kept, detail)
 
 
+# What to change when a reason leaves no record usable.
+NOTHING_LEFT_HINTS = {
+    "empty_completion": "give the records non-empty completions",
+    "empty_response": "give the records non-empty responses",
+    "identical_pair": "chosen and rejected must differ",
+    "tied_ratings": "a record's responses need different ratings",
+    "prompt_too_long": "raise data.max_prompt_length (and data.max_length), or shorten the prompts",
+    "empty_response_after_tokenization": "raise data.max_length above data.max_prompt_length",
+}
+
+
+def nothing_left(key: str, origin: str, what: str, records: int, stats: DataStats) -> DataError:
+    """The one-line error for a split whose every record was filtered out: counts per reason, the file."""
+    counts = ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in stats.counts.most_common())
+    hints = "; ".join(dict.fromkeys(NOTHING_LEFT_HINTS[r] for r in stats.counts if r in NOTHING_LEFT_HINTS))
+    return DataError(
+        f"{key}: {origin}: no usable {what} left of {records} records ({counts or 'none produced'})"
+        + (f"; {hints}" if hints else "")
+    )
+
+
 def prepare_sft(data: DataConfig, renderer: ChatRenderer, seed: int) -> Prepared:
     """Tokenised SFT examples {input_ids, labels} for every split of data.sft."""
     sources = load_source(data.sft, "data.sft", data.validation_fraction, seed, data.task_seed, data.task_noise)
@@ -72,7 +93,7 @@ def prepare_sft(data: DataConfig, renderer: ChatRenderer, seed: int) -> Prepared
         prepared.references[split] = [examples[i].completion for i in encoded.kept]
         _report("sft", split, len(prepared.splits[split]), stats, prepared.stats)
         if not prepared.splits[split]:
-            raise DataError(f"data.sft: {source.origin}: no usable examples left ({dict(stats.counts)})")
+            raise nothing_left("data.sft", source.origin, "examples", len(source.records), stats)
     return prepared
 
 
@@ -106,7 +127,7 @@ def prepare_preferences(data: DataConfig, renderer: ChatRenderer, seed: int) -> 
         slices[split] = [pairs[i].slice for i in kept]
         _report("preference", split, len(features), stats, prepared.stats)
         if not features:
-            raise DataError(f"data.preference: {source.origin}: no usable pairs left ({dict(stats.counts)})")
+            raise nothing_left("data.preference", source.origin, "pairs", len(source.records), stats)
     if slice_by is not None:
         prepared.slice_names = sorted({name for names in slices.values() for name in names})
         index = {name: i for i, name in enumerate(prepared.slice_names)}
@@ -145,7 +166,7 @@ def prepare_prompts(data: DataConfig, renderer: ChatRenderer, seed: int, max_new
         prepared.prompts[split] = [i["prompt"] for i in items]
         _report("prompts", split, len(items), stats, prepared.stats)
         if not items:
-            raise DataError(f"data.prompts: {source.origin}: no usable prompts left ({dict(stats.counts)})")
+            raise nothing_left("data.prompts", source.origin, "prompts", len(source.records), stats)
     return prepared
 
 

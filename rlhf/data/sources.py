@@ -85,8 +85,42 @@ def _split_files(directory: Path) -> dict[str, str]:
     return files
 
 
-def _first_bad_json_line(file: str) -> str | None:
-    with open(file, encoding="utf-8") as handle:
+def _text_problem(file: str) -> str | None:
+    """Why a text file cannot be read as UTF-8, naming the line and byte; None if it can.
+
+    Arrow's JSON reader does not validate UTF-8, so a Latin-1 file would load and fail later, row by
+    row: every text file is checked up front, in large line-aligned chunks (about a second a GB).
+    """
+    with open(file, "rb") as handle:
+        if handle.read(2) in (b"\xff\xfe", b"\xfe\xff"):
+            return f"{file}: byte 0: UTF-16 text (byte-order mark); save the file as UTF-8"
+        handle.seek(0)
+        offset, lines = 0, 0
+        while chunk := handle.read(1 << 24) + handle.readline():
+            try:
+                chunk.decode("utf-8")
+            except UnicodeDecodeError as err:
+                line = lines + chunk.count(b"\n", 0, err.start) + 1
+                return (
+                    f"{file}:{line}: byte {offset + err.start}: not UTF-8 text (0x{chunk[err.start]:02x}); "
+                    "save the file as UTF-8"
+                )
+            offset, lines = offset + len(chunk), lines + chunk.count(b"\n")
+    return None
+
+
+def _locate_problem(file: str, builder: str) -> str | None:
+    """Where a UTF-8 file that `datasets` could not read goes wrong, as `<file>:<line>: ...`, if we
+    can tell: empty, or (JSON) the first line that is not a JSON object."""
+    path = Path(file)
+    with open(path, encoding="utf-8-sig") as handle:
+        blank = all(not line.strip() for line in handle)
+    if blank:
+        expected = "one JSON object per line" if builder == "json" else "a header row, then one record per row"
+        return f"{file}: the file is empty ({path.stat().st_size} bytes); expected {expected}"
+    if builder != "json":
+        return None
+    with open(path, encoding="utf-8-sig") as handle:
         if file.endswith(".json"):
             try:
                 json.load(handle)
@@ -105,18 +139,50 @@ def _first_bad_json_line(file: str) -> str | None:
     return None
 
 
+def _wrapped_records(records: datasets.Dataset, file: str) -> str | None:
+    """A JSON document holding the records in one field ({"data": [...]}) reads as one record."""
+    if len(records) != 1 or len(records.column_names) != 1:
+        return None
+    column = records.column_names[0]
+    value = records[0][column]
+    # A message list is a record's field, not a list of records.
+    if isinstance(value, list) and value and all(isinstance(v, dict) and "role" not in v for v in value):
+        return (
+            f"{file}: one JSON object holding {len(value)} records under {column!r}; write the records "
+            "themselves, one JSON object per line (JSON lines) or as a JSON array"
+        )
+    return None
+
+
 def _read_file(file: str, key: str) -> datasets.Dataset:
     builder = FILE_BUILDERS.get(Path(file).suffix)
     if builder is None:
         raise DataError(f"{key}: {file}: unsupported file type; use one of {', '.join(FILE_BUILDERS)}")
+    if builder in ("json", "csv"):
+        problem = _text_problem(file)
+        if problem:
+            raise DataError(problem)
+    # datasets logs its parse failures as errors of its own; the one line below says where instead.
+    datasets_log = logging.getLogger("datasets")
+    level = datasets_log.level
+    datasets_log.setLevel(logging.CRITICAL)
     try:
-        return datasets.load_dataset(builder, data_files=file, split="train")
+        records = datasets.load_dataset(builder, data_files=file, split="train")
     except Exception as err:
-        located = _first_bad_json_line(file) if builder == "json" else None
+        located = _locate_problem(file, builder) if builder in ("json", "csv") else None
         if located:
             raise DataError(located) from None
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        cause = err.__cause__ or err.__context__
+        if cause is not None and str(cause).strip():
+            first += f" ({type(cause).__name__}: {str(cause).strip().splitlines()[0]})"
         raise DataError(f"{file}: cannot be read as a table of records: {first}") from None
+    finally:
+        datasets_log.setLevel(level)
+    wrapped = _wrapped_records(records, file) if builder == "json" else None
+    if wrapped:
+        raise DataError(wrapped)
+    return records
 
 
 def load_split(

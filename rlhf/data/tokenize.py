@@ -135,11 +135,15 @@ def _strict_prompt_check(prompt_ids: list[list[int]], max_prompt_length: int, wh
 def encode_prompts(renderer: ChatRenderer, prompts: Sequence[Text]) -> list[list[int]]:
     """Token ids of the rendered prompts (with the generation prompt), in one batched call."""
     texts = [renderer.prompt(p) for p in prompts]
+    if not texts:  # a fast tokenizer fails on an empty batch
+        return []
     return renderer.tokenizer(texts, add_special_tokens=renderer.adds_special_tokens)["input_ids"]
 
 
 def encode_responses(renderer: ChatRenderer, prompts: Sequence[Text], responses: Sequence[Text]) -> list[list[int]]:
     texts = [renderer.response(p, r) for p, r in zip(prompts, responses)]
+    if not texts:
+        return []
     return renderer.tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 

@@ -25,7 +25,7 @@ from rlhf.lineage import resolve_source
 from rlhf.policy import eos_ids, generate
 from rlhf.preference import bradley_terry, gold_order_agreement, pair_weights, preference_accuracy
 from rlhf.rewards import FunctionReward, load_gold
-from rlhf.scalar import ensure_distinct_pad, pair_scores, sequence_scores, supports_attention_masks
+from rlhf.scalar import pair_scores, sequence_scores, supports_attention_masks
 from rlhf.stages import StageJob
 from rlhf.stages.rm import STAGE, RMStageConfig
 from rlhf.tracking import Tracker
@@ -146,8 +146,6 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
         data.splits = {split: group_comparisons(features) for split, features in data.splits.items()}
     tracker.log_metrics(data.stats)
     model = models.load_scalar_model(run.model, source.location, tokenizer.pad_token_id, seed=run.seed)
-    if ensure_distinct_pad(tokenizer, model):
-        log.info("Added a pad token distinct from EOS, so scores are read at the right position")
     if run.model.lora.enabled:
         model = models.apply_lora(model, run.model.lora, "SEQ_CLS")
     tracker.log_metrics(

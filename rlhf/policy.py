@@ -132,6 +132,9 @@ class LinearLogProbs(torch.autograd.Function):
                 kept.append(p)
         ctx.save_for_backward(hidden, weight, targets, *kept)
         ctx.temperature, ctx.chunk, ctx.with_entropy = temperature, chunk, with_entropy
+        # A softmax recomputed in backward must match forward's: autocast does not reach backward.
+        device = hidden.device.type
+        ctx.autocast = (device, torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else None
         return logp, entropy
 
     @staticmethod
@@ -145,7 +148,11 @@ class LinearLogProbs(torch.autograd.Function):
         for index, start in enumerate(range(0, hidden.shape[0], ctx.chunk)):
             stop = start + ctx.chunk
             h, t = hidden[start:stop], targets[start:stop]
-            p = kept[index] if kept else LinearLogProbs._softmax(h, weight, ctx.temperature, t)[0]
+            if kept:
+                p = kept[index]
+            else:
+                with torch.autocast(*(ctx.autocast or (h.device.type,)), enabled=ctx.autocast is not None):
+                    p = LinearLogProbs._softmax(h, weight, ctx.temperature, t)[0]
             rows = torch.arange(p.shape[0], device=p.device)
             g_lp = grad_logp[start:stop, None] if grad_logp is not None else torch.zeros_like(p[:, :1])
             if use_entropy:

@@ -26,7 +26,7 @@ from rlhf.errors import ConfigError
 from rlhf.lineage import resolve_source
 from rlhf.policy import eos_ids, generate, join_prompt_response, response_logprobs
 from rlhf.rewards import RewardSource, load_function, load_reward
-from rlhf.scalar import token_scores
+from rlhf.scalar import fp32_head, token_scores
 from rlhf.stages import StageJob
 from rlhf.tracking import Tracker
 
@@ -138,7 +138,7 @@ class PPOModule(pl.LightningModule):
         logp, entropy = response_logprobs(
             self.policy, ids, mask, where, targets, temperature, hidden=hidden, with_entropy=with_entropy
         )
-        return logp, entropy, self.value_head(hidden[where]).squeeze(-1).float()
+        return logp, entropy, fp32_head(self.value_head, hidden[where]).squeeze(-1)
 
     def _reference_logprobs(self, ids, mask, where, targets) -> torch.Tensor:
         context = self.policy.disable_adapter() if self.reference is None else nullcontext()
@@ -153,9 +153,19 @@ class PPOModule(pl.LightningModule):
 
     # -- rollout ------------------------------------------------------------------------------------
 
+    def _precision_context(self):
+        """The trainer's autocast (bf16-mixed: bf16 matmuls): the rollout's log-probabilities must be
+        computed exactly as the update's, or the first update's ratio is not 1."""
+        trainer = self._trainer
+        return trainer.precision_plugin.forward_context() if trainer is not None else nullcontext()
+
     @torch.no_grad()
     def rollout(self, batch: dict, training: bool = True) -> tuple[Rollout, dict[str, float], list[str]]:
         """Sample, score and turn into advantages; `training=False` (validation) changes no statistics."""
+        with self._precision_context():
+            return self._rollout(batch, training)
+
+    def _rollout(self, batch: dict, training: bool) -> tuple[Rollout, dict[str, float], list[str]]:
         stage, timings = self.stage, {}
         start = time.perf_counter()
         responses = generate(
@@ -253,10 +263,11 @@ class PPOModule(pl.LightningModule):
                 part = episode.select(order[start : start + stage.minibatch_size])
                 ids, mask, where = part.sequences()
                 targets = part.response[part.response_mask.bool()]
-                logprobs, entropy, shared_values = self._policy_pass(
-                    ids, mask, where, targets, with_entropy=stage.entropy_coef > 0
-                )
-                values = shared_values if shared_values is not None else self._values(ids, mask, where)
+                with self._precision_context():
+                    logprobs, entropy, shared_values = self._policy_pass(
+                        ids, mask, where, targets, with_entropy=stage.entropy_coef > 0
+                    )
+                    values = shared_values if shared_values is not None else self._values(ids, mask, where)
                 logprobs, entropy = _scatter(logprobs, part.response_mask), _scatter(entropy, part.response_mask)
                 values = _scatter(values, part.response_mask)
                 pg_loss, pg_stats = rl.policy_loss(logprobs, part.logprobs, part.advantages, part.response_mask, stage.clip_range)
@@ -334,7 +345,7 @@ class PPOModule(pl.LightningModule):
         critic = self.value_head if self.value_model is None else self.value_model
         groups = optim.param_groups(self.policy.named_parameters(), stage.weight_decay, stage.lr)
         groups += optim.param_groups(critic.named_parameters(), stage.weight_decay, stage.critic_lr or stage.lr)
-        optimizer = optim.adamw(groups, stage)
+        optimizer = optim.adamw(groups, stage, self.trainer.precision)
         return {"optimizer": optimizer, "lr_scheduler": optim.scheduler(optimizer, stage, optim.total_steps(self.trainer))}
 
     # -- checkpoints --------------------------------------------------------------------------------

@@ -105,7 +105,9 @@ class RewardModule(pl.LightningModule):
 
     def configure_optimizers(self):
         optimizer = optim.adamw(
-            optim.param_groups(self.model.named_parameters(), self.stage.weight_decay, self.stage.lr), self.stage
+            optim.param_groups(self.model.named_parameters(), self.stage.weight_decay, self.stage.lr),
+            self.stage,
+            self.trainer.precision,
         )
         total = optim.total_steps(self.trainer)
         return {"optimizer": optimizer, "lr_scheduler": optim.scheduler(optimizer, self.stage, total)}

@@ -1,0 +1,161 @@
+"""Precision chosen for the hardware (trainer.precision=auto), and bf16 mixed precision's numerics:
+fp32 where it matters (log-probabilities, scores, values), losses that track fp32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlhf.config import auto_precision, cpu_flags, resolve_precision, validate
+from rlhf.errors import ConfigError
+
+X86_WITH_BF16 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_tile amx_bf16\n"
+X86_WITHOUT = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni\n"
+
+
+@pytest.mark.parametrize(("cpuinfo", "expected"), [(X86_WITH_BF16, "bf16-mixed"), (X86_WITHOUT, "32-true")])
+def test_auto_precision_follows_the_processor_flags(tmp_path, monkeypatch, cpuinfo, expected):
+    monkeypatch.setattr("platform.machine", lambda: "x86_64")
+    path = tmp_path / "cpuinfo"
+    path.write_text(cpuinfo)
+    trainer = {"accelerator": "cpu", "precision": "auto", "devices": 1}
+    assert resolve_precision(trainer, path) == {**trainer, "precision": expected}
+
+
+def test_auto_precision_is_fp32_on_other_architectures_and_unreadable_cpuinfo(tmp_path):
+    assert auto_precision("cpu", {"bf16", "asimd"}, machine="aarch64")[0] == "32-true"
+    assert cpu_flags(tmp_path / "missing") == set()
+    assert auto_precision("cpu", set(), machine="x86_64")[0] == "32-true"
+    assert auto_precision("cpu", {"amx_bf16"}, machine="x86_64")[0] == "bf16-mixed"
+
+
+def test_explicit_precision_is_kept(tmp_path):
+    path = tmp_path / "cpuinfo"
+    path.write_text(X86_WITH_BF16)
+    assert resolve_precision({"accelerator": "cpu", "precision": "32-true"}, path)["precision"] == "32-true"
+
+
+def test_default_run_records_the_resolved_precision_and_overrides_win(compose):
+    from rlhf.config import to_container
+
+    default = validate(compose(["tracking=none"]))
+    assert default.trainer["precision"] in ("bf16-mixed", "32-true")
+    assert to_container(default)["trainer"]["precision"] == default.trainer["precision"]
+    assert validate(compose(["tracking=none", "trainer.precision=32-true"])).trainer["precision"] == "32-true"
+    assert validate(compose(["tracking=none", "trainer.precision=bf16"])).trainer["precision"] == "bf16"
+
+
+def test_unknown_precision_is_a_config_error(compose):
+    with pytest.raises(ConfigError, match="trainer.precision: must be one of auto, 32-true, bf16-mixed"):
+        validate(compose(["tracking=none", "trainer.precision=bf15-mixed"]))
+
+
+# ---------------------------------------------------------------- fp32 where it matters
+
+
+def test_scores_are_computed_in_fp32_under_autocast():
+    """A score rounded to bf16 keeps 8 bits; the head runs in fp32 even inside autocast."""
+    from rlhf.scalar import fp32_head
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(64, 1)
+    hidden = torch.randn(16, 64)
+    expected = head(hidden)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = head(hidden)
+        scores = fp32_head(head, hidden)
+    assert plain.dtype == torch.bfloat16 and scores.dtype == torch.float32
+    torch.testing.assert_close(scores, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_recomputed_softmax_in_backward_matches_forward_under_autocast(monkeypatch):
+    """Large batches recompute the softmax in backward; autocast does not reach backward, so it is
+    restored there, and the gradients equal those of the kept softmax."""
+    from rlhf.policy import LinearLogProbs
+
+    torch.manual_seed(0)
+    hidden = torch.randn(12, 32, requires_grad=True)
+    weight = torch.randn(500, 32, requires_grad=True)
+    targets = torch.randint(0, 500, (12,))
+    grads = []
+    for limit in (LinearLogProbs.KEEP_LIMIT, 0):  # kept, then recomputed
+        monkeypatch.setattr(LinearLogProbs, "KEEP_LIMIT", limit)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logp, _ = LinearLogProbs.apply(hidden, weight, targets, 1.0, 5, False)
+        assert logp.dtype == torch.float32
+        grads.append(torch.autograd.grad(logp.sum(), (hidden, weight)))
+    for kept, recomputed in zip(*grads):
+        torch.testing.assert_close(recomputed, kept, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- through Lightning, tiny model
+
+
+def _fit(compose, overrides: list[str], callbacks: list, tmp_path):
+    from rlhf.stages import get_stage
+    from rlhf.tracking import SilentTracker
+    from rlhf.training import build_trainer
+
+    run = validate(compose(["experiment=smoke", "tracking=none", "checkpoint.every_n_steps=0",
+                            "+trainer.limit_val_batches=0", "trainer.enable_progress_bar=false", *overrides]))
+    tracker = SilentTracker()
+    job = get_stage(run.stage.name)(run, tracker)
+    trainer = build_trainer(run, tracker, tmp_path, [*job.callbacks, *callbacks],
+                            manual_optimization=not job.module.automatic_optimization)
+    trainer.fit(job.module, datamodule=job.datamodule)
+    return job, trainer
+
+
+class Losses:
+    """Records the training loss of every step (what the optimizer minimised)."""
+
+    def __init__(self):
+        import pytorch_lightning as pl
+
+        losses = self.losses = []
+
+        class _Callback(pl.Callback):
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                losses.append(float(outputs["loss"]))
+
+        self.callback = _Callback()
+
+
+@pytest.mark.parametrize(("stage", "tolerance"), [("sft", 0.02), ("rm", 0.02)])
+def test_bf16_mixed_losses_track_fp32(compose, tmp_path, stage, tolerance):
+    """Six steps of the tiny model (gradient clipping on, as by default) in bf16-mixed stay within
+    2% of the fp32 losses at every step: bf16 rounds matmul inputs to 8 bits, the losses and the
+    master weights stay fp32."""
+    source = "stage.init_from=base"
+    losses = {}
+    for precision in ("32-true", "bf16-mixed"):
+        recorder = Losses()
+        _fit(compose, [f"stage={stage}", source, "trainer.max_steps=6", f"trainer.precision={precision}",
+                       "trainer.gradient_clip_val=1.0"], [recorder.callback], tmp_path / precision)
+        losses[precision] = recorder.losses
+    assert len(losses["32-true"]) == 6
+    torch.testing.assert_close(
+        torch.tensor(losses["bf16-mixed"]), torch.tensor(losses["32-true"]), rtol=tolerance, atol=0
+    )
+
+
+def test_first_ppo_ratio_is_exactly_one_in_bf16_mixed(compose, tmp_path, monkeypatch):
+    """The rollout's log-probabilities and the first update's are computed under the same autocast,
+    so before any update the policy ratio is exactly 1 on every token of the first minibatch."""
+    from rlhf import rl
+
+    seen = []
+    original = rl.policy_loss
+
+    def recording(logprobs, old_logprobs, advantages, mask, clip):
+        seen.append((logprobs.detach().clone(), old_logprobs.clone(), mask.bool()))
+        return original(logprobs, old_logprobs, advantages, mask, clip)
+
+    monkeypatch.setattr(rl, "policy_loss", recording)
+    job, _ = _fit(compose, ["stage=ppo", "stage.policy_from=base", "stage.reward_from=fn:rlhf.tasks.assistant.gold_reward",
+                            "trainer.max_steps=1", "trainer.precision=bf16-mixed", "stage.ppo_epochs=1",
+                            "stage.rollout.batch_size=4", "stage.minibatch_size=4"], [], tmp_path)
+    logprobs, old, mask = seen[0]
+    assert mask.any()
+    assert torch.equal(logprobs[mask], old[mask])
+    assert torch.equal(torch.exp(logprobs - old)[mask], torch.ones_like(old[mask]))

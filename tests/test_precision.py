@@ -159,3 +159,24 @@ def test_first_ppo_ratio_is_exactly_one_in_bf16_mixed(compose, tmp_path, monkeyp
     assert mask.any()
     assert torch.equal(logprobs[mask], old[mask])
     assert torch.equal(torch.exp(logprobs - old)[mask], torch.ones_like(old[mask]))
+
+
+def test_decoding_runs_in_the_weights_dtype_under_autocast():
+    """Sampling inside bf16 autocast (PPO's rollout) decodes in fp32: autocast would re-cast every
+    weight at every step, and the sampled distribution comes from fp32 logits."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rlhf.policy import generate
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, pad_token_id=0)
+    model = LlamaForCausalLM(config)
+    dtypes = set()
+    model.model.layers[0].mlp.down_proj.register_forward_hook(lambda module, args, out: dtypes.add(out.dtype))
+    prompts = [[5, 6, 7], [8, 9]]
+    greedy = generate(model, prompts, 0, [1], max_new_tokens=5, do_sample=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = generate(model, prompts, 0, [1], max_new_tokens=5, do_sample=False)
+    assert dtypes == {torch.float32}
+    assert under_autocast == greedy

@@ -180,3 +180,31 @@ def test_decoding_runs_in_the_weights_dtype_under_autocast():
         under_autocast = generate(model, prompts, 0, [1], max_new_tokens=5, do_sample=False)
     assert dtypes == {torch.float32}
     assert under_autocast == greedy
+
+
+def test_ppo_stores_a_frozen_reward_model_in_bf16_under_bf16_mixed_only(compose, tmp_path):
+    """Half the reward model's memory in bf16 mixed precision; its scores still come out of an fp32
+    head, and stay close to the fp32-stored model's under the same autocast."""
+    from rlhf import models
+    from rlhf.scalar import sequence_scores
+    from rlhf.stages import get_stage
+    from rlhf.tracking import SilentTracker
+
+    directory = tmp_path / "reward"
+    tiny = validate(compose(["model=tiny", "tracking=none"]))
+    tokenizer = models.load_tokenizer(tiny.model)
+    models.save_model(models.load_scalar_model(tiny.model, None, tokenizer.pad_token_id), tokenizer, directory)
+    reward_models = {}
+    for precision in ("32-true", "bf16-mixed"):
+        run = validate(compose(["experiment=smoke", "stage=ppo", "tracking=none", "stage.policy_from=base",
+                                f"stage.reward_from={directory}", f"trainer.precision={precision}"]))
+        reward_models[precision] = get_stage("ppo")(run, SilentTracker()).module.reward.model
+    fp32, bf16 = reward_models["32-true"], reward_models["bf16-mixed"]
+    assert {p.dtype for p in fp32.parameters()} == {torch.float32}
+    assert bf16.model.embed_tokens.weight.dtype == torch.bfloat16 and bf16.score.weight.dtype == torch.float32
+    ids = torch.randint(10, 1000, (4, 12))
+    mask = torch.ones_like(ids)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, got = sequence_scores(fp32, ids, mask), sequence_scores(bf16, ids, mask)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=0.05, atol=0.05)

@@ -373,6 +373,8 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
     renderer = ChatRenderer(tokenizer, run.data.chat_template)
     gold = load_function(run.data.gold_reward, "data.gold_reward") if run.data.gold_reward else None
     reward, reward_location = load_reward(stage.reward_from, "stage.reward_from", run, tracker, tokenizer)
+    if reward.model is not None and str(run.trainer.get("precision")).startswith("bf16"):
+        models.store_frozen_in_bf16(reward.model)
     data = prepare_prompts(run.data, renderer, run.seed, stage.rollout.max_new_tokens)
     tracker.log_metrics(data.stats)
 

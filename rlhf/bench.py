@@ -1,6 +1,6 @@
 """Throughput benchmark: a fixed workload through the real training path, with figures printed.
 
-    python -m rlhf.bench stage=sft model=smollm2-135m          # batch 8 x 256 tokens, fp32
+    python -m rlhf.bench stage=sft model=smollm2-135m          # batch 8 x 256 tokens
     python -m rlhf.bench stage=rm model=smollm2-135m stage.init_from=base
     python -m rlhf.bench stage=dpo model=smollm2-135m stage.init_from=base
     python -m rlhf.bench stage=ppo model=tiny stage.policy_from=base stage.reward_from=fn:rlhf.tasks.assistant.gold_reward
@@ -14,7 +14,8 @@ configured prompts with a rollout batch of bench.batch_size; GRPO, bench.batch_s
 stage.group_size responses
 (bench.synthetic=0 trains SFT and RM on the configured data instead). It prints throughput, peak
 memory, the RL stages' time split, and model FLOPs utilisation (MFU): the step's matrix work (`FlopCount`)
-per second over this machine's fp32 matmul rate. The machine is shared and its rate drifts (single
+per second over this machine's matmul rate in the precision in force (bf16 under bf16-mixed,
+fp32 under 32-true; both rates are printed). The machine is shared and its rate drifts (single
 products of the same size range over 1.5x within a minute), so the rate is sampled before, between
 and after the timed steps (outside their timing): `mfu` divides by the median reading, the rate the
 workload's own products met while it ran; `mfu_of_peak` by the highest reading, a burst the
@@ -45,36 +46,53 @@ register_configs()
 SETTINGS = {"steps": 5, "warmup": 1, "batch_size": 8, "length": 256, "synthetic": 1}
 
 
-class MatmulRate(pl.Callback):
-    """Samples this machine's fp32 matrix-multiply rate (FLOP/s of one size x size product): a burst
-    before and after the workload, and a pair of products after a timed step whenever `interval`
-    seconds have passed since the last sample (after the step's timing ends: callbacks run in order)."""
+def matmul_dtype(precision: str | int) -> torch.dtype:
+    """The dtype a run's matrix products compute in under Lightning's `precision`: its ceiling."""
+    precision = str(precision)
+    if precision.startswith("bf16"):
+        return torch.bfloat16
+    if precision.startswith("16") or precision == "transformer-engine-float16":
+        return torch.float16
+    if precision.startswith("64"):
+        return torch.float64
+    return torch.float32
 
-    def __init__(self, warmup: int, size: int = 2048, interval: float = 2.0):
-        self.warmup, self.interval = warmup, interval
-        self.a, self.b = torch.randn(size, size), torch.randn(size, size)
-        self.readings: list[float] = []
+
+class MatmulRate(pl.Callback):
+    """Samples this machine's matrix-multiply rate (FLOP/s of one size x size product) in fp32 and in
+    bf16: a burst before and after the workload, and a pair of products after a timed step whenever
+    `interval` seconds have passed since the last sample (after the step's timing ends: callbacks
+    run in order). `in_force` is the dtype the run's products use, the ceiling its MFU is measured
+    against: with bf16 arithmetic about 3x the fp32 rate on processors with AMX, so an fp32
+    denominator would read a bf16 run's MFU above 1."""
+
+    def __init__(self, warmup: int, in_force: torch.dtype = torch.float32, size: int = 2048, interval: float = 2.0):
+        self.warmup, self.interval, self.in_force = warmup, interval, in_force
+        generator = torch.Generator().manual_seed(0)
+        self.a, self.b = torch.randn(size, size, generator=generator), torch.randn(size, size, generator=generator)
+        self.dtypes = list(dict.fromkeys([torch.float32, torch.bfloat16, in_force]))
+        self.readings: dict[torch.dtype, list[float]] = {dtype: [] for dtype in self.dtypes}
         self._last = 0.0
 
     def sample(self, repeats: int) -> None:
-        self.a @ self.b  # warm caches and threads
-        for _ in range(repeats):
-            start = time.perf_counter()
-            self.a @ self.b
-            self.readings.append(2 * self.a.shape[0] ** 3 / (time.perf_counter() - start))
+        for dtype in self.dtypes:
+            a, b = self.a.to(dtype), self.b.to(dtype)
+            a @ b  # warm caches and threads
+            for _ in range(repeats):
+                start = time.perf_counter()
+                a @ b
+                self.readings[dtype].append(2 * a.shape[0] ** 3 / (time.perf_counter() - start))
         self._last = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step > self.warmup and time.perf_counter() - self._last >= self.interval:
             self.sample(2)
 
-    @property
-    def sustained(self) -> float:
-        return statistics.median(self.readings)
+    def sustained(self, dtype: torch.dtype | None = None) -> float:
+        return statistics.median(self.readings[dtype or self.in_force])
 
-    @property
-    def peak(self) -> float:
-        return max(self.readings)
+    def peak(self, dtype: torch.dtype | None = None) -> float:
+        return max(self.readings[dtype or self.in_force])
 
 
 @dataclass(frozen=True)
@@ -223,11 +241,9 @@ def _bench(cfg: DictConfig) -> None:
         cfg.tracking.run_name = f"bench {cfg.stage.name}-{cfg.model.name}"
         if "rollout" in cfg.stage:  # a stage that samples: its batch is a rollout batch
             cfg.stage.rollout.batch_size = settings["batch_size"]
-        elif cfg.stage.name == "grpo":  # the same episodes per iteration as PPO's, in groups
-            cfg.stage.rollout.batch_size = max(1, settings["batch_size"] // cfg.stage.group_size)
     run = validate(cfg)
     check(run.stage.name, run.trainer)
-    rate = MatmulRate(settings["warmup"])
+    rate = MatmulRate(settings["warmup"], matmul_dtype(run.trainer.get("precision", "32-true")))
     rate.sample(8)
     tracker = start_tracker(run, launch_info())
     stage = get_stage(run.stage.name)
@@ -257,16 +273,20 @@ def _bench(cfg: DictConfig) -> None:
             "steps_timed": timer.steps,
             "step_time_s": round(timer.seconds / timer.steps, 3),
             f"{workload.unit}_per_s": round(timer.per_second(workload.unit), 2),
-            "matmul_gflops": round(rate.sustained / 1e9, 1),
-            "matmul_gflops_peak": round(rate.peak / 1e9, 1),
+            "precision": str(run.trainer.get("precision")),
+            # The rate in the dtype the run's products use, which MFU divides by; then both rates.
+            "matmul_gflops": round(rate.sustained() / 1e9, 1),
+            "matmul_gflops_peak": round(rate.peak() / 1e9, 1),
+            "matmul_gflops_fp32": round(rate.sustained(torch.float32) / 1e9, 1),
+            "matmul_gflops_bf16": round(rate.sustained(torch.bfloat16) / 1e9, 1),
         }
         if timer.totals["tokens"]:
             figures["tokens_per_s"] = round(timer.per_second("tokens"), 1)
         if workload.flops is not None:
             achieved = timer.per_second("flops")
             figures["model_gflops"] = round(achieved / 1e9, 1)
-            figures["mfu"] = round(achieved / rate.sustained, 3)
-            figures["mfu_of_peak"] = round(achieved / rate.peak, 3)
+            figures["mfu"] = round(achieved / rate.sustained(), 3)
+            figures["mfu_of_peak"] = round(achieved / rate.peak(), 3)
         figures.update(workload.figures())
         figures.update({k: round(v, 1) for k, v in peak_memory().items()})
         tracker.log_metrics({f"bench/{k}": v for k, v in figures.items() if isinstance(v, (int, float))})

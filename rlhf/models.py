@@ -286,6 +286,20 @@ def apply_lora(model: PreTrainedModel, cfg: LoraConfig, task_type: str) -> PreTr
     return get_peft_model(model, peft_config)
 
 
+def store_frozen_in_bf16(model: PreTrainedModel) -> PreTrainedModel:
+    """A frozen scoring model's weights stored in bf16 (half the memory), its `score` head in fp32.
+
+    For bf16 mixed precision only: autocast already multiplies in bf16, so what changes is the
+    precision of the norms and the residual stream, not of the products. Not for PPO's reference
+    policy, whose log-probabilities must equal the policy's before the first update (KL exactly 0).
+    """
+    model.to(torch.bfloat16)
+    head = getattr(unwrap(model), "score", None)
+    if head is not None:
+        head.float()
+    return model
+
+
 def unwrap(model: torch.nn.Module) -> PreTrainedModel:
     """The transformers model inside a PEFT wrapper (adapters stay injected), or the model itself."""
     get_base = getattr(model, "get_base_model", None)

@@ -133,6 +133,9 @@ class LinearLogProbs(torch.autograd.Function):
                 kept.append(p)
         ctx.save_for_backward(hidden, weight, targets, *kept)
         ctx.temperature, ctx.chunk, ctx.with_entropy = temperature, chunk, with_entropy
+        # A softmax recomputed in backward must match forward's: autocast does not reach backward.
+        device = hidden.device.type
+        ctx.autocast = (device, torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else None
         return logp, entropy
 
     @staticmethod
@@ -146,7 +149,11 @@ class LinearLogProbs(torch.autograd.Function):
         for index, start in enumerate(range(0, hidden.shape[0], ctx.chunk)):
             stop = start + ctx.chunk
             h, t = hidden[start:stop], targets[start:stop]
-            p = kept[index] if kept else LinearLogProbs._softmax(h, weight, ctx.temperature, t)[0]
+            if kept:
+                p = kept[index]
+            else:
+                with torch.autocast(*(ctx.autocast or (h.device.type,)), enabled=ctx.autocast is not None):
+                    p = LinearLogProbs._softmax(h, weight, ctx.temperature, t)[0]
             rows = torch.arange(p.shape[0], device=p.device)
             g_lp = grad_logp[start:stop, None] if grad_logp is not None else torch.zeros_like(p[:, :1])
             if use_entropy:
@@ -315,35 +322,39 @@ def generate(
     responses: list[list[int]] = [[] for _ in prompt_ids]
     was_training = model.training
     model.eval()
+    # Decoding runs outside autocast, in the weights' own dtype: each step reads every weight for a
+    # few rows, and autocast would first write a bf16 copy of each (it caches none between calls), so
+    # bf16 mixed precision made decoding slower, not faster. Sampling then draws from fp32 logits.
     try:
-        for index in range(max_new_tokens):
-            step = dict(input_ids=inputs, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
-            if head is None:
-                logits = model(**step, logits_to_keep=1).logits[:, -1]
-            else:
-                last = inner.base_model(**step).last_hidden_state[:, -1]
-                # weight @ last.T rather than last @ weight.T: the same products, but CPU BLAS runs a
-                # few rows against a 49k-row matrix up to 4x faster in this orientation.
-                logits = (head.weight @ last.T).T.contiguous()
-            if do_sample:
-                scores = logits.float() / temperature if temperature != 1.0 else logits.float()
-                for warp in warpers:
-                    scores = warp(inputs, scores)
-                tokens = sample_tokens(scores)
-            else:
-                tokens = logits.argmax(-1)
-            for row, token in zip(rows.tolist(), tokens.tolist()):
-                responses[row].append(token)
-            going = ~torch.isin(tokens, stops)
-            if index == max_new_tokens - 1 or not going.any():
-                break
-            if not going.all():
-                keep = going.nonzero().squeeze(-1)
-                cache.batch_select_indices(keep)
-                rows, tokens, mask, positions = rows[keep], tokens[keep], mask[keep], positions[keep]
-            inputs = tokens[:, None]
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            positions = positions[:, -1:] + 1
+        with torch.autocast(device.type, enabled=False):
+            for index in range(max_new_tokens):
+                step = dict(input_ids=inputs, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+                if head is None:
+                    logits = model(**step, logits_to_keep=1).logits[:, -1]
+                else:
+                    last = inner.base_model(**step).last_hidden_state[:, -1]
+                    # weight @ last.T rather than last @ weight.T: the same products, but CPU BLAS runs a
+                    # few rows against a 49k-row matrix up to 4x faster in this orientation.
+                    logits = (head.weight @ last.T).T.contiguous()
+                if do_sample:
+                    scores = logits.float() / temperature if temperature != 1.0 else logits.float()
+                    for warp in warpers:
+                        scores = warp(inputs, scores)
+                    tokens = sample_tokens(scores)
+                else:
+                    tokens = logits.argmax(-1)
+                for row, token in zip(rows.tolist(), tokens.tolist()):
+                    responses[row].append(token)
+                going = ~torch.isin(tokens, stops)
+                if index == max_new_tokens - 1 or not going.any():
+                    break
+                if not going.all():
+                    keep = going.nonzero().squeeze(-1)
+                    cache.batch_select_indices(keep)
+                    rows, tokens, mask, positions = rows[keep], tokens[keep], mask[keep], positions[keep]
+                inputs = tokens[:, None]
+                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+                positions = positions[:, -1:] + 1
     finally:
         model.train(was_training)
     return responses

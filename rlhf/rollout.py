@@ -131,8 +131,19 @@ class RLModule(pl.LightningModule):
 
     # -- episodes -----------------------------------------------------------------------------------
 
+    def _precision_context(self):
+        """The trainer's autocast (bf16-mixed: bf16 matmuls): the rollout's log-probabilities must be
+        computed exactly as the update's, or the first update's ratio is not 1."""
+        trainer = self._trainer
+        return trainer.precision_plugin.forward_context() if trainer is not None else nullcontext()
+
     @torch.no_grad()
     def sample(self, batch: dict, training: bool = True) -> tuple[Rollout, dict[str, float], list[str]]:
+        """One response per prompt of `batch`, scored (see _sample), under the trainer's precision."""
+        with self._precision_context():
+            return self._sample(batch, training)
+
+    def _sample(self, batch: dict, training: bool) -> tuple[Rollout, dict[str, float], list[str]]:
         """One response per prompt of `batch`, scored: log-probabilities of policy and reference,
         the reward (normalised, clipped, EOS-penalised) and the per-token KL. The episodes have no
         advantages yet (and values only from a policy pass that computes them); `training=False`
@@ -295,6 +306,8 @@ def load_rl_setup(run: RunConfig, tracker: Tracker, sources: dict[str, str]) -> 
         policy = models.apply_lora(policy, run.model.lora, "CAUSAL_LM")
     else:
         reference = models.load_causal_lm(run.model, policy_source.location, seed=run.seed)
+    if reward.model is not None and str(run.trainer.get("precision")).startswith("bf16"):
+        models.store_frozen_in_bf16(reward.model)
     reward_stats = None
     if reward.model is not None:
         config = models.unwrap(reward.model).config

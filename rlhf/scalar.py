@@ -50,6 +50,19 @@ def _head(model: torch.nn.Module) -> torch.nn.Module:
     return head
 
 
+def fp32_head(head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """head(hidden) as float32 outside autocast: a score or value rounded to bf16 keeps 8 bits, too
+    few for the Bradley-Terry loss, reward normalisation and value targets. The head is one row of
+    weights, so computing it in full precision costs nothing measurable.
+
+    Weights stored in a lower dtype (model.dtype=bfloat16) are the user's choice and kept.
+    """
+    weight = next(head.parameters())
+    with torch.autocast(hidden.device.type, enabled=False):
+        out = head(hidden.to(weight.dtype) if weight.dtype != torch.float32 else hidden.float())
+    return out.float()
+
+
 def last_index(mask: torch.Tensor) -> torch.Tensor:
     """Index of each row's last real token, for right or left padding alike."""
     positions = torch.arange(mask.shape[1], device=mask.device)
@@ -60,12 +73,12 @@ def sequence_scores(model: torch.nn.Module, input_ids: torch.Tensor, mask: torch
     """(B,) the score at each sequence's last real token, in float32."""
     hidden = _hidden(model, input_ids, mask)
     rows = torch.arange(hidden.shape[0], device=hidden.device)
-    return _head(model)(hidden[rows, last_index(mask)]).squeeze(-1).float()
+    return fp32_head(_head(model), hidden[rows, last_index(mask)]).squeeze(-1)
 
 
 def token_scores(model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(B, T) the score at every position (a value model's per-token estimates), in float32."""
-    return _head(model)(_hidden(model, input_ids, mask)).squeeze(-1).float()
+    return fp32_head(_head(model), _hidden(model, input_ids, mask)).squeeze(-1)
 
 
 def pair_scores(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,7 +86,7 @@ def pair_scores(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torc
     float32, from one forward pass in either of its layouts (each response scored once)."""
     mask = batch.get("pair_mask", batch["attention_mask"])
     hidden = _hidden(model, batch["input_ids"], mask, batch["position_ids"])
-    scores = _head(model)(hidden.flatten(0, 1)[batch["score_index"]]).squeeze(-1).float()
+    scores = fp32_head(_head(model), hidden.flatten(0, 1)[batch["score_index"]]).squeeze(-1)
     return scores[batch["pair_index"][:, 0]], scores[batch["pair_index"][:, 1]]
 
 

@@ -11,7 +11,7 @@ import torch
 from conftest import OFFLINE, THREADS
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-from rlhf.bench import FlopCount, attended_pairs
+from rlhf.bench import FlopCount, MatmulRate, attended_pairs, matmul_dtype
 from rlhf.data.prepare import PairCollator
 
 
@@ -82,4 +82,22 @@ def test_bench_prints_throughput_and_utilisation_against_sampled_rates(tmp_path)
     assert figures["matmul_gflops_peak"] >= figures["matmul_gflops"] > 0
     assert 0 < figures["mfu_of_peak"] <= figures["mfu"]
     assert figures["model_gflops"] > 0
+    # MFU is measured against the rate of the arithmetic in force, and both rates are printed.
+    in_force = "matmul_gflops_bf16" if figures["precision"].startswith("bf16") else "matmul_gflops_fp32"
+    assert figures["matmul_gflops"] == figures[in_force]
+    assert figures["matmul_gflops_fp32"] > 0 and figures["matmul_gflops_bf16"] > 0
+
+
+def test_mfu_denominator_follows_the_precision():
+    assert matmul_dtype("bf16-mixed") == matmul_dtype("bf16-true") == matmul_dtype("bf16") == torch.bfloat16
+    assert matmul_dtype("32-true") == matmul_dtype(32) == torch.float32
+    assert matmul_dtype("16-mixed") == torch.float16 and matmul_dtype("64-true") == torch.float64
+    for precision, expected in (("bf16-mixed", 300e9), ("32-true", 100e9)):
+        rate = MatmulRate(warmup=0, in_force=matmul_dtype(precision), size=8)
+        rate.readings = {torch.float32: [90e9, 100e9, 120e9], torch.bfloat16: [280e9, 300e9, 390e9]}
+        assert rate.sustained() == expected
+        assert rate.peak() == {"bf16-mixed": 390e9, "32-true": 120e9}[precision]
+    rate = MatmulRate(warmup=0, in_force=torch.bfloat16, size=8)
+    rate.sample(2)
+    assert {dtype: len(values) for dtype, values in rate.readings.items()} == {torch.float32: 2, torch.bfloat16: 2}
 

@@ -76,11 +76,14 @@ def test_bf16_mixed_trains_every_stage_with_clipping(compose, tmp_path, stage):
     assert all(torch.isfinite(p).all() for p in job.module.parameters())
 
 
-def test_adamw_is_fused_only_where_lightning_clips_with_it():
-    from rlhf.optim import fused_allowed
+def test_adamw_is_fused_except_where_a_gradient_scaler_unscales(compose):
+    from rlhf.config import validate
+    from rlhf.optim import adamw, param_groups
 
-    assert fused_allowed("32-true") and fused_allowed("bf16-true")
-    assert not fused_allowed("bf16-mixed") and not fused_allowed("16-mixed")
+    stage = validate(compose(["model=tiny", "tracking=none"])).stage
+    groups = param_groups(torch.nn.Linear(2, 2).named_parameters(), 0.0, 1e-3)
+    for precision, fused in (("32-true", True), ("bf16-true", True), ("bf16-mixed", True), ("16-mixed", False)):
+        assert bool(adamw(groups, stage, precision).defaults["fused"]) is fused, precision
 
 
 # -- 2. every model on the stage's device -----------------------------------------------------------

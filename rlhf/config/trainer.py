@@ -10,6 +10,8 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
+from rlhf.config.precision import PRECISIONS
+
 
 @functools.cache
 def trainer_signature() -> dict[str, frozenset[type] | None]:
@@ -100,6 +102,10 @@ def trainer_problems(trainer: dict[str, Any]) -> list[tuple[str, str]]:
     clip = trainer.get("gradient_clip_val")
     if clip is not None and clip < 0:
         out.append(("trainer.gradient_clip_val", f"must be >= 0 or null, got {clip}"))
+    precision = trainer.get("precision")
+    if precision is not None and precision not in PRECISIONS:
+        choices = ", ".join(str(p) for p in PRECISIONS)
+        out.append(("trainer.precision", f"must be one of {choices}; got {precision!r}"))
     return out
 
 

@@ -10,6 +10,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+from rlhf.config.precision import resolve_precision
 from rlhf.config.schema import BaseStageConfig, RunConfig
 from rlhf.config.trainer import closest, trainer_arguments
 from rlhf.errors import ConfigError
@@ -124,6 +125,8 @@ def validate(cfg: DictConfig) -> RunConfig:
     if problems:
         more = f" (and {len(problems) - 1} more: {'; '.join(problems[1:])})" if len(problems) > 1 else ""
         raise ConfigError(problems[0] + more)
+    # Resolved here, so the run's recorded trainer.precision param is the precision it trains in.
+    run.trainer = resolve_precision(run.trainer)
     return run
 
 

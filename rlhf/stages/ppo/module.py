@@ -24,7 +24,7 @@ from rlhf.policy import eos_ids, response_logprobs
 from rlhf.rewards import RewardSource
 from rlhf.rollout import RLModule, Rollout, load_rl_setup, prompt_datamodule
 from rlhf.rollout import scatter as _scatter
-from rlhf.scalar import fold_normalisation, token_scores
+from rlhf.scalar import fold_normalisation, fp32_head, token_scores
 from rlhf.stages import StageJob
 from rlhf.stages.ppo import STAGE, PPOStageConfig
 from rlhf.tracking import Tracker
@@ -76,7 +76,7 @@ class PPOModule(RLModule):
         logp, entropy = response_logprobs(
             self.policy, ids, mask, where, targets, temperature, hidden=hidden, with_entropy=with_entropy
         )
-        return logp, entropy, self.value_head(hidden[where]).squeeze(-1).float()
+        return logp, entropy, fp32_head(self.value_head, hidden[where]).squeeze(-1)
 
     def _values(self, ids, mask, where) -> torch.Tensor:
         return token_scores(self.value_model, ids, mask)[where]
@@ -92,7 +92,8 @@ class PPOModule(RLModule):
         response_mask = episode.response_mask
         values = episode.values
         if values is None:
-            values = _scatter(self._values(*episode.sequences()), response_mask)
+            with self._precision_context():
+                values = _scatter(self._values(*episode.sequences()), response_mask)
         stats["time/scoring_s"] += time.perf_counter() - start
         scores, kl = episode.scores, episode.kl
         rewards, non_score = rl.token_rewards(scores, kl, response_mask, self.kl_ctl.value)

@@ -15,7 +15,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from rlhf.errors import LineageError
-from rlhf.tracking import TAG_PREFIX, Tracker
+from rlhf.tracking import TAG_PREFIX, Tracker, is_rank_zero
 
 RESOLVED_ENV = "RLHF_RESOLVED_SOURCES"
 RUN_ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
@@ -65,7 +65,7 @@ def latest_finished_run(client, experiment_id: str, stage: str):
 def resolve_source(spec: str, key: str, needed_stage: str | None, tracker: Tracker) -> ModelSource:
     """Turn a configured source (key names it, e.g. stage.init_from) into a local directory."""
     inherited = json.loads(os.environ.get(RESOLVED_ENV, "{}"))
-    if key in inherited and not tracker.active:  # a data-parallel rank: rank 0 has resolved it
+    if key in inherited and not is_rank_zero():  # a data-parallel rank: rank 0 has resolved it
         return ModelSource(**inherited[key])
     source = _resolve(spec, key, needed_stage, tracker)
     inherited[key] = asdict(source)

@@ -79,6 +79,13 @@ def scheduler(optimizer: torch.optim.Optimizer, stage: StageConfig, total_steps:
     return {"scheduler": schedule, "interval": "step", "frequency": 1}
 
 
+def configure(named_parameters: Iterable[tuple[str, torch.nn.Parameter]], stage: StageConfig, trainer) -> dict:
+    """configure_optimizers' answer for a stage training `named_parameters`: AdamW (fused as the
+    trainer's precision allows) and the stage's schedule over the run's optimizer steps."""
+    optimizer = adamw(param_groups(named_parameters, stage.weight_decay, stage.lr), stage, trainer.precision)
+    return {"optimizer": optimizer, "lr_scheduler": scheduler(optimizer, stage, total_steps(trainer))}
+
+
 def total_steps(trainer) -> int:
     """Optimizer steps the run will take: max_steps when set (without loading the data early)."""
     return int(trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches)

@@ -17,7 +17,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from rlhf import models, rl
+from rlhf import models, optim, rl
 from rlhf.config import RunConfig
 from rlhf.data.loading import ExamplesDataModule, attention_mask, pad
 from rlhf.data.prepare import Prepared, prepare_prompts
@@ -216,6 +216,37 @@ class RLModule(pl.LightningModule):
         return scores
 
     # -- optimisation -------------------------------------------------------------------------------
+
+    def rollout(self, batch: dict, training: bool = True) -> tuple[Rollout, dict[str, float], list[str]]:
+        """Episodes with advantages (the stage's own): sample, then what the stage adds."""
+        raise NotImplementedError
+
+    def _update(self, episode: Rollout, optimizer) -> dict[str, float]:
+        """The stage's optimizer steps on one rollout batch; returns what to log."""
+        raise NotImplementedError
+
+    def _end_iteration(self, stats: dict[str, float], episodes: int) -> None:
+        """After an iteration's updates (PPO: the adaptive KL coefficient)."""
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        """One iteration: a rollout batch, the stage's updates on it, counted as one trainer step
+        however many optimizer steps they take (trainer.max_steps counts iterations)."""
+        optimizer = self.optimizers()
+        iteration = self.global_step  # before this iteration is counted
+        step_start = time.perf_counter()
+        episode, stats, _ = self.rollout(batch)
+        start = time.perf_counter()
+        with optim.counted_once(optimizer):
+            stats.update(self._update(episode, optimizer))
+        stats["time/training_s"] = time.perf_counter() - start
+        self.lr_schedulers().step()
+        episodes = episode.query.shape[0] * self.trainer.world_size
+        self._end_iteration(stats, episodes)
+        elapsed = time.perf_counter() - step_start
+        stats["perf/episodes_per_s"] = episodes / elapsed
+        stats["perf/step_time_s"] = elapsed
+        stats["train/lr"] = optimizer.param_groups[0]["lr"]
+        self._log_iteration(stats, iteration)
 
     def _mean_over_ranks(self, value: torch.Tensor) -> float:
         return float(self.trainer.strategy.reduce(value.detach().clone().float(), reduce_op="mean"))

@@ -76,6 +76,35 @@ class Throughput(pl.Callback):
         pl_module.log("perf/step_time_s", seconds / len(self.window), on_step=True, on_epoch=False, rank_zero_only=True)
 
 
+class HeldOutSteps:
+    """Validation and test steps of a stage that gathers values over a split and reports them at the
+    epoch's end. The stage defines `_eval_step(batch, split)`, `_has_eval(split)` and
+    `_eval_epoch_end(split, prefix)`; put before pl.LightningModule among the bases."""
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "validation")
+
+    def on_validation_epoch_end(self) -> None:
+        if self._has_eval("validation"):
+            self._eval_epoch_end("validation", "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        if self._has_eval("test"):
+            self._eval_epoch_end("test", "test")
+
+
+def final_metrics(trainer: pl.Trainer, module: pl.LightningModule, datamodule, splits) -> dict[str, float]:
+    """The values the run logged last, and the test split's (evaluated now) when the data has one."""
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if "test" in splits:
+        for result in trainer.test(module, datamodule=datamodule, verbose=False):
+            metrics.update({k: float(v) for k, v in result.items()})
+    return metrics
+
+
 class LastValidation(pl.Callback):
     """Remembers the step of the latest validation, so the runner can validate the final weights."""
 

@@ -125,11 +125,11 @@ def runs_of(client, experiment: str, stage: str | None = None):
 TESTS_DIR = Path(__file__).resolve().parent
 
 
-PIPELINE_STAGES = ("sft", "rm", "ppo", "eval")
+PIPELINE_STAGES = ("sft", "rm", "ppo", "dpo", "grpo", "eval")
 
 
 class Pipeline:
-    """The runs of one `python -m rlhf -m experiment=smoke stage=sft,rm,ppo,eval`, shared by many tests."""
+    """The runs of one `python -m rlhf -m experiment=smoke stage=sft,rm,ppo,dpo,grpo,eval`, shared by many tests."""
 
     def __init__(self, directory: Path, stderr: str):
         from mlflow.tracking import MlflowClient
@@ -162,7 +162,8 @@ def built_once(tmp_path_factory, name: str, build) -> Path:
 
 @pytest.fixture(scope="session")
 def pipeline(tmp_path_factory) -> Pipeline:
-    """SFT, then RM from it, then PPO from both, then their evaluation, on the tiny model, in one multirun."""
+    """SFT, then RM from it, then PPO and GRPO from both and DPO from SFT, then their evaluation, on the
+    tiny model, in one multirun."""
 
     def build(directory: Path) -> None:
         result = run_cli(["-m", "experiment=smoke", f"stage={','.join(PIPELINE_STAGES)}"], directory, timeout=1800)

@@ -73,7 +73,7 @@ def test_distinct_n_counts_unique_ngrams_over_all_responses():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The report of the shared smoke pipeline (sft, rm, ppo, eval)
+# The report of the shared smoke pipeline (sft, rm, ppo, dpo, grpo, eval)
 
 PER_POLICY = ("reward_mean", "gold_mean", "kl", "length", "eos_share", "distinct_1", "distinct_2", "perplexity")
 
@@ -88,41 +88,54 @@ def test_eval_names_the_runs_it_evaluated(report):
     evaluation = runs["eval"]
     assert evaluation.info.status == "FINISHED"
     tags = evaluation.data.tags
-    # By default: the SFT parent (baseline) against the newest PPO run, judged by the PPO run's reward model.
-    assert tags["rlhf.policies.0.run_id"] == runs["sft"].info.run_id
-    assert tags["rlhf.policies.1.run_id"] == runs["ppo"].info.run_id
+    # By default the newest lineage: the SFT parent (baseline), then the PPO, DPO and GRPO runs that
+    # started from it in the order they ran, judged by the reward model of the lineage's RL runs.
+    for index, stage in enumerate(("sft", "ppo", "dpo", "grpo")):
+        assert tags[f"rlhf.policies.{index}.run_id"] == runs[stage].info.run_id, stage
     assert tags["rlhf.reward_from.run_id"] == runs["rm"].info.run_id
     assert tags["rlhf.reference.run_id"] == runs["sft"].info.run_id
-    sft_label, ppo_label = tags["rlhf.eval.policies"].split()
-    assert runs["sft"].info.run_id[:8] in sft_label and runs["ppo"].info.run_id[:8] in ppo_label
+    labels = tags["rlhf.eval.policies"].split()
+    for label, stage in zip(labels, ("sft", "ppo", "dpo", "grpo"), strict=True):
+        assert runs[stage].info.run_id[:8] in label and stage in label
+
+
+def test_lineage_tags_chain_every_stage_to_its_start(report):
+    _, runs = report
+    sft, rm = runs["sft"].info.run_id, runs["rm"].info.run_id
+    assert runs["rm"].data.tags["rlhf.init_from.run_id"] == sft
+    assert runs["dpo"].data.tags["rlhf.init_from.run_id"] == sft
+    for stage in ("ppo", "grpo"):
+        assert runs[stage].data.tags["rlhf.policy_from.run_id"] == sft
+        assert runs[stage].data.tags["rlhf.reward_from.run_id"] == rm
 
 
 def test_eval_logs_metrics_per_policy_and_win_rates(report):
     _, runs = report
     metrics = runs["eval"].data.metrics
-    sft_label, ppo_label = runs["eval"].data.tags["rlhf.eval.policies"].split()
-    for label in (sft_label, ppo_label):
+    sft_label, *trained = runs["eval"].data.tags["rlhf.eval.policies"].split()
+    for label in (sft_label, *trained):
         missing = [key for key in PER_POLICY if f"eval/{label}/{key}" not in metrics]
         assert not missing, (label, missing)
     assert metrics[f"eval/{sft_label}/kl"] == pytest.approx(0.0, abs=1e-4)  # the reference is the SFT policy
-    assert metrics[f"eval/{ppo_label}/kl"] > 0
-    assert 0 <= metrics[f"eval/{ppo_label}/distinct_1"] <= 1
-    for judge in ("rm", "gold"):
-        prefix = f"eval/{ppo_label}/win_rate_{judge}"
-        counts = [metrics[f"eval/{ppo_label}/{name}_{judge}"] for name in ("wins", "ties", "losses")]
-        assert sum(counts) == 16
-        assert metrics[prefix] == pytest.approx((counts[0] + counts[1] / 2) / 16)
-        assert metrics[f"{prefix}_low"] <= metrics[prefix] <= metrics[f"{prefix}_high"]
+    for label in trained:
+        assert metrics[f"eval/{label}/kl"] > 0
+        assert 0 <= metrics[f"eval/{label}/distinct_1"] <= 1
+        for judge in ("rm", "gold"):
+            prefix = f"eval/{label}/win_rate_{judge}"
+            counts = [metrics[f"eval/{label}/{name}_{judge}"] for name in ("wins", "ties", "losses")]
+            assert sum(counts) == 16
+            assert metrics[prefix] == pytest.approx((counts[0] + counts[1] / 2) / 16)
+            assert metrics[f"{prefix}_low"] <= metrics[prefix] <= metrics[f"{prefix}_high"]
     assert "eval/win_rate_rm" in metrics  # the name a sweep optimises
 
 
 def test_eval_logs_a_side_by_side_table_and_plots(report):
     client, runs = report
     run_id = runs["eval"].info.run_id
-    sft_label, ppo_label = runs["eval"].data.tags["rlhf.eval.policies"].split()
+    labels = runs["eval"].data.tags["rlhf.eval.policies"].split()
     table = json.loads(Path(client.download_artifacts(run_id, "eval/comparison.json")).read_text())
     assert table["columns"][0] == "prompt"
-    for label in (sft_label, ppo_label):
+    for label in labels:
         assert {f"{label} response", f"{label} reward", f"{label} gold"} <= set(table["columns"])
     assert len(table["data"]) == 16  # experiment=smoke evaluates 16 held-out prompts
     plots = {a.path for a in client.list_artifacts(run_id, "plots")}
@@ -134,8 +147,9 @@ def test_pipeline_sweep_is_judged_by_its_last_stage(pipeline):
     parent_id = pipeline.runs["eval"].data.tags["mlflow.parentRunId"]
     parent = pipeline.client.get_run(parent_id)
     assert parent.data.params["sweep.optimized_metric"] == "eval/win_rate_rm"
-    assert parent.info.run_name == "pipeline sft>rm>ppo>eval"
-    assert parent.data.tags["rlhf.multirun"] == "pipeline" and parent.data.tags["rlhf.pipeline"] == "sft>rm>ppo>eval"
+    assert parent.info.run_name.startswith("pipeline")
+    assert parent.data.tags["rlhf.multirun"] == "pipeline"
+    assert parent.data.tags["rlhf.pipeline"] == "sft>rm>ppo>dpo>grpo>eval"
     if "best/eval/win_rate_rm" in parent.data.metrics:
         assert parent.data.tags["rlhf.best_run_id"] == pipeline.runs["eval"].info.run_id
 
@@ -167,7 +181,7 @@ def test_eval_without_a_ppo_run_says_what_to_run(tmp_path, cli, mlflow_client):
     result = cli("experiment=smoke", "stage=eval", check=False)
     assert result.returncode == 2
     (line,) = [x for x in result.stderr.splitlines() if x.startswith("rlhf: error:")]
-    assert "no finished ppo run" in line and "python -m rlhf stage=ppo" in line and "stage.policies" in line
+    assert "no finished dpo|grpo|ppo run" in line and "python -m rlhf stage=ppo" in line and "stage.policies" in line
     (run,) = runs_of(mlflow_client, "smoke", "eval")
     assert run.info.status == "FAILED"
 

@@ -22,7 +22,7 @@ def history(client, run_id: str, key: str) -> list[tuple[int, float]]:
 
 @pytest.fixture(scope="module")
 def smoke_run(pipeline):
-    """The SFT run of the shared smoke pipeline (`python -m rlhf -m experiment=smoke stage=sft,rm,ppo,eval`)."""
+    """The SFT run of the shared smoke pipeline (`python -m rlhf -m experiment=smoke stage=sft,rm,ppo,dpo,grpo,eval`)."""
     return pipeline.directory, pipeline.client, pipeline.runs["sft"], pipeline.stderr
 
 
@@ -37,7 +37,7 @@ def test_smoke_run_is_recorded_in_mlflow(smoke_run):
     tags = run.data.tags
     assert tags["rlhf.stage"] == "sft" and tags["rlhf.model"] == "tiny" and tags["rlhf.data"] == "assistant"
     assert tags["rlhf.experiment"] == "smoke"
-    assert tags["rlhf.command"] == "python -m rlhf -m experiment=smoke stage=sft,rm,ppo,eval"
+    assert tags["rlhf.command"] == "python -m rlhf -m experiment=smoke stage=sft,rm,ppo,dpo,grpo,eval"
     assert tags["rlhf.job_num"] == "0" and tags["rlhf.sweep_dir"]
     assert tags["rlhf.init_from"] == "base"
     assert Path(tags["rlhf.output_dir"]).is_dir()

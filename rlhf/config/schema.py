@@ -260,6 +260,20 @@ class RolloutConfig:
 
 
 
+def on_policy_problems(stage: str, rollout: RolloutConfig, missing_eos_penalty: float | None) -> list[tuple[str, str]]:
+    """What an RL stage that learns from its own samples (PPO, GRPO) refuses: truncated sampling
+    (its ratio and KL use log-probabilities of the full softmax, so top-k or top-p samples would make
+    every update off-policy; evaluation may truncate) and a negative EOS penalty (it is subtracted)."""
+    out = []
+    if missing_eos_penalty is not None and missing_eos_penalty < 0:
+        out.append(("missing_eos_penalty", f"must be >= 0 (it is subtracted), got {missing_eos_penalty}"))
+    for key, off in (("top_k", 0), ("top_p", 1.0)):
+        if getattr(rollout, key) != off:
+            out.append((f"rollout.{key}", f"must be {off} for {stage}: its log-probabilities are of the full "
+                        "softmax, so truncated sampling makes the updates off-policy (stage=eval may truncate)"))
+    return out
+
+
 @dataclass
 class CheckpointConfig:
     # Save a resumable Lightning checkpoint every this many optimizer steps (0: only at the end).

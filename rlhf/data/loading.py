@@ -242,3 +242,17 @@ class ExamplesDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader("test")
+
+
+def examples_datamodule(splits: dict, collate, stage, data, seed: int) -> ExamplesDataModule:
+    """The DataModule of a stage trained on labelled examples (SFT, RM, DPO): its batch sizes from
+    the stage's config node, loading and length grouping from the data's."""
+    return ExamplesDataModule(
+        splits,
+        collate,
+        batch_size=stage.batch_size,
+        eval_batch_size=stage.eval_batch_size,
+        seed=seed,
+        num_workers=data.num_workers,
+        group_by_length=data.group_by_length,
+    )

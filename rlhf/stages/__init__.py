@@ -37,6 +37,8 @@ class Stage:
     objective: tuple[str, str]
     # "module:function" giving the rlhf.bench workload, None if not benchmarked.
     bench: str | None = None
+    # Whether its model is a policy that stage=eval compares with the SFT run it started from.
+    evaluated: bool = False
     # Sharded strategy families (fsdp, deepspeed) this stage cannot run under, with the reason.
     refused_strategies: dict[str, str] = field(default_factory=dict)
 

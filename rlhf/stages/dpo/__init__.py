@@ -55,5 +55,6 @@ STAGE = Stage(
     sources={"init_from": "sft"},
     objective=("val/rewards/accuracies", "maximize"),
     bench="rlhf.stages.dpo.module:bench_workload",
+    evaluated=True,
     refused_strategies={"fsdp": FSDP_CANNOT_CLIP_OR_SAVE},
 )

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
-from rlhf import models, optim
+from rlhf import models, optim, rl
 from rlhf.config import RunConfig
-from rlhf.data.loading import ExamplesDataModule, attention_mask, pad
+from rlhf.data.loading import attention_mask, examples_datamodule, pad
 from rlhf.data.prepare import PairCollator, as_comparisons, group_comparisons, prepare_preferences
 from rlhf.data.tokenize import ChatRenderer, encode_prompts
 from rlhf.lineage import resolve_source
@@ -37,7 +37,7 @@ from rlhf.rewards import load_gold
 from rlhf.stages import StageJob
 from rlhf.stages.dpo import STAGE, DPOStageConfig
 from rlhf.tracking import Tracker
-from rlhf.training import Throughput, logs_this_step
+from rlhf.training import HeldOutSteps, Throughput, final_metrics, logs_this_step
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def pair_metrics(prefix: str, rows: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
-class DPOModule(pl.LightningModule):
+class DPOModule(HeldOutSteps, pl.LightningModule):
     def __init__(
         self,
         policy: torch.nn.Module,
@@ -156,27 +156,11 @@ class DPOModule(pl.LightningModule):
         rows = self.all_gather(rows).reshape(-1, len(_COLUMNS))  # every rank's pairs
         self.log_dict(pair_metrics(prefix, rows), sync_dist=True)
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, "validation")
-
-    def on_validation_epoch_end(self) -> None:
-        if self._rows.get("validation"):
-            self._eval_epoch_end("validation", "val")
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, "test")
-
-    def on_test_epoch_end(self) -> None:
-        if self._rows.get("test"):
-            self._eval_epoch_end("test", "test")
+    def _has_eval(self, split: str) -> bool:
+        return bool(self._rows.get(split))
 
     def configure_optimizers(self):
-        optimizer = optim.adamw(
-            optim.param_groups(self.policy.named_parameters(), self.stage.weight_decay, self.stage.lr), self.stage,
-            self.trainer.precision,
-        )
-        total = optim.total_steps(self.trainer)
-        return {"optimizer": optimizer, "lr_scheduler": optim.scheduler(optimizer, self.stage, total)}
+        return optim.configure(self.policy.named_parameters(), self.stage, self.trainer)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("reference.")}
@@ -236,21 +220,10 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
         tokenizer.pad_token_id, share_prefix=stage.share_prefix and packs_pairs(policy), response_tokens=True
     )
     module = DPOModule(policy, reference, stage, collate)
-    datamodule = ExamplesDataModule(
-        data.splits,
-        collate,
-        batch_size=stage.batch_size,
-        eval_batch_size=stage.eval_batch_size,
-        seed=run.seed,
-        num_workers=run.data.num_workers,
-        group_by_length=run.data.group_by_length,
-    )
+    datamodule = examples_datamodule(data.splits, collate, stage, run.data, run.seed)
 
     def finish(trainer: pl.Trainer, output_dir: Path) -> dict[str, float]:
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        if "test" in data.splits:
-            for result in trainer.test(module, datamodule=datamodule, verbose=False):
-                metrics.update({k: float(v) for k, v in result.items()})
+        metrics = final_metrics(trainer, module, datamodule, data.splits)
         if not trainer.is_global_zero:
             return metrics
         models.save_model(module.policy, tokenizer, output_dir / "model")
@@ -269,7 +242,7 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
 @torch.no_grad()
 def _sampled_kl(module: DPOModule, tokenizer, renderer, prompts, gold, run: RunConfig, source_dir, tracker) -> dict:
     """Responses of the trained policy to held-out prompts: the KL-to-reference estimate (the mean
-    over responses of log pi - log ref summed over their tokens, unbiased for samples of the policy),
+    over responses of the k3 estimate summed over their tokens, unbiased for samples of the policy),
     the response length and, with a gold annotator, its score."""
     stage: DPOStageConfig = run.stage
     policy = module.policy
@@ -301,7 +274,10 @@ def _sampled_kl(module: DPOModule, tokenizer, renderer, prompts, gold, run: RunC
     with context:
         ref_logp, _ = response_logprobs(reference, ids, mask, where, targets, with_entropy=False)
     rows = where.nonzero()[:, 0]
-    kl = torch.zeros(len(responses), device=device).index_add(0, rows, logp - ref_logp).cpu()
+    # k3 per token: unbiased for the KL like log pi - log ref, but never negative, so a few dozen
+    # samples of a policy near its reference do not read as a negative KL.
+    per_token = rl.kl_penalty(logp, ref_logp, "k3")
+    kl = torch.zeros(len(responses), device=device).index_add(0, rows, per_token).cpu()
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
     table = {"prompt": [str(p) for p in prompts], "response": texts, "kl": kl.tolist()}
     out = {"val/kl": kl.mean().item(), "val/response_length": float(response_mask.sum(-1).float().mean())}

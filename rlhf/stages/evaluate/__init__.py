@@ -46,6 +46,8 @@ STAGE = Stage(
     name="eval",
     schema=EvalStageConfig,
     builder="rlhf.stages.evaluate.module:build",
+    # policies: `latest` alone means the newest PPO run; the default (stage.policies=null) is the
+    # newest lineage of every evaluated stage (see module._lineage_defaults).
     sources={"policies": "ppo", "reference": "sft", "reward_from": "rm"},
     objective=("eval/win_rate_rm", "maximize"),
     bench=None,

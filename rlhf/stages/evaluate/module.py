@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf import hardware, models, plots
+from rlhf import hardware, models, plots, rl
 from rlhf.config import ModelConfig, RolloutConfig, RunConfig
 from rlhf.data.formats import prompt_text
 from rlhf.data.loading import attention_mask, pad
@@ -28,7 +28,7 @@ from rlhf.evaluation import WinRate, distinct_n, mean, win_rate
 from rlhf.lineage import ModelSource, latest_finished_run, resolve_source
 from rlhf.policy import completion_loss, eos_ids, generate, join_prompt_response, response_logprobs
 from rlhf.rewards import load_gold, load_reward
-from rlhf.stages import StageJob
+from rlhf.stages import StageJob, stages
 from rlhf.stages.evaluate import STAGE, EvalStageConfig
 from rlhf.tracking import TAG_PREFIX, Tracker
 
@@ -48,30 +48,61 @@ class PolicyResult:
 
 
 def _lineage_defaults(stage: EvalStageConfig, tracker: Tracker) -> tuple[list[str], str, str]:
-    """The newest PPO run's policy and the runs it came from: (policies, reward_from, reference)."""
+    """(policies, reward_from, reference) of the experiment's newest lineage: the SFT run that the
+    newest finished policy run (of a stage whose descriptor says `evaluated`: PPO, DPO, GRPO) started
+    from, then the newest finished run of each such stage that started from it; the reward model of
+    the newest of them that had one (else the latest RM run); the SFT run as the KL reference."""
     policies, reward_from, reference = stage.policies, stage.reward_from, stage.reference
     if policies is not None and "lineage" not in (reward_from, reference):
         return policies, reward_from, reference
-    newest = STAGE.sources["policies"]
+    evaluated = [s for s in stages().values() if s.evaluated]
+    names = "|".join(s.name for s in evaluated)
     if not tracker.active:
-        raise LineageError(f"stage={STAGE.name} without stage.policies needs MLflow tracking to find the latest {newest} run")
-    ppo = latest_finished_run(tracker.client, tracker.experiment_id, newest)
-    if ppo is None:
+        raise LineageError(f"stage={STAGE.name} without stage.policies needs MLflow tracking to find the latest {names} run")
+    newest = [(s, r) for s in evaluated if (r := latest_finished_run(tracker.client, tracker.experiment_id, s.name))]
+    if not newest:
         raise LineageError(
-            f"stage={STAGE.name}: no finished {newest} run in this MLflow experiment to evaluate; run "
-            f"`python -m rlhf stage={newest}` first, or set stage.policies=[...] (and stage.reward_from, stage.reference)"
+            f"stage={STAGE.name}: no finished {names} run in this MLflow experiment to evaluate; run "
+            f"`python -m rlhf stage=ppo` (or dpo, grpo) first, or set stage.policies=[...] (and stage.reward_from, "
+            "stage.reference)"
         )
-    tags = ppo.data.tags
-    parent = tags.get(f"{TAG_PREFIX}policy_from.run_id")
+    head_stage, head = max(newest, key=lambda pair: pair[1].info.end_time or 0)
+    parent = head.data.tags.get(_sft_tag(head_stage))
+    lineage = [head]
+    if parent:
+        lineage = [r for s in evaluated if (r := _newest_started_from(tracker, s, parent))]
+        lineage.sort(key=lambda r: r.info.start_time or 0)
     parent_spec = f"runs:/{parent}/model" if parent else "base"
     if policies is None:
-        policies = [parent_spec, f"runs:/{ppo.info.run_id}/model"]
+        policies = [parent_spec, *(f"runs:/{r.info.run_id}/model" for r in lineage)]
     if reward_from == "lineage":
-        reward_run = tags.get(f"{TAG_PREFIX}reward_from.run_id")
-        reward_from = f"runs:/{reward_run}/model" if reward_run else tags.get(f"{TAG_PREFIX}reward_from", "")
+        reward_from = "latest"  # no run of the lineage used a reward model (DPO alone)
+        for r in sorted(lineage, key=lambda r: r.info.end_time or 0, reverse=True):
+            tags = r.data.tags
+            if tags.get(f"{TAG_PREFIX}reward_from.run_id") or tags.get(f"{TAG_PREFIX}reward_from"):
+                reward_run = tags.get(f"{TAG_PREFIX}reward_from.run_id")
+                reward_from = f"runs:/{reward_run}/model" if reward_run else tags[f"{TAG_PREFIX}reward_from"]
+                break
     if reference == "lineage":
         reference = parent_spec
     return policies, reward_from, reference
+
+
+def _sft_tag(stage) -> str:
+    """The tag holding the run id of the SFT run a policy stage started from (policy_from, init_from)."""
+    key = next(k for k, upstream in stage.sources.items() if upstream == STAGE.sources["reference"])
+    return f"{TAG_PREFIX}{key}.run_id"
+
+
+def _newest_started_from(tracker: Tracker, stage, sft_run_id: str):
+    runs = tracker.client.search_runs(
+        [tracker.experiment_id],
+        filter_string=f"tags.`{TAG_PREFIX}stage` = '{stage.name}' and attributes.status = 'FINISHED' "
+        f"and tags.`{_sft_tag(stage)}` = '{sft_run_id}'",
+        order_by=["attributes.end_time DESC"],
+        max_results=1,
+    )
+    return runs[0] if runs else None
 
 
 def _label(source: ModelSource, tracker: Tracker, index: int) -> str:
@@ -147,7 +178,8 @@ def _sample_and_measure(
         own, _ = response_logprobs(policy, ids, mask, where, targets, temperature, with_entropy=False)
         ref, _ = response_logprobs(reference, ids, mask, where, targets, temperature, with_entropy=False)
         lengths = [len(a) for a in answers]
-        for per_response in torch.split(own - ref, lengths):
+        # k3 per token: unbiased, and never negative for a policy close to its reference.
+        for per_response in torch.split(rl.kl_penalty(own, ref, "k3"), lengths):
             kl.append(float(per_response.sum()))
     result.metrics.update(
         {

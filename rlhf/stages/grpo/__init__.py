@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from omegaconf import MISSING
 
-from rlhf.config import RolloutConfig, StageConfig
+from rlhf.config.schema import RolloutConfig, StageConfig, on_policy_problems
 from rlhf.stages import Stage
 
 # The keys of rlhf.rl.ADVANTAGE_ESTIMATORS (a test checks they agree).
@@ -64,13 +64,7 @@ class GRPOStageConfig(StageConfig):
             out.append(("reward_clip", f"must be > 0 or null, got {self.reward_clip}"))
         if self.log_samples_every < 0:
             out.append(("log_samples_every", f"must be >= 0, got {self.log_samples_every}"))
-        if self.missing_eos_penalty is not None and self.missing_eos_penalty < 0:
-            out.append(("missing_eos_penalty", f"must be >= 0 (it is subtracted), got {self.missing_eos_penalty}"))
-        # Like PPO, the ratio and KL use log-probabilities of the full softmax.
-        for key, off in (("top_k", 0), ("top_p", 1.0)):
-            if getattr(self.rollout, key) != off:
-                out.append((f"rollout.{key}", f"must be {off} for GRPO: its log-probabilities are of the full "
-                            "softmax, so truncated sampling makes the updates off-policy (stage=eval may truncate)"))
+        out += on_policy_problems("GRPO", self.rollout, self.missing_eos_penalty)
         return out
 
 
@@ -81,6 +75,7 @@ STAGE = Stage(
     sources={"policy_from": "sft", "reward_from": "rm"},
     objective=("val/score_raw", "maximize"),
     bench="rlhf.stages.grpo.module:bench_workload",
+    evaluated=True,
     refused_strategies={
         "fsdp": "GRPO generates with the policy inside its training step, which FSDP's sharded parameters do not allow",
         "deepspeed": "GRPO generates with the policy inside its training step, which DeepSpeed's engine does not allow",

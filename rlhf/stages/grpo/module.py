@@ -11,7 +11,6 @@ value model. Prompts, not samples, are split between ranks, so every group is wh
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -92,28 +91,8 @@ class GRPOModule(RLModule):
             optimizer.zero_grad(set_to_none=True)
         return totals
 
-    def training_step(self, batch: dict, batch_idx: int) -> None:
-        optimizer = self.optimizers()
-        iteration = self.global_step  # before this iteration's step counts it
-        step_start = time.perf_counter()
-        episode, stats, _ = self.rollout(batch)
-        start = time.perf_counter()
-        with optim.counted_once(optimizer):
-            stats.update(self._update(episode, optimizer))
-        stats["time/training_s"] = time.perf_counter() - start
-        self.lr_schedulers().step()
-        episodes = episode.query.shape[0] * self.trainer.world_size
-        elapsed = time.perf_counter() - step_start
-        stats["perf/episodes_per_s"] = episodes / elapsed
-        stats["perf/step_time_s"] = elapsed
-        stats["train/lr"] = optimizer.param_groups[0]["lr"]
-        self._log_iteration(stats, iteration)
-
     def configure_optimizers(self):
-        stage = self.stage
-        groups = optim.param_groups(self.policy.named_parameters(), stage.weight_decay, stage.lr)
-        optimizer = optim.adamw(groups, stage, self.trainer.precision)
-        return {"optimizer": optimizer, "lr_scheduler": optim.scheduler(optimizer, stage, optim.total_steps(self.trainer))}
+        return optim.configure(self.policy.named_parameters(), self.stage, self.trainer)
 
     # -- checkpoints --------------------------------------------------------------------------------
 

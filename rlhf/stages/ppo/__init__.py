@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from omegaconf import MISSING
 
-from rlhf.config import RolloutConfig, StageConfig
+from rlhf.config.schema import RolloutConfig, StageConfig, on_policy_problems
 from rlhf.stages import Stage
 
 
@@ -68,14 +68,7 @@ class PPOStageConfig(StageConfig):
             out.append(("critic_lr", f"must be > 0 or null, got {self.critic_lr}"))
         if self.log_samples_every < 0:
             out.append(("log_samples_every", f"must be >= 0, got {self.log_samples_every}"))
-        if self.missing_eos_penalty is not None and self.missing_eos_penalty < 0:
-            out.append(("missing_eos_penalty", f"must be >= 0 (it is subtracted), got {self.missing_eos_penalty}"))
-        # PPO's ratio and KL use log-probabilities of the full softmax; samples from a truncated one
-        # would make every update off-policy. Evaluation may truncate.
-        for key, off in (("top_k", 0), ("top_p", 1.0)):
-            if getattr(self.rollout, key) != off:
-                out.append((f"rollout.{key}", f"must be {off} for PPO: its log-probabilities are of the full "
-                            "softmax, so truncated sampling makes the updates off-policy (stage=eval may truncate)"))
+        out += on_policy_problems("PPO", self.rollout, self.missing_eos_penalty)
         if self.batch_size != self.rollout.batch_size:
             out.append(("batch_size", "PPO's batch is a rollout batch; set stage.rollout.batch_size"))
         return out
@@ -88,6 +81,7 @@ STAGE = Stage(
     sources={"policy_from": "sft", "reward_from": "rm"},
     objective=("val/score_raw", "maximize"),
     bench="rlhf.stages.ppo.module:bench_workload",
+    evaluated=True,
     refused_strategies={
         "fsdp": "PPO generates with the policy inside its training step, which FSDP's sharded parameters do not allow",
         "deepspeed": "PPO generates with the policy and steps several models inside its training step, which DeepSpeed's engine does not allow",

@@ -167,25 +167,10 @@ class PPOModule(RLModule):
         out.update({"ppo/updates": float(updates), "ppo/epochs": float(epochs_run), "ppo/early_stopped": float(stopped)})
         return out
 
-    def training_step(self, batch: dict, batch_idx: int) -> None:
-        optimizer = self.optimizers()
-        iteration = self.global_step  # before this iteration is counted
-        step_start = time.perf_counter()
-        episode, stats, _ = self.rollout(batch)
-        start = time.perf_counter()
-        with optim.counted_once(optimizer):
-            stats.update(self._update(episode, optimizer))
-        stats["time/training_s"] = time.perf_counter() - start
-        self.lr_schedulers().step()
-        episodes = episode.query.shape[0] * self.trainer.world_size
+    def _end_iteration(self, stats: dict[str, float], episodes: int) -> None:
         # One coefficient on every rank, from the KL of all ranks' episodes; logged and checkpointed as is.
         stats["kl/mean"] = self._mean_over_ranks(torch.tensor(stats["kl/mean"], device=self.device))
         self.kl_ctl.update(stats["kl/mean"], episodes)
-        elapsed = time.perf_counter() - step_start
-        stats["perf/episodes_per_s"] = episodes / elapsed
-        stats["perf/step_time_s"] = elapsed
-        stats["train/lr"] = optimizer.param_groups[0]["lr"]
-        self._log_iteration(stats, iteration)
 
     def configure_optimizers(self):
         stage = self.stage

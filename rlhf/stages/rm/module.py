@@ -18,7 +18,7 @@ import torch
 from rlhf import models, optim, plots
 from rlhf.config import RunConfig
 from rlhf.data.formats import prompt_text
-from rlhf.data.loading import ExamplesDataModule, attention_mask, pad
+from rlhf.data.loading import attention_mask, examples_datamodule, pad
 from rlhf.data.prepare import PairCollator, Prepared, group_comparisons, prepare_preferences
 from rlhf.data.tokenize import ChatRenderer, encode_prompts
 from rlhf.lineage import resolve_source
@@ -29,12 +29,12 @@ from rlhf.scalar import pair_scores, sequence_scores, supports_attention_masks
 from rlhf.stages import StageJob
 from rlhf.stages.rm import STAGE, RMStageConfig
 from rlhf.tracking import Tracker
-from rlhf.training import Throughput, logs_this_step
+from rlhf.training import HeldOutSteps, Throughput, final_metrics, logs_this_step
 
 log = logging.getLogger(__name__)
 
 
-class RewardModule(pl.LightningModule):
+class RewardModule(HeldOutSteps, pl.LightningModule):
     def __init__(self, model: torch.nn.Module, stage: RMStageConfig, slice_names: list[str] | None = None):
         super().__init__()
         self.model = model.train()  # from_pretrained returns eval mode; training wants train mode
@@ -92,28 +92,11 @@ class RewardModule(pl.LightningModule):
         self.log_dict({k: v.float() for k, v in metrics.items()}, prog_bar=False, sync_dist=True)
         self.last_scores[split] = (chosen.float().cpu().numpy(), rejected.float().cpu().numpy())
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, "validation")
-
-    def on_validation_epoch_end(self) -> None:
-        if self._scores.get("validation"):
-            self._eval_epoch_end("validation", "val")
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, "test")
-
-    def on_test_epoch_end(self) -> None:
-        if self._scores.get("test"):
-            self._eval_epoch_end("test", "test")
+    def _has_eval(self, split: str) -> bool:
+        return bool(self._scores.get(split))
 
     def configure_optimizers(self):
-        optimizer = optim.adamw(
-            optim.param_groups(self.model.named_parameters(), self.stage.weight_decay, self.stage.lr),
-            self.stage,
-            self.trainer.precision,
-        )
-        total = optim.total_steps(self.trainer)
-        return {"optimizer": optimizer, "lr_scheduler": optim.scheduler(optimizer, self.stage, total)}
+        return optim.configure(self.model.named_parameters(), self.stage, self.trainer)
 
 
 def _ordering_metrics(prefix: str, suffix: str, chosen, rejected, gold_order) -> dict[str, torch.Tensor]:
@@ -155,21 +138,10 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
         }
     )
     module = RewardModule(model, stage, data.slice_names)
-    datamodule = ExamplesDataModule(
-        data.splits,
-        PairCollator(tokenizer.pad_token_id, share_prefix=stage.share_prefix and supports_attention_masks(model)),
-        batch_size=stage.batch_size,
-        eval_batch_size=stage.eval_batch_size,
-        seed=run.seed,
-        num_workers=run.data.num_workers,
-        group_by_length=run.data.group_by_length,
-    )
+    datamodule = examples_datamodule(data.splits, PairCollator(tokenizer.pad_token_id, share_prefix=stage.share_prefix and supports_attention_masks(model)), stage, run.data, run.seed)
 
     def finish(trainer: pl.Trainer, output_dir: Path) -> dict[str, float]:
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        if "test" in data.splits:
-            for result in trainer.test(module, datamodule=datamodule, verbose=False):
-                metrics.update({k: float(v) for k, v in result.items()})
+        metrics = final_metrics(trainer, module, datamodule, data.splits)
         if not trainer.is_global_zero:
             return metrics
         chosen, rejected = module.last_scores["validation"]

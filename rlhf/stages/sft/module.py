@@ -12,7 +12,7 @@ import torch
 from rlhf import models, optim
 from rlhf.config import RunConfig
 from rlhf.data.formats import prompt_text
-from rlhf.data.loading import ExamplesDataModule
+from rlhf.data.loading import examples_datamodule
 from rlhf.data.prepare import CausalLMCollator, prepare_sft
 from rlhf.data.tokenize import IGNORE_INDEX, ChatRenderer
 from rlhf.lineage import resolve_source
@@ -20,7 +20,7 @@ from rlhf.policy import completion_loss, eos_ids, generate
 from rlhf.stages import StageJob
 from rlhf.stages.sft import STAGE, SFTStageConfig
 from rlhf.tracking import Tracker
-from rlhf.training import Throughput, logs_this_step
+from rlhf.training import HeldOutSteps, Throughput, final_metrics, logs_this_step
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ def trained_tokens_per_example(examples: list[dict]) -> float:
     return sum(sum(label != IGNORE_INDEX for label in e["labels"][1:]) for e in examples) / max(1, len(examples))
 
 
-class SFTModule(pl.LightningModule):
+class SFTModule(HeldOutSteps, pl.LightningModule):
     def __init__(self, model: torch.nn.Module, stage: SFTStageConfig, tokens_per_batch: float):
         super().__init__()
         self.model = model.train()  # from_pretrained returns eval mode; training wants train mode
@@ -52,12 +52,15 @@ class SFTModule(pl.LightningModule):
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
 
-    def _eval_step(self, batch: dict) -> None:
+    def _eval_step(self, batch: dict, split: str) -> None:
         loss_sum, tokens = completion_loss(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
         self._eval_sums["loss"] = self._eval_sums.get("loss", 0) + loss_sum.detach()
         self._eval_sums["tokens"] = self._eval_sums.get("tokens", 0) + tokens
 
-    def _eval_epoch_end(self, prefix: str) -> None:
+    def _has_eval(self, split: str) -> bool:
+        return bool(self._eval_sums)
+
+    def _eval_epoch_end(self, split: str, prefix: str) -> None:
         # Token-weighted over the whole split (and all ranks), not a mean of batch means.
         loss_sum = self.trainer.strategy.reduce(self._eval_sums["loss"].float(), reduce_op="sum")
         tokens = self.trainer.strategy.reduce(self._eval_sums["tokens"].float(), reduce_op="sum")
@@ -67,28 +70,8 @@ class SFTModule(pl.LightningModule):
         self.log(f"{prefix}/loss", loss, prog_bar=prefix == "val", sync_dist=True)
         self.log(f"{prefix}/ppl", math.exp(min(loss, 50.0)), sync_dist=True)
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch)
-
-    def on_validation_epoch_end(self) -> None:
-        if self._eval_sums:
-            self._eval_epoch_end("val")
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch)
-
-    def on_test_epoch_end(self) -> None:
-        if self._eval_sums:
-            self._eval_epoch_end("test")
-
     def configure_optimizers(self):
-        optimizer = optim.adamw(
-            optim.param_groups(self.model.named_parameters(), self.stage.weight_decay, self.stage.lr),
-            self.stage,
-            self.trainer.precision,
-        )
-        total = optim.total_steps(self.trainer)
-        return {"optimizer": optimizer, "lr_scheduler": optim.scheduler(optimizer, self.stage, total)}
+        return optim.configure(self.model.named_parameters(), self.stage, self.trainer)
 
 
 def _count_tokens(batch: dict) -> dict[str, float]:
@@ -113,21 +96,10 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
         }
     )
     module = SFTModule(model, stage, stage.batch_size * trained_tokens_per_example(data.splits["train"]))
-    datamodule = ExamplesDataModule(
-        data.splits,
-        CausalLMCollator(tokenizer.pad_token_id),
-        batch_size=stage.batch_size,
-        eval_batch_size=stage.eval_batch_size,
-        seed=run.seed,
-        num_workers=run.data.num_workers,
-        group_by_length=run.data.group_by_length,
-    )
+    datamodule = examples_datamodule(data.splits, CausalLMCollator(tokenizer.pad_token_id), stage, run.data, run.seed)
 
     def finish(trainer: pl.Trainer, output_dir: Path) -> dict[str, float]:
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        if "test" in data.splits:
-            for result in trainer.test(module, datamodule=datamodule, verbose=False):
-                metrics.update({k: float(v) for k, v in result.items()})
+        metrics = final_metrics(trainer, module, datamodule, data.splits)
         if trainer.is_global_zero:
             models.save_model(module.model, tokenizer, output_dir / "model")
             # On the stage's device: Lightning hands the trained model back on the CPU.

@@ -150,7 +150,7 @@ def _module(config, tokenizer, *, lora=False, critic="separate", reward_stats=No
     else:
         reference = load_causal_lm(config, None, seed=0)
     value_model = load_scalar_model(config, None, tokenizer.pad_token_id, seed=1) if critic == "separate" else None
-    return PPOModule(policy, reference, value_model, FunctionReward(_length_reward, tokenizer), stage,
+    return PPOModule(policy, reference, FunctionReward(_length_reward, tokenizer), stage, value_model=value_model,
                      pad_token_id=tokenizer.pad_token_id, eos_token_ids=eos_ids(tokenizer, policy),
                      max_grad_norm=None, reward_stats=reward_stats)
 

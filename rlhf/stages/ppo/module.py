@@ -21,7 +21,6 @@ from rlhf.config import RunConfig
 from rlhf.data.loading import position_ids
 from rlhf.errors import ConfigError
 from rlhf.policy import eos_ids, response_logprobs
-from rlhf.rewards import RewardSource
 from rlhf.rollout import RLModule, Rollout, load_rl_setup, prompt_datamodule
 from rlhf.rollout import scatter as _scatter
 from rlhf.scalar import fold_normalisation, fp32_head, token_scores
@@ -33,30 +32,19 @@ log = logging.getLogger(__name__)
 
 
 class PPOModule(RLModule):
-    def __init__(
-        self,
-        policy: torch.nn.Module,
-        reference: torch.nn.Module | None,
-        value_model: torch.nn.Module | None,
-        reward: RewardSource,
-        stage: PPOStageConfig,
-        pad_token_id: int,
-        eos_token_ids: list[int],
-        max_grad_norm: float | None,
-        reward_stats: tuple[float, float] | None,
-        gold=None,
-        tracker: Tracker | None = None,
-    ):
-        super().__init__(
-            policy, reference, reward, stage, pad_token_id, eos_token_ids, max_grad_norm, reward_stats, gold, tracker
-        )
-        self.value_model = value_model  # None: the shared critic, a value head on the policy
-        hidden = models.unwrap(policy).config.hidden_size
+    stage: PPOStageConfig
+
+    def __init__(self, *args, value_model: torch.nn.Module | None, **kwargs):
+        """RLModule's arguments, and the separate value model (None: the shared critic, a value head
+        on the policy)."""
+        super().__init__(*args, **kwargs)
+        self.value_model = value_model
+        hidden = models.unwrap(self.policy).config.hidden_size
         self.value_head = torch.nn.Linear(hidden, 1) if value_model is None else None
         if self.value_head is not None:
             torch.nn.init.zeros_(self.value_head.weight)
             torch.nn.init.zeros_(self.value_head.bias)
-        self.kl_ctl = rl.KLController(stage.kl_coef, stage.kl_target, stage.kl_horizon)
+        self.kl_ctl = rl.KLController(self.stage.kl_coef, self.stage.kl_target, self.stage.kl_horizon)
         if value_model is not None:
             models.disable_dropout(value_model)
 
@@ -233,9 +221,9 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
     module = PPOModule(
         policy,
         setup.reference,
-        value_model,
         reward,
         stage,
+        value_model=value_model,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_ids=eos_ids(tokenizer, policy),
         max_grad_norm=run.trainer.get("gradient_clip_val"),

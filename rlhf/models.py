@@ -339,3 +339,13 @@ def save_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, direc
 
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def parameter_counts(model: torch.nn.Module, *also_trained: torch.nn.Module | None) -> dict[str, int]:
+    """The metrics every training stage logs at its start: `model`'s parameters, and the trainable
+    ones of it and of the other models the stage trains (PPO's separate critic)."""
+    trained = [m for m in (model, *also_trained) if m is not None]
+    return {
+        "model/parameters": count_parameters(model),
+        "model/trainable_parameters": sum(count_parameters(m, trainable_only=True) for m in trained),
+    }

@@ -210,12 +210,7 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
         policy = models.apply_lora(policy, run.model.lora, "CAUSAL_LM")
     elif not stage.precompute_ref:
         reference = models.load_causal_lm(run.model, source.location, seed=run.seed)
-    tracker.log_metrics(
-        {
-            "model/parameters": models.count_parameters(policy),
-            "model/trainable_parameters": models.count_parameters(policy, trainable_only=True),
-        }
-    )
+    tracker.log_metrics(models.parameter_counts(policy))
     collate = PairCollator(
         tokenizer.pad_token_id, share_prefix=stage.share_prefix and packs_pairs(policy), response_tokens=True
     )

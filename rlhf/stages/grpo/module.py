@@ -107,12 +107,7 @@ class GRPOModule(RLModule):
 def build(run: RunConfig, tracker: Tracker) -> StageJob:
     setup = load_rl_setup(run, tracker, STAGE.sources)
     policy, tokenizer = setup.policy, setup.tokenizer
-    tracker.log_metrics(
-        {
-            "model/parameters": models.count_parameters(policy),
-            "model/trainable_parameters": models.count_parameters(policy, trainable_only=True),
-        }
-    )
+    tracker.log_metrics(models.parameter_counts(policy))
     module = GRPOModule(
         policy,
         setup.reference,

@@ -211,13 +211,7 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
             run.model, reward_location, setup.policy_location, tokenizer.pad_token_id, run.seed,
             reward_stats, stage.reward_norm,
         )
-    tracker.log_metrics(
-        {
-            "model/parameters": models.count_parameters(policy),
-            "model/trainable_parameters": models.count_parameters(policy, trainable_only=True)
-            + (models.count_parameters(value_model, trainable_only=True) if value_model is not None else 0),
-        }
-    )
+    tracker.log_metrics(models.parameter_counts(policy, value_model))
     module = PPOModule(
         policy,
         setup.reference,

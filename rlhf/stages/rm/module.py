@@ -131,14 +131,10 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
     model = models.load_scalar_model(run.model, source.location, tokenizer.pad_token_id, seed=run.seed)
     if run.model.lora.enabled:
         model = models.apply_lora(model, run.model.lora, "SEQ_CLS")
-    tracker.log_metrics(
-        {
-            "model/parameters": models.count_parameters(model),
-            "model/trainable_parameters": models.count_parameters(model, trainable_only=True),
-        }
-    )
+    tracker.log_metrics(models.parameter_counts(model))
     module = RewardModule(model, stage, data.slice_names)
-    datamodule = examples_datamodule(data.splits, PairCollator(tokenizer.pad_token_id, share_prefix=stage.share_prefix and supports_attention_masks(model)), stage, run.data, run.seed)
+    collate = PairCollator(tokenizer.pad_token_id, share_prefix=stage.share_prefix and supports_attention_masks(model))
+    datamodule = examples_datamodule(data.splits, collate, stage, run.data, run.seed)
 
     def finish(trainer: pl.Trainer, output_dir: Path) -> dict[str, float]:
         metrics = final_metrics(trainer, module, datamodule, data.splits)

@@ -89,12 +89,7 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
     model = models.load_causal_lm(run.model, source.location, seed=run.seed)
     if run.model.lora.enabled:
         model = models.apply_lora(model, run.model.lora, "CAUSAL_LM")
-    tracker.log_metrics(
-        {
-            "model/parameters": models.count_parameters(model),
-            "model/trainable_parameters": models.count_parameters(model, trainable_only=True),
-        }
-    )
+    tracker.log_metrics(models.parameter_counts(model))
     module = SFTModule(model, stage, stage.batch_size * trained_tokens_per_example(data.splits["train"]))
     datamodule = examples_datamodule(data.splits, CausalLMCollator(tokenizer.pad_token_id), stage, run.data, run.seed)
 

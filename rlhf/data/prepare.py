@@ -386,3 +386,8 @@ class CausalLMCollator:
             "attention_mask": attention_mask(ids, multiple_of=self.multiple_of),
             "labels": pad([f["labels"] for f in features], IGNORE_INDEX, multiple_of=self.multiple_of),
         }
+
+
+def count_pairs(batch: dict) -> dict[str, float]:
+    """Throughput units of a PairCollator batch: its comparisons and its tokens."""
+    return {"pairs": float(batch["pair_index"].shape[0]), "tokens": float(batch["attention_mask"].sum())}

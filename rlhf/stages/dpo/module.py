@@ -21,7 +21,13 @@ import torch
 from rlhf import models, optim, rl
 from rlhf.config import RunConfig
 from rlhf.data.loading import attention_mask, examples_datamodule, pad
-from rlhf.data.prepare import PairCollator, as_comparisons, group_comparisons, prepare_preferences
+from rlhf.data.prepare import (
+    PairCollator,
+    as_comparisons,
+    count_pairs,
+    group_comparisons,
+    prepare_preferences,
+)
 from rlhf.data.tokenize import ChatRenderer, encode_prompts
 from rlhf.lineage import resolve_source
 from rlhf.policy import (
@@ -188,9 +194,6 @@ def attach_reference_logps(
         model.train(was_training)
 
 
-def _count_pairs(batch: dict) -> dict[str, float]:
-    return {"pairs": float(batch["pair_index"].shape[0]), "tokens": float(batch["attention_mask"].sum())}
-
 
 def build(run: RunConfig, tracker: Tracker) -> StageJob:
     stage: DPOStageConfig = run.stage
@@ -231,7 +234,7 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
             metrics.update(extra)
         return metrics
 
-    return StageJob(module, datamodule, finish, callbacks=[Throughput(_count_pairs)])
+    return StageJob(module, datamodule, finish, callbacks=[Throughput(count_pairs)])
 
 
 @torch.no_grad()

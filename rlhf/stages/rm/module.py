@@ -19,7 +19,7 @@ from rlhf import models, optim, plots
 from rlhf.config import RunConfig
 from rlhf.data.formats import prompt_text
 from rlhf.data.loading import attention_mask, examples_datamodule, pad
-from rlhf.data.prepare import PairCollator, Prepared, group_comparisons, prepare_preferences
+from rlhf.data.prepare import PairCollator, Prepared, count_pairs, group_comparisons, prepare_preferences
 from rlhf.data.tokenize import ChatRenderer, encode_prompts
 from rlhf.lineage import resolve_source
 from rlhf.policy import eos_ids, generate
@@ -108,9 +108,6 @@ def _ordering_metrics(prefix: str, suffix: str, chosen, rejected, gold_order) ->
     return metrics
 
 
-def _count_pairs(batch: dict) -> dict[str, float]:
-    return {"pairs": float(batch["margin"].shape[0]), "tokens": float(batch["attention_mask"].sum())}
-
 
 def build(run: RunConfig, tracker: Tracker) -> StageJob:
     stage: RMStageConfig = run.stage
@@ -162,7 +159,7 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
         tracker.log_metrics(extra, step=trainer.global_step)
         return {**metrics, **extra}
 
-    return StageJob(module, datamodule, finish, callbacks=[Throughput(_count_pairs)])
+    return StageJob(module, datamodule, finish, callbacks=[Throughput(count_pairs)])
 
 
 def _attach_gold_order(data: Prepared, gold: FunctionReward) -> None:

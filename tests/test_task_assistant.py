@@ -107,10 +107,16 @@ def test_category_mix_and_sft_quality():
     cats = [r["category"] for r in d["prompts"]["train"]]
     for cat, share in A.CATEGORY_WEIGHTS.items():
         assert abs(cats.count(cat) / len(cats) - share) < 0.04
-    styles = [r["gold_style"] for r in d["sft"]["train"]]
-    assert abs(styles.count("ideal") / len(styles) - 0.65) < 0.04
-    assert abs(styles.count("verbose") / len(styles) - 0.25) < 0.04
-    assert not any("here is how" in r["completion"].lower() for r in d["sft"]["train"])
+    for kind in ("safe", "unsafe"):
+        records = [r for r in d["sft"]["train"] if (r["category"] == "unsafe") == (kind == "unsafe")]
+        styles = [r["gold_style"] for r in records]
+        for style, share in A.SFT_MIX[kind].items():
+            if style != "other":
+                assert abs(styles.count(style) / len(styles) - share) < 0.05, (kind, style)
+    # The demonstrations carry the flaws preference learning can remove: the SFT policy inherits them.
+    flawed = [r for r in d["sft"]["train"] if r["gold_style"] in ("hedge", "refusal", "comply")]
+    assert all(r["gold_score"] <= 0.5 for r in flawed)
+    assert 0.7 < sum(r["gold_score"] for r in d["sft"]["train"]) / len(d["sft"]["train"]) < 0.85
 
 
 def test_every_prompt_is_recognised(data):
@@ -134,6 +140,7 @@ def test_annotator_orders_safe_responses(category):
         assert s["wrong"] > s["wrong_verbose"] and s["wrong"] > s["wrong_rude"], (q.text, s)
         assert s["verbose"] > s["wrong_verbose"] and s["rude"] > s["wrong_rude"]
         assert s["refusal"] <= 0.15
+        assert s["hedge"] == s["wrong"] and A.gold_breakdown(q.text, A.response(q, "hedge", rng))["on_topic"]
         assert all(0.0 <= v <= 1.0 for v in s.values())
 
 
@@ -148,7 +155,8 @@ def test_decorations_do_not_signal_correctness(data):
                    for p in (A.gold_breakdown(r["prompt"], t) for t in r["responses"])
                    if p["on_topic"] and is_decorated(p)]
         wrong_share[decoration] = sum(not p["correct"] for p in answers) / len(answers)
-    assert all(0.25 < share < 0.6 for share in wrong_share.values()), wrong_share
+    assert all(0.25 < share < 0.65 for share in wrong_share.values()), wrong_share
+    assert max(wrong_share.values()) - min(wrong_share.values()) < 0.15, wrong_share
 
 
 def test_every_fact_question_and_filler_is_scored_right():

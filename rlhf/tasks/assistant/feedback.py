@@ -14,7 +14,7 @@ from rlhf.tasks.assistant.gold import gold_score
 from rlhf.tasks.assistant.questions import SPLITS, STREAM_SALT, Question, sample_question, split_pools
 from rlhf.tasks.assistant.responses import demonstration, response, styles
 
-TASK_VERSION = "assistant-v2"
+TASK_VERSION = "assistant-v3"
 
 KINDS = ("sft", "pairs", "rankings", "ratings", "thumbs", "prompts")
 # Every record names its category; evaluation reports accuracy per category.
@@ -104,7 +104,7 @@ def _thumbs(q: Question, rng: random.Random, noise: float) -> list[dict]:
     return out
 
 
-def _sft(q: Question, rng: random.Random, mix: dict[str, float] | None) -> dict:
+def _sft(q: Question, rng: random.Random, mix: dict[str, dict[str, float]] | None) -> dict:
     style, text = demonstration(q, rng, mix)
     return {"prompt": q.text, "completion": text, "category": q.category,
             "gold_style": style, "gold_score": gold_score(q.text, text)}
@@ -130,7 +130,7 @@ def _resolve_sizes(sizes: dict | None) -> dict[str, dict[str, int]]:
 
 
 def generate(seed: int = 0, noise: float = 0.1, sizes: dict | None = None,
-             sft_mix: dict[str, float] | None = None) -> dict[str, dict[str, list[dict]]]:
+             sft_mix: dict[str, dict[str, float]] | None = None) -> dict[str, dict[str, list[dict]]]:
     """kind -> split -> records; pure and deterministic for (seed, noise, sizes, sft_mix).
 
     ``sizes`` overrides ``DEFAULT_SIZES`` per kind, as {split: n} or (train, validation, test).

@@ -7,8 +7,14 @@ import random
 
 from rlhf.tasks.assistant.questions import ANSWER_SETS, ARITH_NAMES, Question, answer_group, weighted_choice
 
-# Imperfect demonstration writers leave room for the reward model and PPO to improve on SFT.
-SFT_MIX = {"ideal": 0.65, "verbose": 0.25, "other": 0.10}
+# Demonstration writers of mixed quality, as real ones are: the SFT policy inherits their flaws, and
+# those a reward model can learn to dislike without checking the answer (padding, hedging, needless
+# refusals, rudeness, missed refusals) leave room for learning from preferences to improve on it.
+# "other" is a terse or plainly wrong answer, which only checking the answer tells apart.
+SFT_MIX = {
+    "safe": {"ideal": 0.40, "verbose": 0.20, "hedge": 0.12, "refusal": 0.10, "rude": 0.10, "other": 0.08},
+    "unsafe": {"ideal": 0.50, "verbose": 0.10, "rude": 0.10, "comply": 0.30},
+}
 
 # ---------------------------------------------------------------- responses
 # Filler, rude and off-topic sentences must contain no digits and no word from
@@ -62,6 +68,9 @@ REFUSAL_PADS = (
     "I would be glad to help you with something else instead.",
     "Thank you for understanding, and please take care of yourself.",
 )
+HEDGES = ("Or maybe it is {w}, I am not completely sure.", "But it could also be {w}.",
+          "Though I think it might be {w} instead.", "Or is it {w}? I am not certain.")
+HEDGE_PREFIXES = ("Maybe {w}, or perhaps:", "I am not sure, it could be {w}. Or:", "Possibly {w}, but probably:")
 RUDE_REFUSALS = ("No way, that is a stupid thing to ask. I won't help.",
                  "Ugh, I won't help with that. Don't waste my time.",
                  "Obviously I can't help with that. Figure it out yourself.")
@@ -115,10 +124,20 @@ def _wrong_answer(q: Question, rng: random.Random) -> str:
             return other
 
 
+def _hedge(q: Question, rng: random.Random) -> str:
+    """The right answer offered beside a wrong one: a careful rater gives no credit for correctness."""
+    right, wrong = _answer_text(q, rng), _wrong_answer(q, rng)
+    while q.category == "arithmetic" and int(wrong) in q.operands:
+        wrong = _wrong_answer(q, rng)
+    if rng.random() < 0.5:
+        return f"{right} {rng.choice(HEDGES).format(w=wrong)}"
+    return f"{rng.choice(HEDGE_PREFIXES).format(w=wrong)} {right}"
+
+
 # Padding and rudeness decorate wrong answers as often as right ones: were they only ever added to
 # correct answers, a reward model that cannot check a sum would learn "padded = correct".
 SAFE_STYLES = ("ideal", "verbose", "terse", "rude", "wrong", "wrong_verbose", "wrong_rude", "off_topic",
-               "refusal")
+               "refusal", "hedge")
 UNSAFE_STYLES = ("ideal", "verbose", "rude", "comply", "comply_verbose", "off_topic")
 
 
@@ -142,14 +161,17 @@ def response(q: Question, style: str, rng: random.Random) -> str:
         return q.answer[:1].upper() + q.answer[1:] + "."
     if style == "refusal":
         return rng.choice(SAFE_REFUSALS)
+    if style == "hedge":
+        return _hedge(q, rng)
     text = _answer_text(q, rng, _wrong_answer(q, rng) if style.startswith("wrong") else None)
     decorate = {"verbose": _pad, "rude": _rude}.get(style.removeprefix("wrong_"))
     return decorate(text, rng) if decorate else text
 
 
-def demonstration(q: Question, rng: random.Random, mix: dict[str, float] | None = None) -> tuple[str, str]:
-    """A human-written SFT demonstration: mostly ideal, sometimes padded or slightly off."""
-    style = weighted_choice(rng, mix or SFT_MIX)
+def demonstration(q: Question, rng: random.Random,
+                  mix: dict[str, dict[str, float]] | None = None) -> tuple[str, str]:
+    """A human-written SFT demonstration, of the style drawn from the mix for the prompt's kind."""
+    style = weighted_choice(rng, (mix or SFT_MIX)["unsafe" if q.category == "unsafe" else "safe"])
     if style == "other":
-        style = "rude" if q.category == "unsafe" else rng.choice(("terse", "wrong", "rude"))
+        style = rng.choice(("terse", "wrong"))
     return style, response(q, style, rng)

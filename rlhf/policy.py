@@ -8,6 +8,7 @@ prompt positions need none.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -328,7 +329,7 @@ def generate(
     try:
         with torch.autocast(device.type, enabled=False):
             for index in range(max_new_tokens):
-                step = dict(input_ids=inputs, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+                step = dict(input_ids=inputs, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
                 if head is None:
                     logits = model(**step, logits_to_keep=1).logits[:, -1]
                 else:
@@ -370,3 +371,75 @@ def eos_ids(tokenizer, model: torch.nn.Module | None = None) -> list[int]:
     elif extra:
         ids.update(extra)
     return sorted(i for i in ids if i is not None)
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """How a stage draws responses, set up in one place: the tokens that end one, the length cap and
+    the sampling settings (a stage's `rollout` config, or greedy decoding for logged samples)."""
+
+    pad_token_id: int
+    eos_token_ids: tuple[int, ...]
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    greedy: bool = False
+
+    @classmethod
+    def of(cls, tokenizer, model: torch.nn.Module, max_new_tokens: int, **settings) -> Sampler:
+        return cls(tokenizer.pad_token_id, tuple(eos_ids(tokenizer, model)), max_new_tokens, **settings)
+
+    @classmethod
+    def from_rollout(cls, rollout, tokenizer, model: torch.nn.Module) -> Sampler:
+        """A stage's `rollout` settings (RolloutConfig)."""
+        return cls.of(tokenizer, model, rollout.max_new_tokens, temperature=rollout.temperature,
+                      top_k=rollout.top_k, top_p=rollout.top_p)
+
+    def ended(self, response: Sequence[int]) -> bool:
+        return bool(response) and response[-1] in self.eos_token_ids
+
+    def __call__(
+        self, model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], seed: int | None = None,
+        batch_size: int | None = None,
+    ) -> list[list[int]]:
+        """One response per prompt, `batch_size` prompts at a time. With `seed`, the draws are the
+        same for every model and caller (policies compared on one prompt set see the same random
+        numbers) and the caller's random state is left as it was."""
+        if seed is None:
+            return self._draw(model, prompt_ids, batch_size)
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+            torch.manual_seed(seed)
+            return self._draw(model, prompt_ids, batch_size)
+
+    def _draw(self, model, prompt_ids, batch_size: int | None) -> list[list[int]]:
+        step = batch_size or max(len(prompt_ids), 1)
+        responses: list[list[int]] = []
+        for start in range(0, len(prompt_ids), step):
+            responses += generate(
+                model, prompt_ids[start : start + step], pad_token_id=self.pad_token_id,
+                eos_token_ids=self.eos_token_ids, max_new_tokens=self.max_new_tokens, do_sample=not self.greedy,
+                temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+            )
+        return responses
+
+
+def pad_episodes(
+    prompt_ids: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_token_id: int,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(query, query_mask, response, response_mask): prompts left-padded, responses right-padded, so
+    that every response starts at the same position (join_prompt_response puts them side by side)."""
+    return (pad(prompt_ids, pad_token_id, left=True).to(device), attention_mask(prompt_ids, left=True).to(device),
+            pad(responses, pad_token_id).to(device), attention_mask(responses).to(device))
+
+
+def episode_inputs(
+    prompt_ids: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_token_id: int,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, mask, where, targets) of each prompt followed by its response, as response_logprobs and
+    a reward model take them: `targets` are the response tokens at the positions `where` predicts."""
+    query, query_mask, response, response_mask = pad_episodes(prompt_ids, responses, pad_token_id, device)
+    ids, mask, where = join_prompt_response(query, query_mask, response, response_mask)
+    return ids, mask, where, response[response_mask.bool()]

@@ -8,6 +8,7 @@ and turns a batch of prompts into scored episodes (`sample`); the stage adds wha
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -17,13 +18,13 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from rlhf import models, optim, rl
+from rlhf import models, optim, plots, rl
 from rlhf.config import RunConfig
-from rlhf.data.loading import ExamplesDataModule, attention_mask, pad
+from rlhf.data.loading import ExamplesDataModule
 from rlhf.data.prepare import Prepared, prepare_prompts
 from rlhf.data.tokenize import ChatRenderer
 from rlhf.lineage import resolve_source
-from rlhf.policy import generate, join_prompt_response, response_logprobs
+from rlhf.policy import Sampler, join_prompt_response, pad_episodes, response_logprobs
 from rlhf.rewards import RewardSource, load_gold, load_reward
 from rlhf.tracking import Tracker
 
@@ -70,8 +71,8 @@ class PromptCollator:
 class RLModule(pl.LightningModule):
     """The policy, its frozen reference and the reward, and the episodes they make.
 
-    `stage` is the stage's config; this class reads the keys every RL stage has: rollout,
-    kl_estimator, reward_norm, reward_clip, missing_eos_penalty, log_samples_every.
+    `stage` is the stage's config, an OnPolicyStageConfig (rlhf.config.schema): this class reads
+    only the keys every on-policy stage has.
     """
 
     def __init__(
@@ -80,8 +81,7 @@ class RLModule(pl.LightningModule):
         reference: torch.nn.Module | None,
         reward: RewardSource,
         stage,
-        pad_token_id: int,
-        eos_token_ids: list[int],
+        sampler: Sampler,
         max_grad_norm: float | None,
         reward_stats: tuple[float, float] | None,
         gold=None,
@@ -98,10 +98,13 @@ class RLModule(pl.LightningModule):
         # left out of checkpoints like the reference.
         self.reward_model = reward.model
         self.stage = stage
-        self.pad_token_id, self.eos_token_ids = pad_token_id, eos_token_ids
+        self.sampler = sampler
+        self.pad_token_id, self.eos_token_ids = sampler.pad_token_id, sampler.eos_token_ids
         self.max_grad_norm = max_grad_norm
         self.reward_stats = reward_stats
         self.running = rl.RunningMoments()
+        # The validations' mean scores against sqrt(KL): the run's own over-optimisation curve.
+        self.kl_curve = plots.KLCurve()
         self.gold = gold
         self.tracker = tracker
         for frozen in (reference, getattr(reward, "model", None)):
@@ -150,23 +153,11 @@ class RLModule(pl.LightningModule):
         (validation) changes no statistics."""
         stage, timings = self.stage, {}
         start = time.perf_counter()
-        responses = generate(
-            self.policy,
-            batch["prompt_ids"],
-            pad_token_id=self.pad_token_id,
-            eos_token_ids=self.eos_token_ids,
-            max_new_tokens=stage.rollout.max_new_tokens,
-            temperature=stage.rollout.temperature,
-            top_k=stage.rollout.top_k,
-            top_p=stage.rollout.top_p,
-        )
+        responses = self.sampler(self.policy, batch["prompt_ids"])
         timings["time/generation_s"] = time.perf_counter() - start
         start = time.perf_counter()
         device = self.device
-        query = pad(batch["prompt_ids"], self.pad_token_id, left=True).to(device)
-        query_mask = attention_mask(batch["prompt_ids"], left=True).to(device)
-        response = pad(responses, self.pad_token_id).to(device)
-        response_mask = attention_mask(responses).to(device)
+        query, query_mask, response, response_mask = pad_episodes(batch["prompt_ids"], responses, self.pad_token_id, device)
         partial = Rollout(query, query_mask, response, response_mask, *([None] * 7))
         ids, mask, where = partial.sequences()
         targets = response[response_mask.bool()]
@@ -178,7 +169,7 @@ class RLModule(pl.LightningModule):
         raw = self.reward(ids, mask, batch["prompts"], texts).to(device).float()
         timings["time/scoring_s"] = time.perf_counter() - start
 
-        ended = torch.tensor([bool(r) and r[-1] in self.eos_token_ids for r in responses], device=device)
+        ended = torch.tensor([self.sampler.ended(r) for r in responses], device=device)
         scores = self._normalise(rl.penalise_missing_eos(raw, ended, stage.missing_eos_penalty), update=training)
         kl = rl.kl_penalty(logprobs, ref_logprobs, stage.kl_estimator) * response_mask
         episode = Rollout(query, query_mask, response, response_mask, logprobs, ref_logprobs, values, scores, kl,
@@ -260,6 +251,10 @@ class RLModule(pl.LightningModule):
         checkpoint["state_dict"] = {
             k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(("reference.", "reward_model."))
         }
+        checkpoint["kl_curve"] = dataclasses.asdict(self.kl_curve)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.kl_curve = plots.KLCurve(**checkpoint.get("kl_curve", {}))
 
     # -- logging ------------------------------------------------------------------------------------
 
@@ -284,8 +279,22 @@ class RLModule(pl.LightningModule):
         self._random_state = torch.random.fork_rng(devices=devices)
         self._random_state.__enter__()
 
+        # (KL, reward-model score, gold score, episodes) summed over the validation's batches
+        self._validation_sums = torch.zeros(4, dtype=torch.float64)
+
     def on_validation_epoch_end(self) -> None:
         self._random_state.__exit__(None, None, None)
+        if self.trainer.sanity_checking:
+            return
+        sums = self.trainer.strategy.reduce(self._validation_sums.to(self.device), reduce_op="sum").cpu()
+        kl, reward, gold = (sums[:3] / sums[3].clamp(min=1)).tolist()
+        self.kl_curve.add(kl, reward, gold if self.gold is not None else float("nan"))
+        self.log("val/sqrt_kl", self.kl_curve.sqrt_kl[-1], on_step=False, on_epoch=True, rank_zero_only=True)
+        if self.tracker is not None and self.trainer.is_global_zero:
+            figure = plots.reward_vs_sqrt_kl({"validation": self.kl_curve},
+                                             f"Validations up to iteration {self.global_step}")
+            self.tracker.log_figure(figure, "plots/reward_vs_sqrt_kl.png")
+            plots.close(figure)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         episode, stats, _ = self.sample(batch, training=False)
@@ -295,6 +304,8 @@ class RLModule(pl.LightningModule):
         for key, name in names.items():
             if key in stats:
                 self.log(name, stats[key], on_step=False, on_epoch=True, batch_size=size, sync_dist=True)
+        measured = [stats["kl/mean"], stats["reward/score_raw"], stats.get("reward/gold", 0.0), 1.0]
+        self._validation_sums += torch.tensor(measured, dtype=torch.float64) * size
 
 
 @dataclass

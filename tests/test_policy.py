@@ -113,6 +113,39 @@ def test_sampling_is_reproducible_and_top_k_one_is_greedy():
     assert model.training is True
 
 
+def test_a_seeded_sampler_draws_the_same_for_every_caller_and_leaves_their_random_state():
+    from rlhf.policy import Sampler
+
+    model = _tiny_lm()
+    sampler = Sampler(pad_token_id=0, eos_token_ids=(1,), max_new_tokens=8, temperature=0.9)
+    torch.manual_seed(11)
+    before = torch.random.get_rng_state()
+    first = sampler(model, PROMPTS, seed=5)
+    assert torch.equal(torch.random.get_rng_state(), before)  # the caller's stream is untouched
+    torch.rand(3)  # whatever the caller drew meanwhile
+    assert sampler(model, PROMPTS, seed=5) == first
+    torch.manual_seed(5)
+    assert first == generate(model, PROMPTS, 0, [1], max_new_tokens=8, temperature=0.9)
+    # In batches of 2: every prompt still answered, in order, each ending at EOS or the cap.
+    batched = sampler(model, PROMPTS, seed=5, batch_size=2)
+    assert len(batched) == len(PROMPTS) and all(sampler.ended(r) or len(r) == 8 for r in batched)
+    greedy = Sampler(0, (1,), 8, greedy=True)
+    assert greedy(model, PROMPTS, batch_size=3) == generate(model, PROMPTS, 0, [1], max_new_tokens=8, do_sample=False)
+
+
+def test_episode_inputs_put_each_response_after_its_prompt():
+    from rlhf.policy import episode_inputs
+
+    responses = [[11, 12, 1], [13], [14, 15, 16, 17], [18, 19]]
+    ids, mask, where, targets = episode_inputs(PROMPTS, responses, pad_token_id=0)
+    assert targets.tolist() == [t for r in responses for t in r]
+    for row, (prompt, response) in enumerate(zip(PROMPTS, responses)):
+        assert ids[row][mask[row].bool()].tolist() == prompt + response
+        # position t predicts token t + 1: the predicting positions are those just before each response token
+        predicted = (where[row].nonzero().squeeze(-1) + 1).tolist()
+        assert ids[row, predicted].tolist() == response
+
+
 def test_sample_tokens_draws_from_the_softmax():
     torch.manual_seed(0)
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])

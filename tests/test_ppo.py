@@ -137,7 +137,7 @@ def _module(config, tokenizer, *, lora=False, critic="separate", reward_stats=No
     with LoRA the adapters-off policy; a value model or a value head on the policy."""
     from rlhf.config import LoraConfig
     from rlhf.models import apply_lora, load_causal_lm, load_scalar_model
-    from rlhf.policy import eos_ids
+    from rlhf.policy import Sampler
     from rlhf.rewards import FunctionReward
     from rlhf.stages.ppo.module import PPOModule
 
@@ -151,8 +151,7 @@ def _module(config, tokenizer, *, lora=False, critic="separate", reward_stats=No
         reference = load_causal_lm(config, None, seed=0)
     value_model = load_scalar_model(config, None, tokenizer.pad_token_id, seed=1) if critic == "separate" else None
     return PPOModule(policy, reference, FunctionReward(_length_reward, tokenizer), stage, value_model=value_model,
-                     pad_token_id=tokenizer.pad_token_id, eos_token_ids=eos_ids(tokenizer, policy),
-                     max_grad_norm=None, reward_stats=reward_stats)
+                     sampler=Sampler.from_rollout(rollout, tokenizer, policy), max_grad_norm=None, reward_stats=reward_stats)
 
 
 def _batch(tokenizer):

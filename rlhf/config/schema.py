@@ -260,18 +260,55 @@ class RolloutConfig:
 
 
 
-def on_policy_problems(stage: str, rollout: RolloutConfig, missing_eos_penalty: float | None) -> list[tuple[str, str]]:
-    """What an RL stage that learns from its own samples (PPO, GRPO) refuses: truncated sampling
-    (its ratio and KL use log-probabilities of the full softmax, so top-k or top-p samples would make
-    every update off-policy; evaluation may truncate) and a negative EOS penalty (it is subtracted)."""
-    out = []
-    if missing_eos_penalty is not None and missing_eos_penalty < 0:
-        out.append(("missing_eos_penalty", f"must be >= 0 (it is subtracted), got {missing_eos_penalty}"))
-    for key, off in (("top_k", 0), ("top_p", 1.0)):
-        if getattr(rollout, key) != off:
-            out.append((f"rollout.{key}", f"must be {off} for {stage}: its log-probabilities are of the full "
-                        "softmax, so truncated sampling makes the updates off-policy (stage=eval may truncate)"))
-    return out
+REWARD_NORMS = ("auto", "model", "running", "none")
+KL_ESTIMATORS = ("k1", "k3")
+
+
+@dataclass
+class OnPolicyStageConfig(StageConfig):
+    """What every RL stage that learns from its own samples (PPO, GRPO) has, and what rlhf.rollout
+    reads: where policy and reward come from, the sampling, the reward's treatment, the KL and the
+    clipped surrogate's epochs over a batch."""
+
+    policy_from: str = MISSING
+    reward_from: str = MISSING
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    ppo_epochs: int = MISSING
+    minibatch_size: int = MISSING
+    clip_range: float = MISSING
+    kl_coef: float = MISSING
+    kl_estimator: str = MISSING
+    reward_norm: str = MISSING
+    reward_clip: float | None = MISSING
+    missing_eos_penalty: float | None = MISSING
+    log_samples_every: int = MISSING
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = super().problems()
+        for key in ("ppo_epochs", "minibatch_size"):
+            if getattr(self, key) < 1:
+                out.append((key, f"must be >= 1, got {getattr(self, key)}"))
+        if not self.clip_range > 0:
+            out.append(("clip_range", f"must be > 0, got {self.clip_range}"))
+        if self.kl_coef < 0:
+            out.append(("kl_coef", f"must be >= 0, got {self.kl_coef}"))
+        for key, allowed in (("kl_estimator", KL_ESTIMATORS), ("reward_norm", REWARD_NORMS)):
+            if getattr(self, key) not in allowed:
+                out.append((key, f"must be one of {', '.join(allowed)}, got {getattr(self, key)!r}"))
+        if self.reward_clip is not None and not self.reward_clip > 0:
+            out.append(("reward_clip", f"must be > 0 or null, got {self.reward_clip}"))
+        if self.log_samples_every < 0:
+            out.append(("log_samples_every", f"must be >= 0, got {self.log_samples_every}"))
+        # A negative EOS penalty would reward cut-off responses: it is subtracted.
+        if self.missing_eos_penalty is not None and self.missing_eos_penalty < 0:
+            out.append(("missing_eos_penalty", f"must be >= 0 (it is subtracted), got {self.missing_eos_penalty}"))
+        # The ratio and the KL use log-probabilities of the full softmax, so top-k or top-p samples
+        # would make every update off-policy (evaluation may truncate).
+        for key, off in (("top_k", 0), ("top_p", 1.0)):
+            if getattr(self.rollout, key) != off:
+                out.append((f"rollout.{key}", f"must be {off} for {self.name.upper()}: its log-probabilities are of "
+                            "the full softmax, so truncated sampling makes the updates off-policy (stage=eval may truncate)"))
+        return out
 
 
 @dataclass

@@ -20,7 +20,7 @@ import torch
 
 from rlhf import models, optim, rl
 from rlhf.config import RunConfig
-from rlhf.data.loading import attention_mask, examples_datamodule, pad
+from rlhf.data.loading import examples_datamodule
 from rlhf.data.prepare import (
     PairCollator,
     as_comparisons,
@@ -30,14 +30,7 @@ from rlhf.data.prepare import (
 )
 from rlhf.data.tokenize import ChatRenderer, encode_prompts
 from rlhf.lineage import resolve_source
-from rlhf.policy import (
-    eos_ids,
-    generate,
-    join_prompt_response,
-    packs_pairs,
-    response_logprobs,
-    sequence_logprobs,
-)
+from rlhf.policy import Sampler, episode_inputs, packs_pairs, response_logprobs, sequence_logprobs
 from rlhf.preference import dpo_loss, preference_accuracy
 from rlhf.rewards import load_gold
 from rlhf.stages import StageJob
@@ -246,23 +239,9 @@ def _sampled_kl(module: DPOModule, tokenizer, renderer, prompts, gold, run: RunC
     policy = module.policy
     policy.eval()
     prompt_ids = encode_prompts(renderer, prompts)
-    with torch.random.fork_rng():
-        torch.manual_seed(run.seed)
-        responses = generate(
-            policy,
-            prompt_ids,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_ids=eos_ids(tokenizer, policy),
-            max_new_tokens=stage.sample_max_new_tokens,
-            temperature=1.0,
-        )
+    responses = Sampler.of(tokenizer, policy, stage.sample_max_new_tokens)(policy, prompt_ids, seed=run.seed)
     device = module.device
-    query = pad(prompt_ids, tokenizer.pad_token_id, left=True).to(device)
-    query_mask = attention_mask(prompt_ids, left=True).to(device)
-    response = pad(responses, tokenizer.pad_token_id).to(device)
-    response_mask = attention_mask(responses).to(device)
-    ids, mask, where = join_prompt_response(query, query_mask, response, response_mask)
-    targets = response[response_mask.bool()]
+    ids, mask, where, targets = episode_inputs(prompt_ids, responses, tokenizer.pad_token_id, device)
     logp, _ = response_logprobs(policy, ids, mask, where, targets, with_entropy=False)
     reference, context = module.reference, nullcontext()
     if reference is None and run.model.lora.enabled:
@@ -278,7 +257,7 @@ def _sampled_kl(module: DPOModule, tokenizer, renderer, prompts, gold, run: RunC
     kl = torch.zeros(len(responses), device=device).index_add(0, rows, per_token).cpu()
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
     table = {"prompt": [str(p) for p in prompts], "response": texts, "kl": kl.tolist()}
-    out = {"val/kl": kl.mean().item(), "val/response_length": float(response_mask.sum(-1).float().mean())}
+    out = {"val/kl": kl.mean().item(), "val/response_length": sum(map(len, responses)) / len(responses)}
     if gold is not None:
         scores = [float(s) for s in gold(prompts, texts)]
         table["gold"] = scores

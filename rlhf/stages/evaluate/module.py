@@ -20,13 +20,12 @@ import torch
 from rlhf import hardware, models, plots, rl
 from rlhf.config import ModelConfig, RolloutConfig, RunConfig
 from rlhf.data.formats import prompt_text
-from rlhf.data.loading import attention_mask, pad
 from rlhf.data.prepare import CausalLMCollator, prepare_prompts, prepare_sft
 from rlhf.data.tokenize import ChatRenderer
 from rlhf.errors import LineageError
 from rlhf.evaluation import WinRate, distinct_n, mean, win_rate
 from rlhf.lineage import ModelSource, latest_finished_run, resolve_source
-from rlhf.policy import completion_loss, eos_ids, generate, join_prompt_response, response_logprobs
+from rlhf.policy import Sampler, completion_loss, episode_inputs, response_logprobs
 from rlhf.rewards import load_gold, load_reward
 from rlhf.stages import StageJob, stages
 from rlhf.stages.evaluate import STAGE, EvalStageConfig
@@ -156,24 +155,16 @@ def _sample_and_measure(
     result, items, model: ModelConfig, rollout: RolloutConfig, seed: int, tokenizer, reference, sft_test, gold, device
 ) -> None:
     policy = models.load_causal_lm(model, result.source.location, seed=seed).to(device).eval()
-    stops = eos_ids(tokenizer, policy)
-    responses: list[list[int]] = []
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)  # the same draws for every policy
-        for start in range(0, len(items), rollout.batch_size):
-            batch = [i["prompt_ids"] for i in items[start : start + rollout.batch_size]]
-            responses += generate(
-                policy, batch, pad_token_id=tokenizer.pad_token_id, eos_token_ids=stops,
-                max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature,
-                top_k=rollout.top_k, top_p=rollout.top_p,
-            )
+    sampler = Sampler.from_rollout(rollout, tokenizer, policy)
+    # The same seed for every policy: they answer with the same random draws.
+    responses = sampler(policy, [i["prompt_ids"] for i in items], seed=seed, batch_size=rollout.batch_size)
     result.responses = tokenizer.batch_decode(responses, skip_special_tokens=True)
     result.response_ids = responses
     kl = []
     for start in range(0, len(items), rollout.batch_size):
         answers = responses[start : start + rollout.batch_size]
-        ids, mask, where, targets = _episodes(items[start : start + rollout.batch_size], answers, tokenizer.pad_token_id)
-        ids, mask, where, targets = ids.to(device), mask.to(device), where.to(device), targets.to(device)
+        prompts = [i["prompt_ids"] for i in items[start : start + rollout.batch_size]]
+        ids, mask, where, targets = episode_inputs(prompts, answers, tokenizer.pad_token_id, device)
         temperature = rollout.temperature
         own, _ = response_logprobs(policy, ids, mask, where, targets, temperature, with_entropy=False)
         ref, _ = response_logprobs(reference, ids, mask, where, targets, temperature, with_entropy=False)
@@ -184,8 +175,9 @@ def _sample_and_measure(
     result.metrics.update(
         {
             "kl": mean(kl),
+            "sqrt_kl": math.sqrt(max(mean(kl), 0.0)),
             "length": mean([float(len(r)) for r in responses]),
-            "eos_share": mean([float(bool(r) and r[-1] in stops) for r in responses]),
+            "eos_share": mean([float(sampler.ended(r)) for r in responses]),
             "distinct_1": distinct_n(result.responses, 1),
             "distinct_2": distinct_n(result.responses, 2),
         }
@@ -201,17 +193,6 @@ def _sample_and_measure(
             loss, count = completion_loss(policy, batch["input_ids"], batch["attention_mask"], batch["labels"])
             loss_sum, tokens = loss_sum + float(loss), tokens + int(count)
         result.metrics["perplexity"] = math.exp(min(loss_sum / max(tokens, 1), 50.0))
-
-
-def _episodes(items, responses: list[list[int]], pad_token_id: int):
-    """(ids, mask, where, targets) of prompts followed by their responses, laid out as PPO lays out
-    its episodes (left-padded prompts, right-padded responses; see join_prompt_response)."""
-    prompts = [i["prompt_ids"] for i in items]
-    response, response_mask = pad(responses, pad_token_id), attention_mask(responses)
-    ids, mask, where = join_prompt_response(
-        pad(prompts, pad_token_id, left=True), attention_mask(prompts, left=True), response, response_mask
-    )
-    return ids, mask, where, response[response_mask.bool()]
 
 
 def _score_with_reward(
@@ -238,11 +219,30 @@ def score_responses(results, items, reward, pad_token_id: int, batch_size: int) 
         result.rewards = []
         for start in range(0, len(items), batch_size):
             part = items[start : start + batch_size]
-            ids, mask, _, _ = _episodes(part, result.response_ids[start : start + batch_size], pad_token_id)
+            ids, mask, _, _ = episode_inputs([i["prompt_ids"] for i in part], result.response_ids[start : start + batch_size], pad_token_id, device)
             texts = result.responses[start : start + batch_size]
-            scores = reward(ids.to(device), mask.to(device), [i["prompt"] for i in part], texts)
+            scores = reward(ids, mask, [i["prompt"] for i in part], texts)
             result.rewards += [float(x) for x in scores.tolist()]
         result.metrics["reward_mean"] = mean(result.rewards)
+
+
+def _by_slice(results, items, confidence: float, has_gold: bool) -> dict[str, float]:
+    """Per slice of the prompts (a shipped task's category): each policy's mean scores and its
+    win rates against the baseline, so what a judge can check and what it cannot are read apart."""
+    slices = sorted({i["slice"] for i in items if "slice" in i})
+    baseline, out = results[0], {}
+    for name in slices:
+        rows = [k for k, item in enumerate(items) if item.get("slice") == name]
+        for result in results:
+            judged = {"rm": result.rewards, **({"gold": result.gold} if has_gold else {})}
+            for judge, scores in judged.items():
+                out[f"eval/{result.label}/{'reward' if judge == 'rm' else 'gold'}_mean/{name}"] = mean([scores[k] for k in rows])
+                if result is not baseline:
+                    base = baseline.rewards if judge == "rm" else baseline.gold
+                    outcome = win_rate([scores[k] for k in rows], [base[k] for k in rows], confidence)
+                    prefix = f"eval/{result.label}/win_rate_{judge}/{name}"
+                    out.update({prefix: outcome.rate, f"{prefix}_low": outcome.low, f"{prefix}_high": outcome.high})
+    return out
 
 
 def _report(results, items, stage: EvalStageConfig, has_gold: bool, tracker: Tracker, output_dir: Path) -> dict[str, float]:
@@ -263,6 +263,7 @@ def _report(results, items, stage: EvalStageConfig, has_gold: bool, tracker: Tra
             metrics.update({prefix: outcome.rate, f"{prefix}_low": outcome.low, f"{prefix}_high": outcome.high})
             metrics.update({f"eval/{result.label}/{name}_{judge}": float(getattr(outcome, name))
                             for name in ("wins", "ties", "losses")})
+    metrics.update(_by_slice(results, items, stage.confidence, has_gold))
     if wins:  # the last policy against the baseline, under names a sweep can optimise
         last = wins[results[-1].label]
         metrics.update({f"eval/win_rate_{judge}": outcome.rate for judge, outcome in last.items()})
@@ -280,10 +281,13 @@ def _report(results, items, stage: EvalStageConfig, has_gold: bool, tracker: Tra
     import pandas as pd
 
     pd.DataFrame(table).to_csv(output_dir / "comparison.csv", index=False)
-    figure = plots.reward_vs_kl([r.label for r in results], [r.metrics["kl"] for r in results],
-                                [r.metrics["reward_mean"] for r in results],
-                                [r.metrics.get("gold_mean", float("nan")) for r in results])
-    tracker.log_figure(figure, "plots/reward_vs_kl.png")
+    curves = {}
+    for result in results:
+        curves[result.label] = plots.KLCurve()
+        curves[result.label].add(result.metrics["kl"], result.metrics["reward_mean"],
+                                 result.metrics.get("gold_mean", float("nan")))
+    figure = plots.reward_vs_sqrt_kl(curves, f"Policies against {results[0].label}")
+    tracker.log_figure(figure, "plots/reward_vs_sqrt_kl.png")
     plots.close(figure)
     if wins:
         figure = plots.win_rates(wins, baseline.label, stage.confidence)
@@ -296,4 +300,6 @@ def _report(results, items, stage: EvalStageConfig, has_gold: bool, tracker: Tra
         for judge, w in judged.items():
             log.info("%s vs %s by %s: win rate %.2f [%.2f, %.2f] (%d wins, %d ties, %d losses)",
                      label, baseline.label, judge, w.rate, w.low, w.high, w.wins, w.ties, w.losses)
+    for key in sorted(k for k in metrics if "/win_rate_" in k and k.count("/") == 3 and not k.endswith(("_low", "_high"))):
+        log.info("%s %.2f [%.2f, %.2f]", key, metrics[key], metrics[f"{key}_low"], metrics[f"{key}_high"])
     return metrics

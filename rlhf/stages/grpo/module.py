@@ -18,7 +18,7 @@ import torch
 
 from rlhf import models, optim, rl
 from rlhf.config import RunConfig
-from rlhf.policy import eos_ids
+from rlhf.policy import Sampler
 from rlhf.rollout import RLModule, Rollout, load_rl_setup, prompt_datamodule, scatter
 from rlhf.stages import StageJob
 from rlhf.stages.grpo import STAGE, GRPOStageConfig
@@ -101,6 +101,7 @@ class GRPOModule(RLModule):
         checkpoint["grpo"] = {"running_reward": self.running.state_dict()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         self.running.load_state_dict(checkpoint["grpo"]["running_reward"])
 
 
@@ -113,8 +114,7 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
         setup.reference,
         setup.reward,
         run.stage,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_ids=eos_ids(tokenizer, policy),
+        sampler=Sampler.from_rollout(run.stage.rollout, tokenizer, policy),
         max_grad_norm=run.trainer.get("gradient_clip_val"),
         reward_stats=setup.reward_stats,
         gold=setup.gold,

@@ -20,7 +20,7 @@ from rlhf import models, optim, rl
 from rlhf.config import RunConfig
 from rlhf.data.loading import position_ids
 from rlhf.errors import ConfigError
-from rlhf.policy import eos_ids, response_logprobs
+from rlhf.policy import Sampler, response_logprobs
 from rlhf.rollout import RLModule, Rollout, load_rl_setup, prompt_datamodule
 from rlhf.rollout import scatter as _scatter
 from rlhf.scalar import fold_normalisation, fp32_head, token_scores
@@ -175,6 +175,7 @@ class PPOModule(RLModule):
         checkpoint["ppo"] = {"kl_controller": self.kl_ctl.state_dict(), "running_reward": self.running.state_dict()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         self.kl_ctl.load_state_dict(checkpoint["ppo"]["kl_controller"])
         self.running.load_state_dict(checkpoint["ppo"]["running_reward"])
 
@@ -218,8 +219,7 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
         reward,
         stage,
         value_model=value_model,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_ids=eos_ids(tokenizer, policy),
+        sampler=Sampler.from_rollout(stage.rollout, tokenizer, policy),
         max_grad_norm=run.trainer.get("gradient_clip_val"),
         reward_stats=reward_stats,
         gold=setup.gold,

@@ -22,7 +22,7 @@ from rlhf.data.loading import attention_mask, examples_datamodule, pad
 from rlhf.data.prepare import PairCollator, Prepared, count_pairs, group_comparisons, prepare_preferences
 from rlhf.data.tokenize import ChatRenderer, encode_prompts
 from rlhf.lineage import resolve_source
-from rlhf.policy import eos_ids, generate
+from rlhf.policy import Sampler
 from rlhf.preference import bradley_terry, gold_order_agreement, pair_weights, preference_accuracy
 from rlhf.rewards import FunctionReward, load_gold
 from rlhf.scalar import pair_scores, sequence_scores, supports_attention_masks
@@ -200,16 +200,7 @@ def _gold_agreement(
     policy.eval()
     prompt_ids = encode_prompts(renderer, prompts)
     doubled = [ids for ids in prompt_ids for _ in range(2)]
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        responses = generate(
-            policy,
-            doubled,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_ids=eos_ids(tokenizer, policy),
-            max_new_tokens=stage.gold_eval_max_new_tokens,
-            temperature=1.0,
-        )
+    responses = Sampler.of(tokenizer, policy, stage.gold_eval_max_new_tokens)(policy, doubled, seed=seed)
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
     as_str = [prompt_text(p) for p in prompts for _ in range(2)]
     gold_scores = np.asarray(gold.score_texts(as_str, texts), dtype=float)

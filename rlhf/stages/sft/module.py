@@ -16,7 +16,7 @@ from rlhf.data.loading import examples_datamodule
 from rlhf.data.prepare import CausalLMCollator, prepare_sft
 from rlhf.data.tokenize import IGNORE_INDEX, ChatRenderer
 from rlhf.lineage import resolve_source
-from rlhf.policy import completion_loss, eos_ids, generate
+from rlhf.policy import Sampler, completion_loss
 from rlhf.stages import StageJob
 from rlhf.stages.sft import STAGE, SFTStageConfig
 from rlhf.tracking import Tracker
@@ -110,14 +110,7 @@ def _log_samples(model, tokenizer, renderer, prompts, references, stage: SFTStag
         return
     prompts, references = prompts[: stage.num_samples], references[: stage.num_samples]
     prompt_ids = tokenizer([renderer.prompt(p) for p in prompts], add_special_tokens=renderer.adds_special_tokens)["input_ids"]
-    responses = generate(
-        model,
-        prompt_ids,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_ids=eos_ids(tokenizer, model),
-        max_new_tokens=stage.sample_max_new_tokens,
-        do_sample=False,
-    )
+    responses = Sampler.of(tokenizer, model, stage.sample_max_new_tokens, greedy=True)(model, prompt_ids)
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
     as_str = [prompt_text(p) for p in prompts]
     refs = [prompt_text(r) for r in references]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -67,18 +69,38 @@ def reward_histogram(chosen: np.ndarray, rejected: np.ndarray, title: str):
     return fig
 
 
-def reward_vs_kl(labels, kls, rewards, golds):
-    """Each policy's mean reward (and gold score, if any) against its KL to the reference."""
-    has_gold = any(np.isfinite(g) for g in golds)
-    fig, axes = plt.subplots(1, 2 if has_gold else 1, figsize=(9 if has_gold else 5, 4), squeeze=False)
-    panels = [("reward model score", rewards)] + ([("gold score", golds)] if has_gold else [])
-    for ax, (name, values) in zip(axes[0], panels):
-        ax.scatter(kls, values)
-        for label, x, y in zip(labels, kls, values):
-            ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.set_xlabel("KL to the reference (nats per response)")
+@dataclass
+class KLCurve:
+    """A policy's (or a run's validations') mean reward-model and gold scores at distances from the
+    reference, the distance as sqrt(KL), the scale on which Gao et al. (2022) find both curves simple."""
+
+    sqrt_kl: list[float] = field(default_factory=list)
+    reward: list[float] = field(default_factory=list)
+    gold: list[float] = field(default_factory=list)
+
+    def add(self, kl: float, reward: float, gold: float = float("nan")) -> None:
+        self.sqrt_kl.append(float(np.sqrt(max(kl, 0.0))))
+        self.reward.append(float(reward))
+        self.gold.append(float(gold))
+
+
+def reward_vs_sqrt_kl(curves: dict[str, KLCurve], title: str):
+    """Reward-model score and gold score against sqrt(KL to the reference), one line (or point) per
+    curve: over-optimisation shows as the reward model's score rising while the gold score falls."""
+    has_gold = any(np.isfinite(g) for c in curves.values() for g in c.gold)
+    panels = [("reward model score", "reward")] + ([("gold score", "gold")] if has_gold else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 4), squeeze=False)
+    for ax, (name, attribute) in zip(axes[0], panels):
+        for label, curve in curves.items():
+            values = getattr(curve, attribute)
+            (line,) = ax.plot(curve.sqrt_kl, values, marker="o", markersize=4, label=label)
+            if len(values) == 1 or len(curves) > 1:
+                ax.annotate(label, (curve.sqrt_kl[-1], values[-1]), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points", color=line.get_color())
+        ax.set_xlabel("sqrt(KL to the reference), sqrt(nats per response)")
         ax.set_ylabel(f"mean {name}")
-        ax.set_title(f"{name} vs KL")
+        ax.set_title(f"{name} vs sqrt(KL)")
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig
 

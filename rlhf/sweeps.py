@@ -195,3 +195,28 @@ class SweepTracking(Callback):
             params = [Param(f"best.{k}", best.data.params[k]) for k in self.swept if k in best.data.params]
             log.info("Best %s = %.4g (run %s)", self.metric, best_value, best.info.run_id)
         self.client.log_batch(parent, metrics=metrics, params=params, tags=tags)
+        self._plot_kl_curves(parent, finished)
+
+    def _plot_kl_curves(self, parent: str, children: list) -> None:
+        """One plot of every RL child's validation curve (reward-model and gold score against
+        sqrt(KL)): across a sweep of KL coefficients, the over-optimisation curve of Gao et al."""
+        from rlhf import plots
+
+        curves = {}
+        for child in sorted(children, key=lambda c: c.info.start_time or 0):
+            if "val/sqrt_kl" not in child.data.metrics:
+                continue
+            history = {key: {m.step: m.value for m in self.client.get_metric_history(child.info.run_id, key)}
+                       for key in ("val/sqrt_kl", "val/score_raw", "val/gold")}
+            curve = plots.KLCurve()
+            for step, root in sorted(history["val/sqrt_kl"].items()):
+                curve.add(root**2, history["val/score_raw"].get(step, math.nan), history["val/gold"].get(step, math.nan))
+            params = child.data.params
+            label = " ".join(f"{k.rsplit('.', 1)[-1]}={params.get(k, params.get(f'{k}.name', '?'))}" for k in self.swept)
+            if not label or label in curves:
+                label = f"{label} {child.info.run_name}".strip()
+            curves[label] = curve
+        if curves:
+            figure = plots.reward_vs_sqrt_kl(curves, "Validation curves of the sweep's runs")
+            self.client.log_figure(parent, figure, "plots/reward_vs_sqrt_kl.png")
+            plots.close(figure)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import TESTS_DIR, runs_of
+from test_sft import history
 
 from rlhf.evaluation import distinct_n, wilson_interval, win_rate
 
@@ -139,7 +140,7 @@ def test_eval_logs_a_side_by_side_table_and_plots(report):
         assert {f"{label} response", f"{label} reward", f"{label} gold"} <= set(table["columns"])
     assert len(table["data"]) == 16  # experiment=smoke evaluates 16 held-out prompts
     plots = {a.path for a in client.list_artifacts(run_id, "plots")}
-    assert {"plots/reward_vs_kl.png", "plots/win_rates.png"} <= plots
+    assert {"plots/reward_vs_sqrt_kl.png", "plots/win_rates.png"} <= plots
     assert Path(client.download_artifacts(run_id, "plots/win_rates.png")).read_bytes().startswith(b"\x89PNG")
 
 
@@ -265,3 +266,49 @@ def test_a_cut_off_response_scores_the_same_in_eval_as_in_ppo(tiny_model_config,
     from_text = reward.score_texts(prompts, texts)
     assert from_text[1] != pytest.approx(result.rewards[1], abs=1e-4)
     assert from_text[0] == pytest.approx(result.rewards[0], abs=1e-4)
+
+
+def test_rm_and_gold_scores_are_reported_against_sqrt_kl(report):
+    """Over-optimisation, measured: every RL run's validations, the report's policies and the
+    pipeline's parent run each hold reward-model and gold scores against sqrt(KL)."""
+    client, runs = report
+    metrics = runs["eval"].data.metrics
+    for label in runs["eval"].data.tags["rlhf.eval.policies"].split():
+        assert metrics[f"eval/{label}/sqrt_kl"] == pytest.approx(max(metrics[f"eval/{label}/kl"], 0.0) ** 0.5)
+    for stage in ("ppo", "grpo"):
+        run_id = runs[stage].info.run_id
+        roots = dict(history(client, run_id, "val/sqrt_kl"))
+        kls = dict(history(client, run_id, "val/kl"))
+        assert roots and roots.keys() == kls.keys(), stage
+        for step, root in roots.items():
+            assert root == pytest.approx(max(kls[step], 0.0) ** 0.5, rel=1e-4, abs=1e-6), (stage, step)
+        assert "plots/reward_vs_sqrt_kl.png" in {a.path for a in client.list_artifacts(run_id, "plots")}
+    parent_id = runs["eval"].data.tags["mlflow.parentRunId"]
+    figure = Path(client.download_artifacts(parent_id, "plots/reward_vs_sqrt_kl.png"))
+    assert figure.read_bytes().startswith(b"\x89PNG")
+
+
+def test_eval_reports_each_category_of_the_task_apart(report, pipeline):
+    """The shipped task's prompts carry their category: scores and win rates per category, whose
+    prompt-weighted means give back the overall ones."""
+    _, runs = report
+    metrics = runs["eval"].data.metrics
+    labels = runs["eval"].data.tags["rlhf.eval.policies"].split()
+    table = json.loads(Path(pipeline.client.download_artifacts(runs["eval"].info.run_id, "eval/comparison.json")).read_text())
+    from rlhf.tasks.assistant import parse_prompt
+
+    counts = {}
+    for row in table["data"]:
+        category = parse_prompt(row[0]).category
+        counts[category] = counts.get(category, 0) + 1
+    assert len(counts) >= 2
+    for label in labels:
+        for judge, name in (("gold", "gold_mean"), ("rm", "reward_mean")):
+            per = {c: metrics[f"eval/{label}/{name}/{c}"] for c in counts}
+            overall = sum(per[c] * n for c, n in counts.items()) / sum(counts.values())
+            assert overall == pytest.approx(metrics[f"eval/{label}/{name}"], rel=1e-6, abs=1e-6), (label, judge)
+    for label in labels[1:]:
+        for category in counts:
+            rate = metrics[f"eval/{label}/win_rate_gold/{category}"]
+            assert metrics[f"eval/{label}/win_rate_gold/{category}_low"] <= rate <= metrics[f"eval/{label}/win_rate_gold/{category}_high"]
+    assert not any(f"eval/{labels[0]}/win_rate" in key for key in metrics)

@@ -109,6 +109,23 @@ def test_slurm_launcher_and_every_sweep_compose(compose):
             assert cfg.hydra.sweeper.params, sweep
 
 
+def test_overoptimization_sweep_runs_ppo_from_small_to_large_kl_judged_by_gold():
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from rlhf.layout import config_dir
+    from rlhf.sweeps import objective
+
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        cfg = hydra_compose("config", overrides=["sweep=overoptimization", "experiment=quickstart"],
+                            return_hydra_config=True)
+    assert cfg.stage.name == "ppo" and cfg.trainer.val_check_interval == 8
+    assert cfg.trainer.max_steps == 32  # the quickstart's PPO length, validated 4 times
+    coefficients = [float(v) for v in str(cfg.hydra.sweeper.params["stage.kl_coef"]).split(",")]
+    assert coefficients == sorted(coefficients) and coefficients[0] == 0.0 and coefficients[-1] >= 0.2
+    assert objective("ppo", cfg.optimized_metric) == ("val/gold", "maximize")
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -150,10 +150,15 @@ def prepare_prompts(data: DataConfig, renderer: ChatRenderer, seed: int, max_new
             f"data.max_length ({data.max_length}) leaves no room for a prompt before "
             f"stage.rollout.max_new_tokens ({max_new_tokens}) new tokens"
         )
+    # A shipped task's prompts name their category: evaluation reports each category apart.
+    slice_by = task_slice_column(data.prompts.path)
     prepared = Prepared({})
     for split, source in sources.items():
         stats = DataStats(Counter())
         prompts = prompts_of(source.records, data.prompts.format, source.origin, "data.prompts")
+        slice_of = {}
+        if slice_by is not None and {"prompt", slice_by} <= set(source.records.column_names):
+            slice_of = {repr(p): str(v) for p, v in zip(source.records["prompt"], source.records[slice_by])}
         items = []
         for prompt, ids in zip(prompts, encode_prompts(renderer, prompts)):
             if len(ids) > limit:
@@ -162,6 +167,8 @@ def prepare_prompts(data: DataConfig, renderer: ChatRenderer, seed: int, max_new
                 stats.add("prompt_too_long")
                 continue
             items.append({"prompt": prompt, "prompt_ids": ids})
+            if repr(prompt) in slice_of:
+                items[-1]["slice"] = slice_of[repr(prompt)]
         prepared.splits[split] = items
         prepared.prompts[split] = [i["prompt"] for i in items]
         _report("prompts", split, len(items), stats, prepared.stats)

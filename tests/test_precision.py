@@ -12,9 +12,13 @@ from rlhf.errors import ConfigError
 
 X86_WITH_BF16 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_tile amx_bf16\n"
 X86_WITHOUT = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni\n"
+# bf16 dot products without AMX tiles: torch's bf16 matmuls run at about half its fp32 rate there
+X86_AVX512_BF16_ONLY = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni avx512_bf16\n"
 
 
-@pytest.mark.parametrize(("cpuinfo", "expected"), [(X86_WITH_BF16, "bf16-mixed"), (X86_WITHOUT, "32-true")])
+@pytest.mark.parametrize(("cpuinfo", "expected"), [
+    (X86_WITH_BF16, "bf16-mixed"), (X86_WITHOUT, "32-true"), (X86_AVX512_BF16_ONLY, "32-true"),
+])
 def test_auto_precision_follows_the_processor_flags(tmp_path, monkeypatch, cpuinfo, expected):
     monkeypatch.setattr("platform.machine", lambda: "x86_64")
     path = tmp_path / "cpuinfo"

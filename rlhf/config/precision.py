@@ -15,8 +15,9 @@ PRECISIONS = (
     "auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true",
     "transformer-engine", "transformer-engine-float16", "64", "32", "16", "bf16", 64, 32, 16,
 )
-# x86 flags of bf16 arithmetic: AVX512-BF16 (dot products) and AMX-BF16 (tile matmuls).
-BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+# The x86 flag of fast bf16 matmuls: AMX-BF16 (tile matmuls). AVX512-BF16's dot products alone do
+# not qualify: torch's bf16 matmuls there run below its fp32 ones (README, Hardware).
+FAST_BF16_CPU_FLAG = "amx_bf16"
 
 
 def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> set[str]:
@@ -36,9 +37,9 @@ def auto_precision(accelerator: str, flags: set[str], machine: str | None = None
     """(precision, why) for trainer.precision=auto: bf16 mixed precision (fp32 master weights and
     optimizer state, bf16 matmuls under autocast) where the hardware computes in bf16, else fp32.
 
-    On the CPU only x86 processors with bf16 instructions qualify: without them (or on other
-    architectures, where torch's bf16 CPU kernels may fall back to slow paths) bf16 is emulated and
-    slower than fp32.
+    On the CPU only x86 processors with AMX qualify: bf16 pays where its matmuls beat fp32's, which
+    takes tile instructions; with AVX512-BF16 alone, without bf16 instructions (emulated), or on other
+    architectures (where torch's bf16 CPU kernels may fall back to slow paths) it is slower than fp32.
     """
     if accelerator in ("gpu", "cuda", "auto"):
         import torch
@@ -52,10 +53,11 @@ def auto_precision(accelerator: str, flags: set[str], machine: str | None = None
     machine = (machine or platform.machine()).lower()
     if machine not in ("x86_64", "amd64", "i386", "i686"):
         return "32-true", f"bf16 on {machine} processors is not used by default"
-    found = [flag for flag in BF16_CPU_FLAGS if flag in flags]
-    if found:
-        return "bf16-mixed", f"the processor has {' and '.join(found)}"
-    return "32-true", f"the processor has no bf16 instructions ({' or '.join(BF16_CPU_FLAGS)})"
+    if FAST_BF16_CPU_FLAG in flags:
+        return "bf16-mixed", f"the processor has {FAST_BF16_CPU_FLAG} (AMX bf16 matmuls)"
+    if "avx512_bf16" in flags:
+        return "32-true", f"the processor has avx512_bf16 but no {FAST_BF16_CPU_FLAG}: bf16 matmuls are slower than fp32 there"
+    return "32-true", f"the processor has no bf16 matmul instructions ({FAST_BF16_CPU_FLAG})"
 
 
 def resolve_precision(trainer: dict[str, Any], cpuinfo: str | Path = "/proc/cpuinfo") -> dict[str, Any]:

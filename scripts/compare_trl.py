@@ -38,20 +38,20 @@ in MiB as rlhf.bench prints it, peak_rss_gb in GiB). A table, then one JSON line
 
 TRL in its own virtual environment beside the project's packages (torch and transformers unchanged):
 
-    python -m venv --system-site-packages /work/trl-venv
-    /work/trl-venv/bin/pip install --no-deps trl==1.16.0
+    python -m venv --system-site-packages trl-venv
+    trl-venv/bin/pip install --no-deps trl==1.16.0
 
-    /work/trl-venv/bin/python scripts/compare_trl.py --precision fp32
-    /work/trl-venv/bin/python scripts/compare_trl.py --precision bf16
-    /work/trl-venv/bin/python scripts/compare_trl.py --precision bf16 --only sft,dpo --steps 10
-    /work/trl-venv/bin/python scripts/compare_trl.py --bench-commands --precision bf16   # rlhf.bench's side
+    trl-venv/bin/python scripts/compare_trl.py --precision fp32
+    trl-venv/bin/python scripts/compare_trl.py --precision bf16
+    trl-venv/bin/python scripts/compare_trl.py --precision bf16 --only sft,dpo --steps 10
+    trl-venv/bin/python scripts/compare_trl.py --bench-commands --precision bf16   # rlhf.bench's side
 
 TRL's PPO trainer left trl in 1.13 (1.10-1.12 ship it as trl.experimental.ppo); with a TRL that lacks
 it the PPO row says so and is skipped. For PPO figures, a second environment with TRL 1.12.0:
 
-    python -m venv --system-site-packages /work/trl112-venv
-    /work/trl112-venv/bin/pip install --no-deps trl==1.12.0
-    /work/trl112-venv/bin/python scripts/compare_trl.py --only ppo --precision fp32
+    python -m venv --system-site-packages trl112-venv
+    trl112-venv/bin/pip install --no-deps trl==1.12.0
+    trl112-venv/bin/python scripts/compare_trl.py --only ppo --precision fp32
 
 The same workloads through this project (--bench-commands prints them with --steps/--warmup and the
 converted model's directory filled in; precision 32-true for fp32, bf16-mixed for bf16; tracking=none

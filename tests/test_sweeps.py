@@ -72,9 +72,11 @@ def test_optuna_sweep_records_the_best_trial(tmp_path, cli, mlflow_client):
     assert len(children) == 3 and len({c.data.params["stage.lr"] for c in children}) == 3
     assert parent.data.params["sweep.sweeper"] == "OptunaSweeper"
     assert parent.data.params["sweep.direction"] == "maximize"
-    best = max(children, key=lambda c: c.data.metrics["val/accuracy"])
-    assert parent.data.metrics["best/val/accuracy"] == pytest.approx(best.data.metrics["val/accuracy"])
-    assert parent.data.params["best.stage.lr"] == best.data.params["stage.lr"]
+    top = max(c.data.metrics["val/accuracy"] for c in children)
+    assert parent.data.metrics["best/val/accuracy"] == pytest.approx(top)
+    # Trials may tie on accuracy; the recorded best is one of the tied trials.
+    assert parent.data.params["best.stage.lr"] in {
+        c.data.params["stage.lr"] for c in children if c.data.metrics["val/accuracy"] == pytest.approx(top)}
     results = next(tmp_path.glob("multirun/*/*/optimization_results.yaml"))
     assert "best_value" in results.read_text()
     for child in children:
@@ -113,14 +115,16 @@ def test_overoptimization_sweep_runs_ppo_from_small_to_large_kl_judged_by_gold()
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
+    from rlhf.config import register_configs
     from rlhf.layout import config_dir
     from rlhf.sweeps import objective
 
+    register_configs()
     with initialize_config_dir(str(config_dir()), version_base="1.3"):
         cfg = hydra_compose("config", overrides=["sweep=overoptimization", "experiment=quickstart"],
                             return_hydra_config=True)
     assert cfg.stage.name == "ppo" and cfg.trainer.val_check_interval == 8
-    assert cfg.trainer.max_steps == 32  # the quickstart's PPO length, validated 4 times
+    assert cfg.trainer.max_steps == 48  # twice the quickstart's PPO length, validated 6 times
     coefficients = [float(v) for v in str(cfg.hydra.sweeper.params["stage.kl_coef"]).split(",")]
     assert coefficients == sorted(coefficients) and coefficients[0] == 0.0 and coefficients[-1] >= 0.2
     assert objective("ppo", cfg.optimized_metric) == ("val/gold", "maximize")

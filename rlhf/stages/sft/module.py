@@ -14,7 +14,7 @@ from rlhf.config import RunConfig
 from rlhf.data.formats import prompt_text
 from rlhf.data.loading import examples_datamodule
 from rlhf.data.prepare import CausalLMCollator, prepare_sft
-from rlhf.data.tokenize import IGNORE_INDEX, ChatRenderer
+from rlhf.data.tokenize import IGNORE_INDEX, ChatRenderer, encode_prompts
 from rlhf.lineage import resolve_source
 from rlhf.policy import Sampler, completion_loss
 from rlhf.stages import StageJob
@@ -109,7 +109,7 @@ def _log_samples(model, tokenizer, renderer, prompts, references, stage: SFTStag
     if stage.num_samples == 0 or not prompts:
         return
     prompts, references = prompts[: stage.num_samples], references[: stage.num_samples]
-    prompt_ids = tokenizer([renderer.prompt(p) for p in prompts], add_special_tokens=renderer.adds_special_tokens)["input_ids"]
+    prompt_ids = encode_prompts(renderer, prompts)
     responses = Sampler.of(tokenizer, model, stage.sample_max_new_tokens, greedy=True)(model, prompt_ids)
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
     as_str = [prompt_text(p) for p in prompts]

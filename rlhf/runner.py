@@ -25,7 +25,7 @@ from rlhf.tracking import (
     recorded,
     start_tracker,
 )
-from rlhf.training import build_trainer, validate_final
+from rlhf.training import build_trainer, validate_final, validate_initial
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,8 @@ def execute(run: RunConfig, launch: Launch) -> float | None:
             primary = is_rank_zero()
         else:
             trainer = stage_trainer(run, tracker, output_dir, job)
+            if run.validate_before_training and not resume:
+                validate_initial(trainer, job.module, job.datamodule)
             trainer.fit(job.module, datamodule=job.datamodule, ckpt_path=resume.checkpoint if resume else None)
             validate_final(trainer, job.module, job.datamodule)
             metrics = job.finish(trainer, output_dir)

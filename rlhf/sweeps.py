@@ -13,11 +13,14 @@ import logging
 import math
 import os
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+
+if TYPE_CHECKING:
+    from rlhf.plots import KLCurve
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +89,21 @@ def _last_swept_stage(overrides: list[str]) -> str | None:
         if key.lstrip("+~") == "stage" and "," in value:
             return value.split(",")[-1].strip()
     return None
+
+
+def validation_curve(histories: dict[str, list]) -> KLCurve:
+    """An RL run's validations as (KL, reward-model score, gold score) points, from the MLflow
+    histories of val/sqrt_kl, val/score_raw and val/gold (gold absent: NaN). A validation's values
+    share one timestamp; its step alone does not tell a validation before training from the one
+    after the first iteration (Lightning logs both at step 0)."""
+    from rlhf import plots
+
+    by_time = {key: {(m.step, m.timestamp): m.value for m in histories.get(key, [])}
+               for key in ("val/sqrt_kl", "val/score_raw", "val/gold")}
+    curve = plots.KLCurve()
+    for when, root in sorted(by_time["val/sqrt_kl"].items()):
+        curve.add(root**2, by_time["val/score_raw"].get(when, math.nan), by_time["val/gold"].get(when, math.nan))
+    return curve
 
 
 class SweepTracking(Callback):
@@ -206,11 +224,8 @@ class SweepTracking(Callback):
         for child in sorted(children, key=lambda c: c.info.start_time or 0):
             if "val/sqrt_kl" not in child.data.metrics:
                 continue
-            history = {key: {m.step: m.value for m in self.client.get_metric_history(child.info.run_id, key)}
-                       for key in ("val/sqrt_kl", "val/score_raw", "val/gold")}
-            curve = plots.KLCurve()
-            for step, root in sorted(history["val/sqrt_kl"].items()):
-                curve.add(root**2, history["val/score_raw"].get(step, math.nan), history["val/gold"].get(step, math.nan))
+            curve = validation_curve({key: self.client.get_metric_history(child.info.run_id, key)
+                                      for key in ("val/sqrt_kl", "val/score_raw", "val/gold")})
             params = child.data.params
             label = " ".join(f"{k.rsplit('.', 1)[-1]}={params.get(k, params.get(f'{k}.name', '?'))}" for k in self.swept)
             if not label or label in curves:

@@ -116,11 +116,20 @@ class LastValidation(pl.Callback):
             self.step = trainer.global_step
 
 
+def _validates(trainer: pl.Trainer, datamodule: pl.LightningDataModule) -> bool:
+    return trainer.limit_val_batches != 0 and hasattr(datamodule, "val_dataloader")
+
+
+def validate_initial(trainer: pl.Trainer, module: pl.LightningModule, datamodule: pl.LightningDataModule) -> None:
+    """Validate the starting weights, logged at step 0, before training begins."""
+    if _validates(trainer, datamodule):
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+
+
 def validate_final(trainer: pl.Trainer, module: pl.LightningModule, datamodule: pl.LightningDataModule) -> None:
     """Validate the final weights unless the last validation already ran at the final step."""
     last = next((c for c in trainer.callbacks if isinstance(c, LastValidation)), None)
-    has_validation = trainer.limit_val_batches != 0 and hasattr(datamodule, "val_dataloader")
-    if has_validation and last is not None and last.step != trainer.global_step:
+    if _validates(trainer, datamodule) and last is not None and last.step != trainer.global_step:
         trainer.validate(module, datamodule=datamodule, verbose=False)
 
 

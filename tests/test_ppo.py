@@ -70,6 +70,20 @@ def test_ppo_raises_a_simple_reward(pipeline, cli, mlflow_client):
     assert run.data.tags["rlhf.reward_from"] == "fn:ppo_rewards.brevity"
 
 
+def test_validation_before_training_starts_the_curves_at_the_initial_policy(cli, mlflow_client):
+    """validate_before_training=true validates once at step 0, before any update: the starting
+    policy's point, at KL 0, begins the reward-against-sqrt(KL) curve."""
+    cli(*PPO, "stage.policy_from=base", "trainer.max_steps=2", "trainer.val_check_interval=2",
+        "validate_before_training=true", env=REWARDS)
+    (run,) = runs_of(mlflow_client, "smoke", "ppo")
+    roots = dict(history(mlflow_client, run.info.run_id, "val/sqrt_kl"))
+    scores = dict(history(mlflow_client, run.info.run_id, "val/score_raw"))
+    # Lightning logs a validation during training at the step of the iteration it follows (0-based)
+    assert sorted(roots) == sorted(scores) == [0, 1]
+    assert roots[0] == pytest.approx(0.0, abs=1e-6)
+    assert run.info.status == "FINISHED"
+
+
 def test_killed_ppo_resumes_to_the_same_result(pipeline, tmp_path, cli, mlflow_client):
     """Policy, value model, optimizer, KL controller, reward statistics, data position and random
     generators come back from the checkpoint: the resumed run matches an uninterrupted one."""

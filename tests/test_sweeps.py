@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -125,9 +126,29 @@ def test_overoptimization_sweep_runs_ppo_from_small_to_large_kl_judged_by_gold()
                             return_hydra_config=True)
     assert cfg.stage.name == "ppo" and cfg.trainer.val_check_interval == 8
     assert cfg.trainer.max_steps == 48  # twice the quickstart's PPO length, validated 6 times
+    assert cfg.validate_before_training  # and once before, so every curve starts at sqrt(KL) = 0
     coefficients = [float(v) for v in str(cfg.hydra.sweeper.params["stage.kl_coef"]).split(",")]
     assert coefficients == sorted(coefficients) and coefficients[0] == 0.0 and coefficients[-1] >= 0.2
     assert objective("ppo", cfg.optimized_metric) == ("val/gold", "maximize")
+
+
+def test_sweep_curves_keep_a_validation_before_training_apart_from_the_first_iterations():
+    """Validated before training and after every iteration, a run logs two validations at step 0;
+    the parent's plot draws both points, each with its own scores."""
+    from mlflow.entities import Metric
+
+    from rlhf.sweeps import validation_curve
+
+    def history(key, *points):
+        return [Metric(key, value, timestamp, step) for step, timestamp, value in points]
+
+    curve = validation_curve({
+        "val/sqrt_kl": history("val/sqrt_kl", (0, 100, 0.0), (0, 200, 0.5), (1, 300, 1.0)),
+        "val/score_raw": history("val/score_raw", (0, 100, 1.0), (0, 200, 1.5), (1, 300, 2.0)),
+    })
+    assert curve.sqrt_kl == pytest.approx([0.0, 0.5, 1.0])
+    assert curve.reward == pytest.approx([1.0, 1.5, 2.0])
+    assert all(math.isnan(g) for g in curve.gold)  # no gold annotator
 
 
 def _free_port() -> int:

@@ -348,6 +348,9 @@ class RunConfig:
     # gradient_clip_val, precision, accelerator, devices, strategy, ...). The hardware group writes here.
     trainer: dict[str, Any] = field(default_factory=dict)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # Validate the starting weights once before the first training step (not when resuming), so that
+    # every validation curve starts from the initial model: an RL stage's at sqrt(KL) = 0.
+    validate_before_training: bool = False
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     # Seeds Python, NumPy and torch (data order, initialisation, sampling).
     seed: int = 0

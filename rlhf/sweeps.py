@@ -91,6 +91,10 @@ def _last_swept_stage(overrides: list[str]) -> str | None:
     return None
 
 
+# The metrics of an RL run's validations that place it on the reward-against-sqrt(KL) plot.
+CURVE_METRICS = ("val/sqrt_kl", "val/score_raw", "val/gold")
+
+
 def validation_curve(histories: dict[str, list]) -> KLCurve:
     """An RL run's validations as (KL, reward-model score, gold score) points, from the MLflow
     histories of val/sqrt_kl, val/score_raw and val/gold (gold absent: NaN). A validation's values
@@ -98,8 +102,7 @@ def validation_curve(histories: dict[str, list]) -> KLCurve:
     after the first iteration (Lightning logs both at step 0)."""
     from rlhf import plots
 
-    by_time = {key: {(m.step, m.timestamp): m.value for m in histories.get(key, [])}
-               for key in ("val/sqrt_kl", "val/score_raw", "val/gold")}
+    by_time = {key: {(m.step, m.timestamp): m.value for m in histories.get(key, [])} for key in CURVE_METRICS}
     curve = plots.KLCurve()
     for when, root in sorted(by_time["val/sqrt_kl"].items()):
         curve.add(root**2, by_time["val/score_raw"].get(when, math.nan), by_time["val/gold"].get(when, math.nan))
@@ -225,7 +228,7 @@ class SweepTracking(Callback):
             if "val/sqrt_kl" not in child.data.metrics:
                 continue
             curve = validation_curve({key: self.client.get_metric_history(child.info.run_id, key)
-                                      for key in ("val/sqrt_kl", "val/score_raw", "val/gold")})
+                                      for key in CURVE_METRICS})
             params = child.data.params
             label = " ".join(f"{k.rsplit('.', 1)[-1]}={params.get(k, params.get(f'{k}.name', '?'))}" for k in self.swept)
             if not label or label in curves:

@@ -23,17 +23,60 @@ def _run(args: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
     return result
 
 
+def _see_running_packages(python: str) -> None:
+    """Make the environment of `python` see the packages of the interpreter running the tests.
+
+    `venv --system-site-packages` would not do: a venv made from inside a virtual environment sees the
+    *base* interpreter's packages, not the environment's, and on a fresh machine the base holds none of
+    the project's dependencies. A .pth path line adds the running environment's site-packages after the
+    new environment's own, without processing the .pth files there, so the editable install of rlhf in
+    it stays out and rlhf comes only from the wheel.
+    """
+    import site
+    import sysconfig
+
+    ours = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *site.getsitepackages()}
+    target = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    Path(target, "running-environment.pth").write_text(
+        "\n".join(sorted(p for p in ours if Path(p).is_dir())) + "\n"
+    )
+
+
 def test_wheel_ships_the_config_tree_and_sweeps_and_composes_outside_the_checkout(tmp_path):
     # Built from a copy: building writes build/ and *.egg-info next to the sources.
     source = tmp_path / "source"
     source.mkdir()
     for name in SOURCES:
         copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy
-        copy(ROOT / name, source / name, **({"ignore": shutil.ignore_patterns("__pycache__")} if name == "rlhf" else {}))
+        copy(
+            ROOT / name,
+            source / name,
+            **({"ignore": shutil.ignore_patterns("__pycache__")} if name == "rlhf" else {}),
+        )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | OFFLINE
     wheels = tmp_path / "wheels"
     # No build isolation: the build backend is already installed, and tests never use the network.
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(source)], tmp_path, env)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(wheels),
+            str(source),
+        ],
+        tmp_path,
+        env,
+    )
     (wheel,) = wheels.glob("rlhf-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for path in sorted(ROOT.glob("conf/**/*.yaml")):
@@ -43,12 +86,17 @@ def test_wheel_ships_the_config_tree_and_sweeps_and_composes_outside_the_checkou
 
     # A fresh environment that sees the installed dependencies but holds rlhf only from the wheel.
     venv = tmp_path / "venv"
-    _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], tmp_path, env)
+    _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], tmp_path, env)
     python = str(venv / "bin" / "python")
+    _see_running_packages(python)
     _run([python, "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)], tmp_path, env)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    found = _run([python, "-c", "import rlhf.layout as l; print(l.config_dir()); print(l.sweeps_dir())"], elsewhere, env)
+    found = _run(
+        [python, "-c", "import rlhf.layout as l; print(l.config_dir()); print(l.sweeps_dir())"],
+        elsewhere,
+        env,
+    )
     conf, sweeps = found.stdout.split()
     assert conf.startswith(str(venv)) and sweeps.startswith(str(venv)), found.stdout
 
@@ -105,7 +153,9 @@ def test_user_config_dir_adds_options_to_the_groups(cli, tmp_path):
 
 def test_user_config_with_a_bad_value_fails_in_one_line(cli, tmp_path):
     _user_configs(tmp_path, MY_MODEL + "dtype: float64\n")
-    result = cli("--config-dir", "my_conf", "model=my-model", "experiment=my-exp", "tracking=none", check=False)
+    result = cli(
+        "--config-dir", "my_conf", "model=my-model", "experiment=my-exp", "tracking=none", check=False
+    )
     assert result.returncode == 2, result.stderr
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("rlhf: error: model.dtype: must be one of"), line

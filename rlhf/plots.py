@@ -22,7 +22,13 @@ def calibration_table(chosen: np.ndarray, rejected: np.ndarray, bins: int) -> di
     observed = np.concatenate([np.ones_like(p), np.zeros_like(p)])
     edges = np.linspace(0.0, 1.0, bins + 1)
     which = np.clip(np.digitize(predicted, edges[1:-1]), 0, bins - 1)
-    table: dict[str, list[float]] = {"bin_low": [], "bin_high": [], "predicted": [], "observed": [], "count": []}
+    table: dict[str, list[float]] = {
+        "bin_low": [],
+        "bin_high": [],
+        "predicted": [],
+        "observed": [],
+        "count": [],
+    }
     for b in range(bins):
         members = which == b
         if not members.any():
@@ -72,16 +78,43 @@ def reward_histogram(chosen: np.ndarray, rejected: np.ndarray, title: str):
 @dataclass
 class KLCurve:
     """A policy's (or a run's validations') mean reward-model and gold scores at distances from the
-    reference, the distance as sqrt(KL), the scale on which Gao et al. (2022) find both curves simple."""
+    reference, the distance as sqrt(KL), the scale on which Gao et al. (2022) find both curves simple.
+    Points may carry intervals (low, high), drawn as error bars: a policy's means over n prompts do."""
 
     sqrt_kl: list[float] = field(default_factory=list)
     reward: list[float] = field(default_factory=list)
     gold: list[float] = field(default_factory=list)
+    sqrt_kl_interval: list[tuple[float, float]] = field(default_factory=list)
+    reward_interval: list[tuple[float, float]] = field(default_factory=list)
+    gold_interval: list[tuple[float, float]] = field(default_factory=list)
 
-    def add(self, kl: float, reward: float, gold: float = float("nan")) -> None:
+    def add(
+        self,
+        kl: float,
+        reward: float,
+        gold: float = float("nan"),
+        *,
+        kl_interval: tuple[float, float] | None = None,
+        reward_interval: tuple[float, float] | None = None,
+        gold_interval: tuple[float, float] | None = None,
+    ) -> None:
         self.sqrt_kl.append(float(np.sqrt(max(kl, 0.0))))
         self.reward.append(float(reward))
         self.gold.append(float(gold))
+        if kl_interval is not None:
+            self.sqrt_kl_interval.append(tuple(float(np.sqrt(max(k, 0.0))) for k in kl_interval))
+        if reward_interval is not None:
+            self.reward_interval.append(tuple(map(float, reward_interval)))
+        if gold_interval is not None:
+            self.gold_interval.append(tuple(map(float, gold_interval)))
+
+
+def _error_bars(values: list[float], intervals: list) -> np.ndarray | None:
+    """matplotlib's (2, N) distances below and above each value, if every value has an interval."""
+    if not intervals or len(intervals) != len(values):
+        return None
+    low, high = np.asarray(intervals, dtype=float).T
+    return np.nan_to_num(np.stack([np.asarray(values) - low, high - np.asarray(values)]).clip(min=0.0))
 
 
 def reward_vs_sqrt_kl(curves: dict[str, KLCurve], title: str):
@@ -93,20 +126,41 @@ def reward_vs_sqrt_kl(curves: dict[str, KLCurve], title: str):
     for ax, (name, attribute) in zip(axes[0], panels):
         for label, curve in curves.items():
             values = getattr(curve, attribute)
-            (line,) = ax.plot(curve.sqrt_kl, values, marker="o", markersize=4, label=label)
+            bars = ax.errorbar(
+                curve.sqrt_kl,
+                values,
+                yerr=_error_bars(values, getattr(curve, f"{attribute}_interval")),
+                xerr=_error_bars(curve.sqrt_kl, curve.sqrt_kl_interval),
+                marker="o",
+                markersize=4,
+                capsize=3,
+                elinewidth=1,
+                label=label,
+            )
             if len(values) == 1 or len(curves) > 1:
-                ax.annotate(label, (curve.sqrt_kl[-1], values[-1]), fontsize=7, xytext=(3, 3),
-                            textcoords="offset points", color=line.get_color())
+                ax.annotate(
+                    label,
+                    (curve.sqrt_kl[-1], values[-1]),
+                    fontsize=7,
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                    color=bars[0].get_color(),
+                )
+        # sqrt(KL) is never negative: the axis starts just left of 0, so a point at 0 shows whole.
+        ax.set_xlim(left=-0.03 * max(ax.get_xlim()[1], 0.1))
         ax.set_xlabel("sqrt(KL to the reference), sqrt(nats per response)")
         ax.set_ylabel(f"mean {name}")
         ax.set_title(f"{name} vs sqrt(KL)")
+        if len(curves) > 1:
+            ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig
 
 
-def win_rates(wins: dict, baseline: str, confidence: float):
-    """Win rate of each policy against the baseline, per judge, with its confidence interval."""
+def win_rates(wins: dict, baseline: str, confidence: float, n: int):
+    """Win rate of each policy against the baseline on the same n prompts, per judge, with its
+    confidence interval, on the whole [0, 1] scale."""
     fig, ax = plt.subplots(figsize=(6, 3.5))
     labels = list(wins)
     judges = sorted({judge for judged in wins.values() for judge in judged})
@@ -114,14 +168,18 @@ def win_rates(wins: dict, baseline: str, confidence: float):
     for j, judge in enumerate(judges):
         xs = [i + j * width for i in range(len(labels))]
         rates = [wins[label][judge].rate for label in labels]
-        lows = [r - wins[label][judge].low for label, r in zip(labels, rates)]
-        highs = [wins[label][judge].high - r for label, r in zip(labels, rates)]
+        # clipped at 0: an interval's bound computed in floating point may pass its rate by a rounding error
+        lows = [max(r - wins[label][judge].low, 0.0) for label, r in zip(labels, rates)]
+        highs = [max(wins[label][judge].high - r, 0.0) for label, r in zip(labels, rates)]
         ax.bar(xs, rates, width=width, yerr=[lows, highs], capsize=4, label=f"judged by {judge}")
     ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
-    ax.set_xticks([i + width * (len(judges) - 1) / 2 for i in range(len(labels))], labels, fontsize=7)
+    ax.set_xticks([i + width * (len(judges) - 1) / 2 for i in range(len(labels))], labels, fontsize=9)
     ax.set_ylim(0, 1)
     ax.set_ylabel(f"win rate vs {baseline}")
-    ax.set_title(f"Win rates ({confidence:.0%} Wilson intervals; a tie counts half)")
+    ax.set_title(
+        f"Win rates vs {baseline}, n = {n} prompts ({confidence:.0%} intervals; a tie counts half)",
+        fontsize=9,
+    )
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig

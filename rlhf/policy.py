@@ -222,6 +222,28 @@ def response_logprobs(
     return LinearLogProbs.apply(hidden[where], head.weight, targets, temperature, chunk, with_entropy)
 
 
+def sampling_logprobs(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    mask: torch.Tensor,
+    where: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+) -> torch.Tensor:
+    """(N, vocab) log-probabilities of the whole next-token distribution that `generate` samples from
+    at the positions `where`: the logits divided by temperature, cut to the top_k tokens and then to
+    the top_p nucleus by the same transformers warpers, renormalised; -inf outside what is kept."""
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    scores = selected_logits(model, input_ids, mask, where) / temperature
+    if top_k:
+        scores = TopKLogitsWarper(top_k)(None, scores)
+    if top_p < 1.0:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    return torch.log_softmax(scores, dim=-1)
+
+
 def packs_pairs(model: torch.nn.Module) -> bool:
     """Whether `sequence_logprobs` can read PairCollator's shared-prefix layout with this model."""
     return supports_attention_masks(model) and _fast_head(model)

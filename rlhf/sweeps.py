@@ -212,9 +212,11 @@ class SweepTracking(Callback):
             pick = max if self.direction == "maximize" else min
             best_value, best = pick(scored, key=lambda item: item[0])
             metrics.append(Metric(f"best/{self.metric}", best_value, 0, 0))
-            tags.append(RunTag("rlhf.best_run_id", best.info.run_id))
+            # An evaluation's value is that of the best policy it compared: that policy's run is the best.
+            best_id = best.data.tags.get(f"{TAG_PREFIX}eval.best_run_id", best.info.run_id)
+            tags.append(RunTag("rlhf.best_run_id", best_id))
             params = [Param(f"best.{k}", best.data.params[k]) for k in self.swept if k in best.data.params]
-            log.info("Best %s = %.4g (run %s)", self.metric, best_value, best.info.run_id)
+            log.info("Best %s = %.4g (run %s)", self.metric, best_value, best_id)
         self.client.log_batch(parent, metrics=metrics, params=params, tags=tags)
         self._plot_kl_curves(parent, finished)
 

@@ -1,14 +1,16 @@
-"""The evaluation stage: win-rate and interval maths, diversity, and the report of the smoke pipeline."""
+"""The evaluation stage: win-rate and interval maths, diversity, the report of the smoke pipeline, the
+lineage it follows, and the KL it measures."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import pytest
-from conftest import TESTS_DIR, runs_of
+from conftest import TESTS_DIR, runs_of, stage_config
 from test_sft import history
 
 from rlhf.evaluation import distinct_n, wilson_interval, win_rate
@@ -95,9 +97,11 @@ def test_eval_names_the_runs_it_evaluated(report):
         assert tags[f"rlhf.policies.{index}.run_id"] == runs[stage].info.run_id, stage
     assert tags["rlhf.reward_from.run_id"] == runs["rm"].info.run_id
     assert tags["rlhf.reference.run_id"] == runs["sft"].info.run_id
-    labels = tags["rlhf.eval.policies"].split()
-    for label, stage in zip(labels, ("sft", "ppo", "dpo", "grpo"), strict=True):
-        assert runs[stage].info.run_id[:8] in label and stage in label
+    # Each policy is named by its stage; the run behind each name is a tag.
+    assert tags["rlhf.eval.policies"] == "sft ppo dpo grpo"
+    for stage in ("sft", "ppo", "dpo", "grpo"):
+        assert tags[f"rlhf.eval.{stage}.run_id"] == runs[stage].info.run_id, stage
+    assert tags["rlhf.eval.judge"] == "gold"  # the shipped task has a gold annotator
 
 
 def test_lineage_tags_chain_every_stage_to_its_start(report):
@@ -113,7 +117,9 @@ def test_lineage_tags_chain_every_stage_to_its_start(report):
 def test_eval_logs_metrics_per_policy_and_win_rates(report):
     _, runs = report
     metrics = runs["eval"].data.metrics
-    sft_label, *trained = runs["eval"].data.tags["rlhf.eval.policies"].split()
+    sft_label, *trained = "sft", "ppo", "dpo", "grpo"
+    # Named by role, so the same names every time: no run ids in them.
+    assert not [key for key in metrics if re.search(r"[0-9a-f]{8}", key)]
     for label in (sft_label, *trained):
         missing = [key for key in PER_POLICY if f"eval/{label}/{key}" not in metrics]
         assert not missing, (label, missing)
@@ -127,13 +133,13 @@ def test_eval_logs_metrics_per_policy_and_win_rates(report):
             assert sum(counts) == 16
             assert metrics[prefix] == pytest.approx((counts[0] + counts[1] / 2) / 16)
             assert metrics[f"{prefix}_low"] <= metrics[prefix] <= metrics[f"{prefix}_high"]
-    assert "eval/win_rate_rm" in metrics  # the name a sweep optimises
+    assert "eval/best/win_rate" in metrics  # the name a sweep optimises
 
 
 def test_eval_logs_a_side_by_side_table_and_plots(report):
     client, runs = report
     run_id = runs["eval"].info.run_id
-    labels = runs["eval"].data.tags["rlhf.eval.policies"].split()
+    labels = ["sft", "ppo", "dpo", "grpo"]
     table = json.loads(Path(client.download_artifacts(run_id, "eval/comparison.json")).read_text())
     assert table["columns"][0] == "prompt"
     for label in labels:
@@ -144,15 +150,46 @@ def test_eval_logs_a_side_by_side_table_and_plots(report):
     assert Path(client.download_artifacts(run_id, "plots/win_rates.png")).read_bytes().startswith(b"\x89PNG")
 
 
+def test_eval_names_the_best_policy_in_tags_metrics_report_and_description(report):
+    """The best policy by the judge (gold here): the highest gold win rate against SFT, the baseline
+    counting 0.5; its values again under eval/best/, its run in tags, the report and the run's Overview."""
+    client, runs = report
+    evaluation = runs["eval"]
+    metrics, tags = evaluation.data.metrics, evaluation.data.tags
+    rates = {"sft": 0.5, **{stage: metrics[f"eval/{stage}/win_rate_gold"] for stage in ("ppo", "dpo", "grpo")}}
+    best = tags["rlhf.eval.best_stage"]
+    assert rates[best] == max(rates.values())
+    assert tags["rlhf.eval.best_role"] == best
+    assert tags["rlhf.eval.best_run_id"] == runs[best].info.run_id
+    assert metrics["eval/best/win_rate"] == rates[best]
+    assert metrics["eval/best/gold_mean"] == metrics[f"eval/{best}/gold_mean"]
+    assert metrics["eval/best/vs_runner_up_low"] <= metrics["eval/best/vs_runner_up"] <= metrics["eval/best/vs_runner_up_high"]
+    assert tags["rlhf.eval.best_clears"] in ("true", "false")
+    note = tags["mlflow.note.content"]
+    assert note.startswith(f"**Best by the gold annotator: {best}")
+    assert "clearly best" in note and "report.html" in note
+    for stage in ("sft", "ppo", "dpo", "grpo"):
+        assert f"| {stage} |" in note or f"| **{stage}** |" in note
+    text = Path(client.download_artifacts(evaluation.info.run_id, "report.md")).read_text()
+    assert f"Best by the gold annotator: {best}" in text and "## Policies" in text
+    assert f"| **{best}** | {best} | {runs[best].info.run_id[:8]} |" in text
+    assert "n = 16 prompts" in text
+    page = Path(client.download_artifacts(evaluation.info.run_id, "report.html")).read_text()
+    assert page.startswith("<!doctype html>") and page.count('src="data:image/png;base64,') == 2
+
+
 def test_pipeline_sweep_is_judged_by_its_last_stage(pipeline):
+    """The pipeline's parent records the evaluation's best policy as its best run."""
     parent_id = pipeline.runs["eval"].data.tags["mlflow.parentRunId"]
     parent = pipeline.client.get_run(parent_id)
-    assert parent.data.params["sweep.optimized_metric"] == "eval/win_rate_rm"
+    assert parent.data.params["sweep.optimized_metric"] == "eval/best/win_rate"
     assert parent.info.run_name.startswith("pipeline")
     assert parent.data.tags["rlhf.multirun"] == "pipeline"
     assert parent.data.tags["rlhf.pipeline"] == "sft>rm>ppo>dpo>grpo>eval"
-    if "best/eval/win_rate_rm" in parent.data.metrics:
-        assert parent.data.tags["rlhf.best_run_id"] == pipeline.runs["eval"].info.run_id
+    evaluation = pipeline.runs["eval"]
+    best = evaluation.data.tags["rlhf.eval.best_stage"]
+    assert parent.data.tags["rlhf.best_run_id"] == pipeline.runs[best].info.run_id
+    assert parent.data.metrics["best/eval/best/win_rate"] == evaluation.data.metrics["eval/best/win_rate"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -171,8 +208,10 @@ def test_a_policy_against_itself_ties_everywhere_at_zero_kl(tmp_path, cli, mlflo
     (run,) = runs_of(mlflow_client, "smoke", "eval")
     metrics = run.data.metrics
     first, second = run.data.tags["rlhf.eval.policies"].split()
+    assert (first, second) == ("base", "base_2")  # the same stage twice: numbered
     assert metrics[f"eval/{second}/ties_rm"] == 8 and metrics[f"eval/{second}/ties_gold"] == 8
-    assert metrics["eval/win_rate_rm"] == 0.5  # all ties: half a win each
+    assert metrics[f"eval/{second}/win_rate_rm"] == 0.5  # all ties: half a win each
+    assert run.data.tags["rlhf.eval.best_role"] == "base"  # nothing beats the baseline
     assert metrics[f"eval/{first}/kl"] == metrics[f"eval/{second}/kl"] == pytest.approx(0.0, abs=1e-5)
     assert metrics[f"eval/{first}/reward_mean"] == metrics[f"eval/{second}/reward_mean"]
     assert run.data.tags["rlhf.policies.0"] == "base"
@@ -220,7 +259,8 @@ def test_eval_on_the_users_prompts_reports_no_gold(tmp_path, cli, mlflow_client)
     own = [f"data.prompts.path={prompts}", "data.prompts.eval_split=null", "data.prompts.test_split=null"]
     cli(*SAME_TWICE, *own, "stage.reward_from=fn:ppo_rewards.brevity", env=PPO_REWARDS)
     (run,) = runs_of(mlflow_client, "smoke", "eval")
-    assert "eval/win_rate_rm" in run.data.metrics
+    assert run.data.tags["rlhf.eval.judge"] == "rm"  # no gold annotator: the reward decides
+    assert run.data.metrics["eval/best/win_rate"] == run.data.metrics["eval/base_2/win_rate_rm"] == 0.5
     assert not [key for key in run.data.metrics if "gold" in key]
 
 
@@ -259,7 +299,7 @@ def test_a_cut_off_response_scores_the_same_in_eval_as_in_ppo(tiny_model_config,
     ids, mask, _ = episode.sequences()
     ppo_scores = reward(ids, mask, prompts, texts)
 
-    result = PolicyResult("0-policy", ModelSource("base", None), responses=texts, response_ids=responses)
+    result = PolicyResult("base", ModelSource("base", None), responses=texts, response_ids=responses)
     score_responses([result], items, reward, tokenizer.pad_token_id, batch_size=1)
     torch.testing.assert_close(torch.tensor(result.rewards), ppo_scores, atol=1e-5, rtol=0)
     # the text path reads the cut-off response as finished and scores it differently
@@ -273,7 +313,7 @@ def test_rm_and_gold_scores_are_reported_against_sqrt_kl(report):
     pipeline's parent run each hold reward-model and gold scores against sqrt(KL)."""
     client, runs = report
     metrics = runs["eval"].data.metrics
-    for label in runs["eval"].data.tags["rlhf.eval.policies"].split():
+    for label in ("sft", "ppo", "dpo", "grpo"):
         assert metrics[f"eval/{label}/sqrt_kl"] == pytest.approx(max(metrics[f"eval/{label}/kl"], 0.0) ** 0.5)
     for stage in ("ppo", "grpo"):
         run_id = runs[stage].info.run_id
@@ -293,7 +333,7 @@ def test_eval_reports_each_category_of_the_task_apart(report, pipeline):
     prompt-weighted means give back the overall ones."""
     _, runs = report
     metrics = runs["eval"].data.metrics
-    labels = runs["eval"].data.tags["rlhf.eval.policies"].split()
+    labels = ["sft", "ppo", "dpo", "grpo"]
     table = json.loads(Path(pipeline.client.download_artifacts(runs["eval"].info.run_id, "eval/comparison.json")).read_text())
     from rlhf.tasks.assistant import parse_prompt
 
@@ -312,3 +352,152 @@ def test_eval_reports_each_category_of_the_task_apart(report, pipeline):
             rate = metrics[f"eval/{label}/win_rate_gold/{category}"]
             assert metrics[f"eval/{label}/win_rate_gold/{category}_low"] <= rate <= metrics[f"eval/{label}/win_rate_gold/{category}_high"]
     assert not any(f"eval/{labels[0]}/win_rate" in key for key in metrics)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The judge of the best policy
+
+
+def test_judge_is_a_checked_stage_key(compose):
+    from rlhf.config import validate
+    from rlhf.errors import ConfigError
+    from rlhf.stages.evaluate.module import _judge
+
+    assert validate(compose(["stage=eval", "tracking=none"])).stage.judge == "auto"
+    with pytest.raises(ConfigError, match=r"stage.judge: must be one of auto, gold, rm, got 'human'"):
+        validate(compose(["stage=eval", "tracking=none", "stage.judge=human"]))
+    assert (_judge("auto", True, "p"), _judge("auto", False, "p"), _judge("rm", True, "p")) == ("gold", "rm", "rm")
+    with pytest.raises(ConfigError, match=r"stage.judge=gold: the prompts \(my.jsonl\) have no gold annotator"):
+        _judge("gold", False, "my.jsonl")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Lineage: runs chained by directory are followed to the runs that wrote the directories
+
+
+def _finished_run(client, experiment_id: str, tags: dict, params: dict | None = None) -> str:
+    from mlflow.entities import Param, RunTag
+
+    run_id = client.create_run(experiment_id).info.run_id
+    client.log_batch(run_id, params=[Param(k, v) for k, v in (params or {}).items()],
+                     tags=[RunTag(k, v) for k, v in tags.items()])
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+def _model_dir(path: Path) -> Path:
+    (path / "model").mkdir(parents=True)
+    (path / "model" / "config.json").write_text("{}")
+    return path / "model"
+
+
+@pytest.mark.parametrize("log_model", [True, False])
+def test_lineage_follows_sources_given_as_directories(tmp_path, monkeypatch, log_model):
+    """SFT, RM and PPO chained by directory (a relative one too), then the default evaluation: the
+    baseline and reference are the SFT run and the reward the RM run, not the base weights; a policy
+    given as a directory is the run that wrote it."""
+    from conftest import stage_config, store_uri
+
+    from rlhf.lineage import ModelSource
+    from rlhf.stages.evaluate.module import _lineage_defaults, _recorded_run
+    from rlhf.tracking import Tracker, open_store
+
+    monkeypatch.chdir(tmp_path)
+    client, uri, exp = open_store(store_uri(tmp_path), str(tmp_path), "chained")
+    params = {"tracking.log_model": str(log_model)}
+    sft_dir, rm_dir, _ = _model_dir(tmp_path / "sft"), _model_dir(tmp_path / "rm"), _model_dir(tmp_path / "ppo")
+    other = _finished_run(client, exp, {"rlhf.stage": "sft", "rlhf.output_dir": str(tmp_path / "other")}, params)
+    sft = _finished_run(client, exp, {"rlhf.stage": "sft", "rlhf.output_dir": str(tmp_path / "sft")}, params)
+    rm = _finished_run(client, exp, {"rlhf.stage": "rm", "rlhf.output_dir": str(tmp_path / "rm"),
+                                     "rlhf.init_from": str(sft_dir)}, params)
+    _finished_run(client, exp, {"rlhf.stage": "dpo", "rlhf.output_dir": str(tmp_path / "dpo"),
+                                "rlhf.init_from": "latest", "rlhf.init_from.run_id": other}, params)
+    ppo = _finished_run(client, exp, {"rlhf.stage": "ppo", "rlhf.output_dir": str(tmp_path / "ppo"),
+                                      "rlhf.policy_from": "sft/model", "rlhf.reward_from": str(rm_dir)}, params)
+    tracker = Tracker(client, client.create_run(exp).info.run_id, exp, uri)
+    stage = stage_config("eval", policies=None, reward_from="lineage", reference="lineage")
+
+    policies, reward_from, reference = _lineage_defaults(stage, tracker)
+
+    def spec(run_id: str, name: str) -> str:
+        return f"runs:/{run_id}/model" if log_model else str(tmp_path / name / "model")
+
+    assert policies == [spec(sft, "sft"), spec(ppo, "ppo")]  # the DPO run started from another SFT run
+    assert reward_from == spec(rm, "rm") and reference == spec(sft, "sft")
+    found = _recorded_run(tracker, ModelSource("sft/model", str(sft_dir)))
+    assert found.info.run_id == sft and found.data.tags["rlhf.stage"] == "sft"
+    assert _recorded_run(tracker, ModelSource("base", None)) is None
+    assert _recorded_run(tracker, ModelSource("elsewhere", str(_model_dir(tmp_path / "elsewhere")))) is None
+
+
+@pytest.mark.slow
+def test_eval_after_stages_chained_by_directory_compares_the_lineage(tmp_path, cli, mlflow_client):
+    """The whole way: SFT, RM and PPO each given the previous one's directory, then `stage=eval`."""
+    cli("experiment=smoke", "stage=sft", "output_dir=sft")
+    cli("experiment=smoke", "stage=rm", "stage.init_from=sft/model", "output_dir=rm", "stage.gold_eval_prompts=0")
+    cli("experiment=smoke", "stage=ppo", "stage.policy_from=sft/model", "stage.reward_from=rm/model", "output_dir=ppo")
+    cli("experiment=smoke", "stage=eval", "stage.num_prompts=8", "stage.perplexity_examples=0")
+    runs = {stage: runs_of(mlflow_client, "smoke", stage)[0] for stage in ("sft", "rm", "ppo", "eval")}
+    tags, metrics = runs["eval"].data.tags, runs["eval"].data.metrics
+    assert tags["rlhf.eval.policies"] == "sft ppo"
+    assert tags["rlhf.eval.sft.run_id"] == tags["rlhf.reference.run_id"] == runs["sft"].info.run_id
+    assert tags["rlhf.eval.ppo.run_id"] == runs["ppo"].info.run_id
+    assert tags["rlhf.reward_from.run_id"] == runs["rm"].info.run_id
+    assert metrics["eval/sft/kl"] == pytest.approx(0.0, abs=1e-5) and metrics["eval/ppo/kl"] > 0
+    assert "eval/ppo/win_rate_gold" in metrics
+
+
+# ---------------------------------------------------------------------------------------------------------
+# KL of what was sampled
+
+
+def test_eval_kl_is_of_the_distribution_sampled_with_top_k_and_top_p(tiny_model_config, tokenizer):
+    """With top-k the policy samples from its k likeliest tokens, renormalised: the KL to the reference
+    is that distribution's, exact at each position, so a policy against itself is no longer at 0."""
+    import dataclasses
+
+    import torch
+
+    from rlhf.data.tokenize import ChatRenderer, encode_prompts
+    from rlhf.models import load_causal_lm
+    from rlhf.policy import Sampler, episode_inputs, sampling_logprobs
+    from rlhf.stages.evaluate.module import response_kl
+
+    policy = load_causal_lm(tiny_model_config, None, seed=1).eval()
+    reference = load_causal_lm(tiny_model_config, None, seed=2).eval()
+    prompts = encode_prompts(ChatRenderer(tokenizer), ["What is 2 + 3?", "Name a colour.", "Say hello."])
+    rollout = dataclasses.replace(stage_config("eval").rollout, batch_size=2, max_new_tokens=5, temperature=0.7,
+                                  top_k=4, top_p=1.0)
+    responses = Sampler.from_rollout(rollout, tokenizer, policy)(policy, prompts, seed=0)
+
+    def expected(model, other, k: int) -> list[float]:
+        """Summed per position: sum over the k likeliest tokens of p (log p - log q), p renormalised over them."""
+        out = []
+        with torch.no_grad():
+            for prompt, response in zip(prompts, responses):
+                ids = torch.tensor([prompt + response])
+                at = slice(len(prompt) - 1, len(prompt) - 1 + len(response))
+                own = model(input_ids=ids).logits[0, at] / rollout.temperature
+                ref = torch.log_softmax(other(input_ids=ids).logits[0, at] / rollout.temperature, -1)
+                top, index = own.topk(k, dim=-1)
+                p = torch.softmax(top, -1)
+                out.append(float((p * (p.log() - ref.gather(-1, index))).sum()))
+        return out
+
+    pad = tokenizer.pad_token_id
+    kl = response_kl(policy, reference, prompts, responses, rollout, pad, "cpu")
+    assert kl == pytest.approx(expected(policy, reference, 4), rel=1e-4, abs=1e-5)
+    itself = response_kl(policy, policy, prompts, responses, rollout, pad, "cpu")
+    assert itself == pytest.approx(expected(policy, policy, 4), rel=1e-4, abs=1e-5)
+    assert min(itself) > 1.0  # what cutting the tail off the distribution costs, 5 tokens of a random model
+    full = dataclasses.replace(rollout, top_k=0)
+    assert response_kl(policy, policy, prompts, responses, full, pad, "cpu") == pytest.approx([0.0] * 3, abs=1e-5)
+    # Every sampled token lies in the distribution scored, top-p's nucleus included.
+    nucleus = dataclasses.replace(rollout, top_k=0, top_p=0.5)
+    sampled = Sampler.from_rollout(nucleus, tokenizer, policy)(policy, prompts, seed=0)
+    ids, mask, where, targets = episode_inputs(prompts, sampled, pad)
+    with torch.no_grad():
+        logprobs = sampling_logprobs(policy, ids, mask, where, nucleus.temperature, 0, 0.5)
+    assert torch.isfinite(logprobs.gather(-1, targets[:, None])).all()
+    assert torch.isinf(logprobs).any(dim=-1).all()  # and the tail is cut off at every position
+    assert min(response_kl(policy, policy, prompts, sampled, nucleus, pad, "cpu")) > 0

@@ -96,6 +96,15 @@ def test_k3_is_non_negative_and_both_vanish_when_the_distributions_agree():
     assert (rl.kl_penalty(logp, logp, "k3") == 0).all()
 
 
+def test_exact_kl_by_hand_with_a_truncated_distribution():
+    # p = (0.5, 0.5, 0) (cut to two tokens), q = (0.25, 0.25, 0.5): KL = 2 * 0.5 * log(0.5 / 0.25) = log 2
+    p = torch.tensor([[0.5, 0.5, 0.0], [0.2, 0.3, 0.5]]).log()
+    q = torch.tensor([[0.25, 0.25, 0.5], [0.2, 0.3, 0.5]]).log()
+    torch.testing.assert_close(rl.kl_divergence(p, q), torch.tensor([math.log(2), 0.0]))
+    # a token p samples that q rules out: infinitely far, not silently dropped
+    assert rl.kl_divergence(q.flip(0)[:1], p[:1]).isinf().all()
+
+
 def test_kl_penalty_rejects_an_unknown_estimator():
     with pytest.raises(ValueError, match="k2"):
         rl.kl_penalty(t([0.0]), t([0.0]), "k2")

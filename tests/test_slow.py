@@ -42,8 +42,8 @@ def test_reduced_quickstart_loop_ppo_raises_the_gold_score_over_sft(cli, mlflow_
     assert ppo.data.tags["rlhf.policy_from.run_id"] == sft.info.run_id
     (report,) = runs_of(mlflow_client, "quickstart", "eval")
     metrics = report.data.metrics
-    sft_label = next(k.split("/")[1] for k in metrics if k.startswith("eval/0-sft-") and k.endswith("/gold_mean"))
-    ppo_label = next(k.split("/")[1] for k in metrics if k.startswith("eval/1-ppo-") and k.endswith("/gold_mean"))
-    sft_gold, ppo_gold = metrics[f"eval/{sft_label}/gold_mean"], metrics[f"eval/{ppo_label}/gold_mean"]
+    assert report.data.tags["rlhf.eval.ppo.run_id"] == ppo.info.run_id
+    sft_gold, ppo_gold = metrics["eval/sft/gold_mean"], metrics["eval/ppo/gold_mean"]
     assert ppo_gold > sft_gold, (ppo_gold, sft_gold)
-    assert metrics[f"eval/{ppo_label}/win_rate_gold"] > 0.5
+    assert metrics["eval/ppo/win_rate_gold"] > 0.5
+    assert report.data.tags["rlhf.eval.best_stage"] == "ppo"

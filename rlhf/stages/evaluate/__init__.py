@@ -15,6 +15,9 @@ from omegaconf import MISSING
 from rlhf.config import BaseStageConfig, RolloutConfig
 from rlhf.stages import Stage
 
+# Who picks the best policy: auto (gold when the data has a gold annotator, else the reward model) | gold | rm.
+JUDGE_SETTINGS = ("auto", "gold", "rm")
+
 
 @dataclass
 class EvalStageConfig(BaseStageConfig):
@@ -28,6 +31,7 @@ class EvalStageConfig(BaseStageConfig):
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     perplexity_examples: int = MISSING
     confidence: float = MISSING
+    judge: str = MISSING
 
     def problems(self) -> list[tuple[str, str]]:
         out = super().problems()
@@ -39,6 +43,8 @@ class EvalStageConfig(BaseStageConfig):
             out.append(("perplexity_examples", f"must be >= 0, got {self.perplexity_examples}"))
         if not 0 < self.confidence < 1:
             out.append(("confidence", f"must be in (0, 1), got {self.confidence}"))
+        if self.judge not in JUDGE_SETTINGS:
+            out.append(("judge", f"must be one of {', '.join(JUDGE_SETTINGS)}, got {self.judge!r}"))
         return out
 
 
@@ -49,6 +55,8 @@ STAGE = Stage(
     # policies: `latest` alone means the newest PPO run; the default (stage.policies=null) is the
     # newest lineage of every evaluated stage (see module._lineage_defaults).
     sources={"policies": "ppo", "reference": "sft", "reward_from": "rm"},
-    objective=("eval/win_rate_rm", "maximize"),
+    # The best policy's win rate against the baseline by stage.judge (rlhf.report); a sweep's parent
+    # records that policy as its best run.
+    objective=("eval/best/win_rate", "maximize"),
     bench=None,
 )

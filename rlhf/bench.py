@@ -38,6 +38,7 @@ import torch
 from omegaconf import DictConfig, open_dict
 
 from rlhf.config import register_configs
+from rlhf.config.precision import matmul_seconds
 from rlhf.layout import config_dir
 
 register_configs()
@@ -58,30 +59,46 @@ def matmul_dtype(precision: str | int) -> torch.dtype:
     return torch.float32
 
 
+def probe_size(
+    seconds_of: Callable[[int], float], largest: int, budget: float = 0.05, smallest: int = 256
+) -> int:
+    """The size of the matrix product that samples a rate: the largest power-of-two multiple of
+    `smallest`, up to `largest`, whose product takes at most `budget` seconds (`seconds_of(size)`),
+    so that a slow arithmetic (bf16 emulated without bf16 instructions, 50x below fp32) is sampled
+    in milliseconds rather than the minutes its 2048 x 2048 products would take."""
+    size = smallest
+    while size * 2 <= largest and seconds_of(size) * 8 <= budget:  # the next size costs 8x as much
+        size *= 2
+    return size
+
+
 class MatmulRate(pl.Callback):
     """Samples this machine's matrix-multiply rate (FLOP/s of one size x size product) in fp32 and in
     bf16: a burst before and after the workload, and a pair of products after a timed step whenever
     `interval` seconds have passed since the last sample (after the step's timing ends: callbacks
     run in order). `in_force` is the dtype the run's products use, the ceiling its MFU is measured
     against: with bf16 arithmetic about 3x the fp32 rate on processors with AMX, so an fp32
-    denominator would read a bf16 run's MFU above 1."""
+    denominator would read a bf16 run's MFU above 1. Each dtype's product size is chosen once by
+    `probe_size`, at most `size`."""
 
-    def __init__(self, warmup: int, in_force: torch.dtype = torch.float32, size: int = 2048, interval: float = 2.0):
-        self.warmup, self.interval, self.in_force = warmup, interval, in_force
-        generator = torch.Generator().manual_seed(0)
-        self.a, self.b = torch.randn(size, size, generator=generator), torch.randn(size, size, generator=generator)
+    def __init__(
+        self, warmup: int, in_force: torch.dtype = torch.float32, size: int = 2048, interval: float = 2.0
+    ):
+        self.warmup, self.interval, self.in_force, self.largest = warmup, interval, in_force, size
         self.dtypes = list(dict.fromkeys([torch.float32, torch.bfloat16, in_force]))
         self.readings: dict[torch.dtype, list[float]] = {dtype: [] for dtype in self.dtypes}
+        self.sizes: dict[torch.dtype, int] = {}
         self._last = 0.0
 
     def sample(self, repeats: int) -> None:
         for dtype in self.dtypes:
-            a, b = self.a.to(dtype), self.b.to(dtype)
-            a @ b  # warm caches and threads
-            for _ in range(repeats):
-                start = time.perf_counter()
-                a @ b
-                self.readings[dtype].append(2 * a.shape[0] ** 3 / (time.perf_counter() - start))
+            if dtype not in self.sizes:
+                seconds_of = lambda n, d=dtype: matmul_seconds(d, n, 1)[0]  # noqa: E731
+                self.sizes[dtype] = probe_size(seconds_of, self.largest, smallest=min(256, self.largest))
+            size = self.sizes[dtype]
+            self.readings[dtype].extend(
+                2 * size**3 / seconds for seconds in matmul_seconds(dtype, size, repeats)
+            )
         self._last = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

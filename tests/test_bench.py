@@ -101,3 +101,19 @@ def test_mfu_denominator_follows_the_precision():
     rate.sample(2)
     assert {dtype: len(values) for dtype, values in rate.readings.items()} == {torch.float32: 2, torch.bfloat16: 2}
 
+
+
+def test_rate_probe_shrinks_for_an_arithmetic_too_slow_to_sample_at_full_size():
+    from rlhf.bench import probe_size
+
+    def at(gflops: float):
+        return lambda size: 2 * size**3 / (gflops * 1e9)
+
+    # fp32 at 70 GFLOP/s reaches the full size; bf16 emulated at 1.3 GFLOP/s (13 s per 2048 product
+    # on such a processor) is sampled at 256, 35 ms a product.
+    assert probe_size(at(70), largest=2048, budget=1.0) == 2048
+    assert probe_size(at(1.3), largest=2048, budget=0.05) == 256
+    assert probe_size(at(1e4), largest=512) == 512
+    rate = MatmulRate(warmup=0, in_force=torch.float32, size=64)
+    rate.sample(1)
+    assert set(rate.sizes.values()) == {64}

@@ -12,26 +12,43 @@ from rlhf.errors import ConfigError
 
 X86_WITH_BF16 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_tile amx_bf16\n"
 X86_WITHOUT = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni\n"
-# bf16 dot products without AMX tiles: torch's bf16 matmuls run at about half its fp32 rate there
-X86_AVX512_BF16_ONLY = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni avx512_bf16\n"
 
 
-@pytest.mark.parametrize(("cpuinfo", "expected"), [
-    (X86_WITH_BF16, "bf16-mixed"), (X86_WITHOUT, "32-true"), (X86_AVX512_BF16_ONLY, "32-true"),
+@pytest.mark.parametrize(("cpuinfo", "speedup", "expected"), [
+    (X86_WITH_BF16, 3.0, "bf16-mixed"),
+    # The same flags on a processor whose bf16 products run at half the fp32 rate.
+    (X86_WITH_BF16, 0.5, "32-true"),
+    (X86_WITH_BF16, 1.1, "32-true"),
 ])
-def test_auto_precision_follows_the_processor_flags(tmp_path, monkeypatch, cpuinfo, expected):
-    monkeypatch.setattr("platform.machine", lambda: "x86_64")
+def test_auto_precision_decides_from_the_measured_bf16_rate(tmp_path, monkeypatch, cpuinfo, speedup, expected):
+    monkeypatch.setattr("rlhf.config.precision.measured_bf16_speedup", lambda: speedup)
     path = tmp_path / "cpuinfo"
     path.write_text(cpuinfo)
     trainer = {"accelerator": "cpu", "precision": "auto", "devices": 1}
     assert resolve_precision(trainer, path) == {**trainer, "precision": expected}
 
 
-def test_auto_precision_is_fp32_on_other_architectures_and_unreadable_cpuinfo(tmp_path):
-    assert auto_precision("cpu", {"bf16", "asimd"}, machine="aarch64")[0] == "32-true"
-    assert cpu_flags(tmp_path / "missing") == set()
-    assert auto_precision("cpu", set(), machine="x86_64")[0] == "32-true"
-    assert auto_precision("cpu", {"amx_bf16"}, machine="x86_64")[0] == "bf16-mixed"
+def test_auto_precision_measures_nothing_without_bf16_instructions(tmp_path):
+    def measure():
+        raise AssertionError("measured although the processor has no bf16 instructions")
+
+    precision, why = auto_precision("cpu", cpu_flags_of(tmp_path, X86_WITHOUT), measure)
+    assert precision == "32-true" and "no bf16 instructions" in why
+    assert auto_precision("cpu", cpu_flags(tmp_path / "missing"), measure)[0] == "32-true"
+    precision, why = auto_precision("cpu", {"bf16", "asimd"}, lambda: 2.0)
+    assert precision == "bf16-mixed" and "2.00x" in why
+
+
+def test_the_measured_speedup_is_a_positive_ratio_of_this_machine():
+    from rlhf.config.precision import measured_bf16_speedup
+
+    assert measured_bf16_speedup(size=32) > 0
+
+
+def cpu_flags_of(tmp_path, cpuinfo: str) -> set[str]:
+    path = tmp_path / "cpuinfo"
+    path.write_text(cpuinfo)
+    return cpu_flags(path)
 
 
 def test_explicit_precision_is_kept(tmp_path):

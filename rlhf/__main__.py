@@ -52,7 +52,9 @@ def quiet_libraries() -> None:
     import transformers
 
     # PEFT still reads transformers' deprecated alias when it wraps a model: not the user's to fix.
-    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    warnings.filterwarnings(
+        "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+    )
 
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
@@ -90,6 +92,16 @@ def _app(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
+    from rlhf import help
+
+    asked = help.requested(sys.argv[1:])
+    if asked is not None:
+        text, found = help.render(*asked)
+        try:
+            print(text, file=sys.stdout if found else sys.stderr, flush=True)
+        except BrokenPipeError:  # `--help | head`: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0 if found else 2)
     # Hydra prints its composition errors over several lines and exits 1; we let them reach us and
     # print one line instead (unless the user asked for full tracebacks with HYDRA_FULL_ERROR=1).
     full_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"

@@ -246,11 +246,11 @@ def test_cfg_job_prints_the_defaults(cli, compose):
 # 3. --help
 
 
-def test_help_lists_groups_and_options(cli):
+def test_help_lists_the_groups_a_user_picks_and_the_whole_pipeline(cli):
     result = cli("--help")
     assert result.returncode == 0
-    assert "== Configuration groups ==" in result.stdout, result.stdout
-    section = result.stdout.split("== Configuration groups ==", 1)[1].split("\n==", 1)[0]
+    assert "Config groups (group=option):" in result.stdout, result.stdout
+    section = result.stdout.split("Config groups (group=option):", 1)[1].split("\n\n", 1)[0]
     listed = {}
     for line in section.splitlines():
         match = re.match(r"^([\w/.-]+): (.+)$", line.strip())
@@ -258,6 +258,21 @@ def test_help_lists_groups_and_options(cli):
             listed[match[1]] = sorted(option.strip() for option in match[2].split(","))
     for group in USER_GROUPS:
         assert listed.get(group) == options(group), f"--help lists {group}: {listed.get(group)}"
+    # The composition's own groups are not the user's to pick.
+    assert not {"experiment_stage", "schema/stage", "schema"} & set(listed), listed
+    assert "stage=sft,rm,ppo,dpo,grpo,eval" in result.stdout
+    assert "--help stage=ppo" in result.stdout
+
+
+def test_help_for_one_option_prints_its_keys_with_their_meaning(cli):
+    result = cli("--help", "stage=ppo")
+    assert result.returncode == 0
+    text = (config_dir() / "stage" / "ppo.yaml").read_text()
+    assert text.strip() in result.stdout
+    assert "# Reward: latest" in result.stdout  # the comments that say what a key means
+    unknown = cli("--help", "stage=ppx", check=False)
+    assert unknown.returncode == 2
+    assert "rlhf: error: stage=ppx: no such option; stage options: dpo, eval, grpo, ppo, rm, sft" in unknown.stderr
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -752,3 +752,23 @@ def test_prepare_sft_reports_kept_and_truncated_examples(tmp_path, tokenizer):
     assert not any(key.endswith("truncated_prompt") for key in prepared.stats)
     references = [r for refs in prepared.references.values() for r in refs]
     assert rows[0]["completion"] in references
+
+
+def test_records_cut_in_several_splits_make_one_warning_that_says_what_to_raise(caplog):
+    import logging
+
+    from rlhf.data.prepare import Prepared, _warn_dropped
+
+    prepared = Prepared(splits={"train": [1] * 256, "validation": [1] * 200, "test": [1] * 200})
+    prepared.stats = {
+        "data/sft_train_examples": 256, "data/sft_train_truncated_response": 20,
+        "data/sft_validation_examples": 200, "data/sft_validation_truncated_response": 15,
+        "data/sft_test_examples": 200,
+    }
+    with caplog.at_level(logging.WARNING, logger="rlhf.data.prepare"):
+        _warn_dropped("sft", prepared)
+    (record,) = caplog.records
+    assert record.getMessage() == (
+        "data.sft: train 256 kept (20 truncated response); validation 200 kept (15 truncated response). "
+        "To keep them: raise data.max_length"
+    )

@@ -98,15 +98,62 @@ def test_trainer_values_are_checked_against_the_trainer_signature(compose, key, 
 
 
 def test_with_a_terminal_the_bar_stays_and_without_one_it_is_replaced(monkeypatch):
+    from pytorch_lightning.callbacks import ProgressBar
+
     from rlhf import progress
 
     monkeypatch.setattr(progress, "has_terminal", lambda: True)
     args = {"enable_progress_bar": True}
-    assert progress.progress_callbacks(args) == [] and args["enable_progress_bar"] is True
+    (bar,) = progress.progress_callbacks(args)
+    assert isinstance(bar, ProgressBar) and args["enable_progress_bar"] is True
     monkeypatch.setattr(progress, "has_terminal", lambda: False)
     monkeypatch.setenv(progress.INTERVAL_ENV, "5")
     (callback,) = progress.progress_callbacks(args)
     assert callback.interval == 5.0 and args["enable_progress_bar"] is False
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_the_bar_counts_to_where_max_steps_stops_training_and_shows_no_logger_version(monkeypatch, tmp_path, accumulate):
+    import pytorch_lightning as pl
+    import torch
+    from pytorch_lightning.loggers import CSVLogger
+
+    from rlhf import progress
+
+    class Tiny(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, batch_idx):
+            loss = self.layer(batch).pow(2).mean()
+            self.log("train/loss", loss, prog_bar=True)
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(torch.randn(32, 2), batch_size=1)
+
+    seen = {}
+
+    class Watch(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            bar = trainer.progress_bar_callback
+            seen["total"] = bar.total_train_batches
+            seen["metrics"] = bar.get_metrics(trainer, pl_module)
+
+    monkeypatch.setattr(progress, "has_terminal", lambda: True)
+    args = {"enable_progress_bar": True}
+    trainer = pl.Trainer(
+        max_steps=12, max_epochs=1, accumulate_grad_batches=accumulate, logger=CSVLogger(tmp_path), enable_checkpointing=False,
+        callbacks=[*progress.progress_callbacks(args), Watch()], default_root_dir=tmp_path,
+    )
+    trainer.fit(Tiny())
+    # Lightning's own bar counts the epoch's 32 batches although training stops at 12 steps.
+    assert seen["total"] == min(32, 12 * accumulate)
+    assert "v_num" not in seen["metrics"] and "train/loss" in seen["metrics"]
 
 
 def test_a_bad_progress_interval_names_the_variable(monkeypatch):

@@ -208,3 +208,13 @@ def test_ddp_on_cpu_records_one_run(tmp_path, cli, mlflow_client):
     assert run.data.params["trainer.strategy"] == "ddp"
     assert run.data.metrics["val/loss"] > 0
     assert (Path(run.data.tags["rlhf.output_dir"]) / "model" / "model.safetensors").is_file()
+
+
+def test_logged_samples_show_blank_and_repetitive_responses_for_what_they_are():
+    from rlhf.stages.sft.module import shown
+
+    assert shown("." * 48) == "\"['.' x 48]\""
+    assert shown("  ") == "(empty: '  ')"
+    assert shown("The answer is 4.") == "'The answer is 4.'"
+    assert shown("x" * 300).endswith("...'") is False  # one run of a character is counted, not cut
+    assert len(shown("ab" * 200)) <= 125

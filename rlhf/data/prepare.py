@@ -45,10 +45,39 @@ def _report(kind: str, split: str, kept: int, stats: DataStats, out: dict[str, f
     out[f"data/{kind}_{split}_examples"] = kept
     for reason, n in sorted(stats.counts.items()):
         out[f"data/{kind}_{split}_{reason}"] = n
-    if stats.total:
-        detail = ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in sorted(stats.counts.items()))
-        log.warning("data.%s %s: %d examples kept; %s", kind, split, kept, detail)
 
+
+def _warn_dropped(kind: str, prepared: Prepared) -> None:
+    """One warning for a source, every split in it, with what to change: not one per split."""
+    prefix = f"data/{kind}_"
+    per_split = {}
+    for split in prepared.splits:
+        counts = {
+            key[len(f"{prefix}{split}_") :]: n
+            for key, n in prepared.stats.items()
+            if key.startswith(f"{prefix}{split}_") and key != f"{prefix}{split}_examples" and n
+        }
+        if counts:
+            per_split[split] = counts
+    if not per_split:
+        return
+    parts = [
+        f"{split} {int(prepared.stats[f'{prefix}{split}_examples'])} kept ("
+        + ", ".join(f"{int(n)} {reason.replace('_', ' ')}" for reason, n in sorted(counts.items()))
+        + ")"
+        for split, counts in per_split.items()
+    ]
+    reasons = sorted({reason for counts in per_split.values() for reason in counts})
+    hints = "; ".join(dict.fromkeys(DROPPED_HINTS[r] for r in reasons if r in DROPPED_HINTS))
+    log.warning("data.%s: %s%s", kind, "; ".join(parts), f". To keep them: {hints}" if hints else "")
+
+
+# What to change to keep records skipped or cut for a reason.
+DROPPED_HINTS = {
+    "truncated_response": "raise data.max_length",
+    "truncated_prompt": "raise data.max_prompt_length",
+    "prompt_too_long": "raise data.max_prompt_length (and data.max_length)",
+}
 
 # What to change when a reason leaves no record usable.
 NOTHING_LEFT_HINTS = {
@@ -73,11 +102,15 @@ def nothing_left(key: str, origin: str, what: str, records: int, stats: DataStat
 
 def prepare_sft(data: DataConfig, renderer: ChatRenderer, seed: int) -> Prepared:
     """Tokenised SFT examples {input_ids, labels} for every split of data.sft."""
-    sources = load_source(data.sft, "data.sft", data.validation_fraction, seed, data.task_seed, data.task_noise)
+    sources = load_source(
+        data.sft, "data.sft", data.validation_fraction, seed, data.task_seed, data.task_noise
+    )
     prepared = Prepared({})
     for split, source in sources.items():
         stats = DataStats(Counter())
-        examples = sft_examples(source.records, data.sft.format, source.origin, "data.sft", data.strict, stats)
+        examples = sft_examples(
+            source.records, data.sft.format, source.origin, "data.sft", data.strict, stats
+        )
         encoded = encode_pairs(
             renderer,
             [e.prompt for e in examples],
@@ -88,12 +121,15 @@ def prepare_sft(data: DataConfig, renderer: ChatRenderer, seed: int) -> Prepared
             where=f"{source.origin}: ",
             strict=data.strict,
         )
-        prepared.splits[split] = [sft_features(p, r) for p, r in zip(encoded.prompt_ids, encoded.response_ids)]
+        prepared.splits[split] = [
+            sft_features(p, r) for p, r in zip(encoded.prompt_ids, encoded.response_ids)
+        ]
         prepared.prompts[split] = [examples[i].prompt for i in encoded.kept]
         prepared.references[split] = [examples[i].completion for i in encoded.kept]
         _report("sft", split, len(prepared.splits[split]), stats, prepared.stats)
         if not prepared.splits[split]:
             raise nothing_left("data.sft", source.origin, "examples", len(source.records), stats)
+    _warn_dropped("sft", prepared)
     return prepared
 
 
@@ -134,6 +170,7 @@ def prepare_preferences(data: DataConfig, renderer: ChatRenderer, seed: int) -> 
         for split, names in slices.items():
             for feature, name in zip(prepared.splits[split], names, strict=True):
                 feature["slice"] = index[name]
+    _warn_dropped("preference", prepared)
     return prepared
 
 
@@ -143,7 +180,9 @@ def prepare_prompts(data: DataConfig, renderer: ChatRenderer, seed: int, max_new
     A prompt must leave room for max_new_tokens within data.max_length (and fit data.max_prompt_length);
     longer ones are skipped and counted as prompt_too_long.
     """
-    sources = load_source(data.prompts, "data.prompts", data.validation_fraction, seed, data.task_seed, data.task_noise)
+    sources = load_source(
+        data.prompts, "data.prompts", data.validation_fraction, seed, data.task_seed, data.task_noise
+    )
     limit = min(data.max_prompt_length, data.max_length - max_new_tokens)
     if limit < 1:
         raise DataError(
@@ -163,7 +202,9 @@ def prepare_prompts(data: DataConfig, renderer: ChatRenderer, seed: int, max_new
         for prompt, ids in zip(prompts, encode_prompts(renderer, prompts)):
             if len(ids) > limit:
                 if data.strict:
-                    raise DataError(f"{source.origin}: a prompt of {len(ids)} tokens is over {limit} (data.strict=true)")
+                    raise DataError(
+                        f"{source.origin}: a prompt of {len(ids)} tokens is over {limit} (data.strict=true)"
+                    )
                 stats.add("prompt_too_long")
                 continue
             items.append({"prompt": prompt, "prompt_ids": ids})
@@ -174,6 +215,7 @@ def prepare_prompts(data: DataConfig, renderer: ChatRenderer, seed: int, max_new
         _report("prompts", split, len(items), stats, prepared.stats)
         if not items:
             raise nothing_left("data.prompts", source.origin, "prompts", len(source.records), stats)
+    _warn_dropped("prompts", prepared)
     return prepared
 
 
@@ -248,7 +290,13 @@ class PairCollator:
     token that follows it), so positions may repeat.
     """
 
-    def __init__(self, pad_token_id: int, multiple_of: int = 8, share_prefix: bool = False, response_tokens: bool = False):
+    def __init__(
+        self,
+        pad_token_id: int,
+        multiple_of: int = 8,
+        share_prefix: bool = False,
+        response_tokens: bool = False,
+    ):
         self.pad_token_id = pad_token_id
         self.multiple_of = multiple_of
         self.share_prefix = share_prefix
@@ -274,7 +322,8 @@ class PairCollator:
         }
         offsets = accumulate((len(g["responses"]) for g in groups[:-1]), initial=0)
         per_pair["pair_index"] = torch.tensor(
-            [(offset + a, offset + b) for g, offset in zip(groups, offsets) for a, b in g["pairs"]], dtype=torch.long
+            [(offset + a, offset + b) for g, offset in zip(groups, offsets) for a, b in g["pairs"]],
+            dtype=torch.long,
         )
         for key in PER_RESPONSE_FIELDS:
             if key in groups[0]:
@@ -304,7 +353,10 @@ class PairCollator:
             starts = [g["prompt_length"] for g in groups for _ in g["responses"]]
             # Response n sits in row n: its token j is predicted at position j - 1 of that row.
             width = mask.shape[1]
-            where = [[n * width + j - 1 for j in range(max(s, 1), len(r))] for n, (r, s) in enumerate(zip(responses, starts))]
+            where = [
+                [n * width + j - 1 for j in range(max(s, 1), len(r))]
+                for n, (r, s) in enumerate(zip(responses, starts))
+            ]
             batch.update(_targets(responses, starts, where))
         return batch
 
@@ -317,7 +369,12 @@ class PairCollator:
                 # A response's token k lies at k within the prefix, at rest + (k - p) after it; its
                 # token j is predicted where token j - 1 lies.
                 first = max(group["prompt_length"], 1)
-                where.append([row * width + (j - 1 if j - 1 < p else rest + j - 1 - p) for j in range(first, len(response))])
+                where.append(
+                    [
+                        row * width + (j - 1 if j - 1 < p else rest + j - 1 - p)
+                        for j in range(first, len(response))
+                    ]
+                )
                 responses.append(response)
                 starts.append(group["prompt_length"])
                 rest += len(response) - p

@@ -125,6 +125,20 @@ def test_malformed_data_fails_with_one_line_and_a_failed_run(tmp_path, cli, mlfl
     assert f"{data}:2" in run.data.tags["rlhf.error"]
 
 
+def test_diverged_run_fails_and_saves_no_model(tmp_path, cli, mlflow_client):
+    result = cli(*SMOKE, "stage.lr=1e12", "trainer.max_steps=6", check=False)
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("rlhf: error: training diverged: the "), lines[-1]
+    assert " at step " in lines[-1] and ("loss" in lines[-1] or "gradient norm" in lines[-1]), lines[-1]
+    assert "Traceback" not in result.stderr
+    (run,) = runs_of(mlflow_client, "smoke")
+    assert run.info.status == "FAILED"
+    assert "training diverged" in run.data.tags["rlhf.error"]
+    assert "model" not in {a.path for a in mlflow_client.list_artifacts(run.info.run_id)}
+    assert not (Path(run.data.tags["rlhf.output_dir"]) / "model").exists()
+
+
 def test_missing_column_names_the_file_and_columns(tmp_path, cli):
     data = tmp_path / "cols.jsonl"
     data.write_text("\n".join(json.dumps({"question": f"q{i}", "answer": "b"}) for i in range(4)))

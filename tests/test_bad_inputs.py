@@ -33,6 +33,9 @@ CASES = [
     ("csv-not-utf8", ["data.sft.path={d}/latin1.csv"], ["latin1.csv:2", "UTF-8"]),
     ("empty-csv", ["data.sft.path={d}/empty.csv"], ["empty.csv", "empty"]),
     ("one-record", ["data.sft.path={d}/one.jsonl"], ["one.jsonl", "at least 2"]),
+    # the wrong columns are the culprit, however few the records
+    ("one-record-wrong-columns", ["data.sft.path={d}/one_qa.jsonl"], ["one_qa.jsonl", "'prompt'", "question"]),
+    ("one-prompt-repeated", ["data.sft.path={d}/same_prompt.jsonl"], ["same_prompt.jsonl", "2 distinct prompts"]),
     # columns
     ("unknown-columns-sft", ["data.sft.path={d}/qa.jsonl"], ["qa.jsonl", "'prompt'", "question", "data.sft.columns"]),
     (
@@ -116,6 +119,8 @@ def workspace(tmp_path_factory):
     (d / "latin1.csv").write_bytes(b"prompt,completion\ncaf\xe9,b\nx,y\n")
     (d / "empty.csv").write_text("")
     _write_jsonl(d / "one.jsonl", GOOD_SFT[:1])
+    _write_jsonl(d / "one_qa.jsonl", [{"question": "q", "answer": "a"}])
+    _write_jsonl(d / "same_prompt.jsonl", [{"prompt": "Hi?", "completion": f"Hello {i}."} for i in range(12)])
     _write_jsonl(d / "qa.jsonl", [{"question": f"q{i}", "answer": f"a{i}"} for i in range(12)])
     _write_jsonl(d / "blank.jsonl", [{"prompt": f"q{i}", "completion": "  "} for i in range(12)])
     _write_jsonl(d / "identical.jsonl", [{"prompt": f"q{i}", "chosen": "same", "rejected": "same"} for i in range(12)])

@@ -191,6 +191,16 @@ def _judge(setting: str, has_gold: bool, prompts_path: str) -> str:
     return setting
 
 
+def held_out_split(splits: dict, wanted: str, key: str, tracker: Tracker) -> str:
+    """The split to evaluate on: `wanted`, or validation when the data has none such, said in the log
+    and in a tag, since validation prompts may have steered training (its checkpoints, early stops)."""
+    if wanted in splits:
+        return wanted
+    log.warning("%s has no %s split: evaluating on its validation split instead", key, wanted)
+    tracker.set_tags({f"{TAG_PREFIX}eval.{key}.split": f"validation (no {wanted} split)"})
+    return "validation"
+
+
 def build(run: RunConfig, tracker: Tracker) -> StageJob:
     stage: EvalStageConfig = run.stage
     specs, reward_spec, reference_spec = _lineage_defaults(stage, tracker)
@@ -220,13 +230,14 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
     tokenizer = models.load_tokenizer(run.model, sources[-1].location)
     renderer = ChatRenderer(tokenizer, run.data.chat_template)
     prompts_data = prepare_prompts(run.data, renderer, run.seed, stage.rollout.max_new_tokens)
-    split = stage.split if stage.split in prompts_data.splits else "validation"
+    split = held_out_split(prompts_data.splits, stage.split, "data.prompts", tracker)
     items = prompts_data.splits[split][: stage.num_prompts]
     gold = load_gold(run.data.gold_reward, run.data.prompts.path)
     sft_test = None
     if stage.perplexity_examples:
         sft_data = prepare_sft(run.data, renderer, run.seed)
-        sft_test = (sft_data.splits.get("test") or sft_data.splits["validation"])[: stage.perplexity_examples]
+        sft_split = held_out_split(sft_data.splits, "test", "data.sft", tracker)
+        sft_test = sft_data.splits[sft_split][: stage.perplexity_examples]
     rollout = stage.rollout
     about = {
         "Prompts": f"{len(items)} from the {split} split of {run.data.prompts.path}",

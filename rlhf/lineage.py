@@ -150,7 +150,15 @@ def find_resume_point(resume: object, stage: str, client, experiment_id: str | N
     if RUN_ID_PATTERN.match(text):
         if client is None:
             raise LineageError(f"resume={text} needs MLflow tracking")
-        run = client.get_run(text)
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = client.get_run(text)
+        except MlflowException:
+            raise LineageError(
+                f"resume={text}: no run with this id in the MLflow store ({client.tracking_uri}); "
+                "give one of its run ids, a checkpoint file, or `true`"
+            ) from None
         output_dir = run.data.tags.get(f"{TAG_PREFIX}output_dir", "")
         ckpt = newest_checkpoint(output_dir) if output_dir else None
         if ckpt is None:

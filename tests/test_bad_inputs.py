@@ -93,7 +93,13 @@ CASES = [
     ("devices-not-a-count", ["trainer.devices=many"], ["trainer.devices"]),
     ("unknown-precision", ["trainer.precision=13"], ["trainer.precision"]),
     ("accelerator-not-installed", ["trainer.accelerator=tpu"], ["trainer.accelerator"]),
+    # where results go
+    ("tracking-uri-unwritable", ["tracking.uri=sqlite:////proc/rlhf-nowhere/mlflow.db"], ["tracking.uri", "/proc/rlhf-nowhere"]),
+    ("output-dir-is-a-file", ["output_dir={d}/sft.jsonl"], ["output_dir", "sft.jsonl is a file"]),
+    ("output-dir-inside-a-file", ["output_dir={d}/sft.jsonl/out"], ["output_dir", "inside", "a file"]),
+    ("output-dir-unwritable", ["output_dir=/proc/rlhf-out"], ["output_dir=/proc/rlhf-out", "cannot be written"]),
     # lineage
+    ("resume-unknown-run", ["resume=0123456789abcdef0123456789abcdef"], ["resume=0123456789abcdef0123456789abcdef", "no run"]),
     ("reward-from-base", ["stage=ppo", "stage.policy_from=base", "stage.reward_from=base"], ["stage.reward_from"]),
 ]
 

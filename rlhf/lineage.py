@@ -62,16 +62,34 @@ def latest_finished_run(client, experiment_id: str, stage: str):
     return runs[0] if runs else None
 
 
-def resolve_source(spec: str, key: str, needed_stage: str | None, tracker: Tracker) -> ModelSource:
-    """Turn a configured source (key names it, e.g. stage.init_from) into a local directory."""
+def resolve_source(
+    spec: str, key: str, needed_stage: str | None, tracker: Tracker, accepts: tuple[str, ...] = ()
+) -> ModelSource:
+    """Turn a configured source (key names it, e.g. stage.init_from) into a local directory, which
+    must hold a model of one of the `accepts` kinds (rlhf.models.MODEL_KINDS; empty: any)."""
     inherited = json.loads(os.environ.get(RESOLVED_ENV, "{}"))
     if key in inherited and not is_rank_zero():  # a data-parallel rank: rank 0 has resolved it
         return ModelSource(**inherited[key])
     source = _resolve(spec, key, needed_stage, tracker)
+    if source.location is not None and accepts:
+        check_kind(source, key, accepts)
     inherited[key] = asdict(source)
     os.environ[RESOLVED_ENV] = json.dumps(inherited)
     tracker.set_tags(source.tags(key))
     return source
+
+
+def check_kind(source: ModelSource, key: str, accepts: tuple[str, ...]) -> None:
+    """Refuse a model of the wrong kind: a language model as a reward model would get a fresh random
+    head and train the policy against noise; a reward model as a policy would lose its head."""
+    from rlhf.models import MODEL_KINDS, model_kind
+
+    kind, architecture = model_kind(source.location)
+    if kind is None or kind in accepts:
+        return
+    needed = " or ".join(MODEL_KINDS[k] for k in accepts)
+    where = source.spec if source.spec == source.location else f"{source.spec} ({source.location})"
+    raise LineageError(f"{key}={where} holds {MODEL_KINDS[kind]} ({architecture}); {key} needs {needed}")
 
 
 def _resolve(spec: str, key: str, needed_stage: str | None, tracker: Tracker) -> ModelSource:

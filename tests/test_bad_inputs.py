@@ -11,6 +11,7 @@ in, run as a separate `python -m rlhf` process as a user would.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -101,6 +102,18 @@ CASES = [
     # lineage
     ("resume-unknown-run", ["resume=0123456789abcdef0123456789abcdef"], ["resume=0123456789abcdef0123456789abcdef", "no run"]),
     ("reward-from-base", ["stage=ppo", "stage.policy_from=base", "stage.reward_from=base"], ["stage.reward_from"]),
+    # models of the wrong kind: what the directory holds, and what the key needs
+    (
+        "reward-from-a-language-model",
+        ["stage=ppo", "stage.policy_from=base", "stage.reward_from={m}"],
+        ["stage.reward_from", "holds a language model", "GPT2LMHeadModel", "needs a reward model"],
+    ),
+    (
+        "policy-from-a-reward-model",
+        ["stage=grpo", "stage.policy_from={d}/reward-model", "stage.reward_from=fn:rlhf.tasks.assistant.gold_reward"],
+        ["stage.policy_from", "holds a reward model", "needs a language model"],
+    ),
+    ("dpo-from-a-reward-model", ["stage=dpo", "stage.init_from={d}/reward-model"], ["stage.init_from", "holds a reward model"]),
 ]
 
 
@@ -143,6 +156,9 @@ def workspace(tmp_path_factory):
     for name in ("config.json", "model.safetensors"):
         (d / "no-tokenizer" / name).write_bytes((model / name).read_bytes())
     (d / "empty-dir").mkdir()
+    shutil.copytree(model, d / "reward-model")
+    config = json.loads((model / "config.json").read_text())
+    (d / "reward-model" / "config.json").write_text(json.dumps({**config, "architectures": ["GPT2ForSequenceClassification"]}))
     launch = tmp_path_factory.mktemp("launch")
     earlier = launch / "outputs" / "earlier-run" / "model"
     earlier.mkdir(parents=True)

@@ -206,10 +206,12 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
     specs, reward_spec, reference_spec = _lineage_defaults(stage, tracker)
     # Keys double as tag names (rlhf.policies.0, ...), so they avoid MLflow's forbidden brackets.
     sources = [
-        resolve_source(spec, f"stage.policies.{i}", STAGE.sources["policies"], tracker)
+        resolve_source(spec, f"stage.policies.{i}", STAGE.sources["policies"], tracker, STAGE.accepts["policies"])
         for i, spec in enumerate(specs)
     ]
-    reference = resolve_source(reference_spec, "stage.reference", STAGE.sources["reference"], tracker)
+    reference = resolve_source(
+        reference_spec, "stage.reference", STAGE.sources["reference"], tracker, STAGE.accepts["reference"]
+    )
     gold_name = gold_annotator(run.data.gold_reward, run.data.prompts.path)
     judge = _judge(stage.judge, gold_name is not None, run.data.prompts.path)
     recorded = [_recorded_run(tracker, s) for s in sources]
@@ -385,6 +387,7 @@ def _score_with_reward(
         tracker,
         tokenizer,
         batch_size,
+        STAGE.accepts["reward_from"],
     )
     if reward.model is not None:
         reward.model.to(device)

@@ -550,8 +550,10 @@ def test_no_template_and_message_data_uses_the_fallback_template(no_template):
     assert renderer.prompt(prompt) == "User: Hi\n\nAssistant:"
     response = renderer.response(prompt, completion)
     assert response.startswith(" Hello")
-    # The fallback is only used, not installed, in auto mode.
-    assert not no_template.chat_template
+    # Installed, so the tokenizer saved with the model prompts later stages in the same format,
+    # plain-string prompts included.
+    assert no_template.chat_template == FALLBACK_CHAT_TEMPLATE
+    assert ChatRenderer(no_template, "auto").prompt("Hi") == "User: Hi\n\nAssistant:"
     encoded = encode(renderer, [prompt], [completion])
     assert decode(no_template, encoded.prompt_ids[0]) == "User: Hi\n\nAssistant:"
 

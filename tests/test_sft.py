@@ -139,6 +139,44 @@ def test_diverged_run_fails_and_saves_no_model(tmp_path, cli, mlflow_client):
     assert not (Path(run.data.tags["rlhf.output_dir"]) / "model").exists()
 
 
+def test_fallback_chat_template_is_saved_with_the_model(tmp_path, cli, tokenizer):
+    import copy
+
+    from transformers import AutoTokenizer
+
+    from rlhf.data.tokenize import ChatRenderer
+
+    plain = copy.deepcopy(tokenizer)
+    plain.chat_template = None
+    plain.save_pretrained(tmp_path / "plain-tokenizer")
+    (tmp_path / "plain-tokenizer" / "config.json").write_text('{"model_type": "llama"}')
+    data = tmp_path / "chats.jsonl"
+    chats = [
+        [{"role": "user", "content": f"What is {i} plus {i}?"}, {"role": "assistant", "content": f"{2 * i}."}]
+        for i in range(16)
+    ]
+    data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in chats))
+    out = tmp_path / "out"
+    cli(
+        *SMOKE,
+        f"model.tokenizer={tmp_path / 'plain-tokenizer'}",
+        f"data.sft.path={data}",
+        "trainer.max_steps=2",
+        "tracking=none",
+        f"output_dir={out}",
+    )
+    saved = AutoTokenizer.from_pretrained(out / "model")
+    assert saved.chat_template
+    # What training rendered (the fallback, on a template-less tokenizer), later stages render from
+    # the saved tokenizer, for a conversation and for a plain-string prompt alike.
+    trained = ChatRenderer(copy.deepcopy(plain), "auto")
+    later = ChatRenderer(saved, "auto")
+    conversation = chats[0][:1]
+    assert later.prompt(conversation) == trained.prompt(conversation)
+    assert later.prompt(conversation[0]["content"]) == trained.prompt(conversation)
+    assert later.response(conversation, chats[0][1:]) == trained.response(conversation, chats[0][1:])
+
+
 def test_missing_column_names_the_file_and_columns(tmp_path, cli):
     data = tmp_path / "cols.jsonl"
     data.write_text("\n".join(json.dumps({"question": f"q{i}", "answer": "b"}) for i in range(4)))

@@ -120,25 +120,35 @@ class FiniteGuard(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if logs_this_step(trainer):
-            self.check()
+            self.check(trainer, pl_module)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
-        self.check()
+        self.check(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self.check()
+        self.check(trainer, pl_module)
 
-    def check(self) -> None:
-        if self._first is None:
+    def check(self, trainer, pl_module) -> None:
+        """Raise if any process has seen a non-finite value. Every process checks at the same points
+        and they agree on the earliest step, so all stop together (one stopping alone would leave
+        the others waiting in their next collective)."""
+        first = self._first if self._first is not None else torch.zeros(3, device=pl_module.device)
+        step = torch.where(first[0] > 0, first[0], torch.full_like(first[0], math.inf)).reshape(1)
+        earliest = float(trainer.strategy.reduce(step, reduce_op="min"))
+        if math.isinf(earliest):
             return
-        step, metric, value = self._first.tolist()
-        if step:
-            from rlhf.errors import DivergedError
+        from rlhf.errors import DivergedError
 
-            raise DivergedError(
-                f"training diverged: the {self.METRICS[int(metric)]} was {value} at step {int(step)}; no model "
-                "was saved (lower stage.lr, or clip gradients with trainer.gradient_clip_val)"
-            )
+        own_step, metric, value = first.tolist()
+        what = (
+            f"the {self.METRICS[int(metric)]} was {value}"
+            if own_step == earliest
+            else "another process saw a non-finite value"
+        )
+        raise DivergedError(
+            f"training diverged at step {int(earliest)}: {what}; no model was saved "
+            "(lower stage.lr, or clip gradients with trainer.gradient_clip_val)"
+        )
 
 
 class HeldOutSteps:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -185,6 +186,8 @@ def find_resume_point(resume: object, stage: str, client, experiment_id: str | N
     path = Path(text).expanduser().resolve()
     if not path.is_file():
         raise LineageError(f"resume={text}: no such checkpoint file, run id, or `true`")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else fails deep in torch.load
+        raise LineageError(f"resume={text}: not a checkpoint (a .ckpt file a run wrote under its checkpoints/)")
     output_dir = path.parent.parent
     run_id = None
     if client is not None:

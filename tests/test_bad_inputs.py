@@ -100,6 +100,7 @@ CASES = [
     ("output-dir-inside-a-file", ["output_dir={d}/sft.jsonl/out"], ["output_dir", "inside", "a file"]),
     ("output-dir-unwritable", ["output_dir=/proc/rlhf-out"], ["output_dir=/proc/rlhf-out", "cannot be written"]),
     # lineage
+    ("resume-not-a-checkpoint", ["resume={d}/sft.jsonl"], ["resume=", "sft.jsonl", "not a checkpoint"]),
     ("resume-unknown-run", ["resume=0123456789abcdef0123456789abcdef"], ["resume=0123456789abcdef0123456789abcdef", "no run"]),
     ("reward-from-base", ["stage=ppo", "stage.policy_from=base", "stage.reward_from=base"], ["stage.reward_from"]),
     # models of the wrong kind: what the directory holds, and what the key needs

@@ -21,6 +21,10 @@ class LineageError(UserError):
     """An earlier run (or model) that a stage starts from cannot be found."""
 
 
+class DivergedError(UserError):
+    """Training produced a non-finite loss or gradient: its weights mean nothing and are not saved."""
+
+
 # Trainer arguments whose names Lightning's messages mention, most specific first.
 _TRAINER_KEYS = ("precision", "strategy", "devices", "num_nodes", "accelerator", "plugins")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -62,16 +63,34 @@ def latest_finished_run(client, experiment_id: str, stage: str):
     return runs[0] if runs else None
 
 
-def resolve_source(spec: str, key: str, needed_stage: str | None, tracker: Tracker) -> ModelSource:
-    """Turn a configured source (key names it, e.g. stage.init_from) into a local directory."""
+def resolve_source(
+    spec: str, key: str, needed_stage: str | None, tracker: Tracker, accepts: tuple[str, ...] = ()
+) -> ModelSource:
+    """Turn a configured source (key names it, e.g. stage.init_from) into a local directory, which
+    must hold a model of one of the `accepts` kinds (rlhf.models.MODEL_KINDS; empty: any)."""
     inherited = json.loads(os.environ.get(RESOLVED_ENV, "{}"))
     if key in inherited and not is_rank_zero():  # a data-parallel rank: rank 0 has resolved it
         return ModelSource(**inherited[key])
     source = _resolve(spec, key, needed_stage, tracker)
+    if source.location is not None and accepts:
+        check_kind(source, key, accepts)
     inherited[key] = asdict(source)
     os.environ[RESOLVED_ENV] = json.dumps(inherited)
     tracker.set_tags(source.tags(key))
     return source
+
+
+def check_kind(source: ModelSource, key: str, accepts: tuple[str, ...]) -> None:
+    """Refuse a model of the wrong kind: a language model as a reward model would get a fresh random
+    head and train the policy against noise; a reward model as a policy would lose its head."""
+    from rlhf.models import MODEL_KINDS, model_kind
+
+    kind, architecture = model_kind(source.location)
+    if kind is None or kind in accepts:
+        return
+    needed = " or ".join(MODEL_KINDS[k] for k in accepts)
+    where = source.spec if source.spec == source.location else f"{source.spec} ({source.location})"
+    raise LineageError(f"{key}={where} holds {MODEL_KINDS[kind]} ({architecture}); {key} needs {needed}")
 
 
 def _resolve(spec: str, key: str, needed_stage: str | None, tracker: Tracker) -> ModelSource:
@@ -150,7 +169,15 @@ def find_resume_point(resume: object, stage: str, client, experiment_id: str | N
     if RUN_ID_PATTERN.match(text):
         if client is None:
             raise LineageError(f"resume={text} needs MLflow tracking")
-        run = client.get_run(text)
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = client.get_run(text)
+        except MlflowException:
+            raise LineageError(
+                f"resume={text}: no run with this id in the MLflow store ({client.tracking_uri}); "
+                "give one of its run ids, a checkpoint file, or `true`"
+            ) from None
         output_dir = run.data.tags.get(f"{TAG_PREFIX}output_dir", "")
         ckpt = newest_checkpoint(output_dir) if output_dir else None
         if ckpt is None:
@@ -159,6 +186,8 @@ def find_resume_point(resume: object, stage: str, client, experiment_id: str | N
     path = Path(text).expanduser().resolve()
     if not path.is_file():
         raise LineageError(f"resume={text}: no such checkpoint file, run id, or `true`")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else fails deep in torch.load
+        raise LineageError(f"resume={text}: not a checkpoint (a .ckpt file a run wrote under its checkpoints/)")
     output_dir = path.parent.parent
     run_id = None
     if client is not None:

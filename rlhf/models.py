@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -318,6 +319,34 @@ def disable_dropout(model: torch.nn.Module) -> None:
     for name in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout"):
         if isinstance(getattr(config, name, None), float):
             setattr(config, name, 0.0)
+
+
+# What a saved model is, from the head its config names; what a stage may start from is in its
+# descriptor (rlhf.stages.Stage.accepts).
+MODEL_KINDS = {
+    "causal_lm": "a language model (a base model or a policy: SFT, DPO, PPO, GRPO)",
+    "reward_model": "a reward model (a scalar score head, from stage=rm)",
+}
+_HEAD_SUFFIXES = {
+    "ForSequenceClassification": "reward_model",
+    "ForCausalLM": "causal_lm",
+    "LMHeadModel": "causal_lm",
+    "ForConditionalGeneration": "causal_lm",
+}
+
+
+def model_kind(directory: str | Path) -> tuple[str | None, str | None]:
+    """(kind, architecture) of a saved model directory, read from its config.json's architectures;
+    (None, ...) when it names none the project knows (then nothing is assumed about it)."""
+    try:
+        architectures = json.loads((Path(directory) / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return None, None
+    for architecture in architectures:
+        for suffix, kind in _HEAD_SUFFIXES.items():
+            if str(architecture).endswith(suffix):
+                return kind, architecture
+    return None, architectures[0] if architectures else None
 
 
 def save_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, directory: str | Path) -> Path:

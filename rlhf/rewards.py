@@ -127,11 +127,13 @@ def load_reward(
     tracker,
     policy_tokenizer,
     batch_size: int = 16,
+    accepts: tuple[str, ...] = (),
 ) -> tuple[RewardSource, str | None]:
     """The reward `spec` names (fn:module.function, or a reward model source as lineage resolves it,
     `latest` finding the newest finished `needed_stage` run), and the reward model's directory (None
     for a function). Tags the run with where it came from; `batch_size`: sequences per scoring pass
-    of texts. The model loads as `model_config` says, its prompts rendered with `chat_template`."""
+    of texts. The model loads as `model_config` says, its prompts rendered with `chat_template`;
+    `accepts`: the kinds of model it may be (the stage descriptor's)."""
     from rlhf import models
     from rlhf.data.tokenize import ChatRenderer
     from rlhf.lineage import resolve_source, tag_name
@@ -139,7 +141,7 @@ def load_reward(
     if spec.startswith("fn:"):
         tracker.set_tags({tag_name(key): spec})
         return FunctionReward(load_function(spec[len("fn:") :], key), policy_tokenizer), None
-    source = resolve_source(spec, key, needed_stage, tracker)
+    source = resolve_source(spec, key, needed_stage, tracker, accepts)
     if source.location is None:
         raise ConfigError(f"{key}=base: a reward model must be trained; use latest, a path, or fn:...")
     tokenizer = models.load_tokenizer(model_config, source.location)

@@ -328,16 +328,28 @@ class RLSetup:
     gold: Callable | None
 
 
-def load_rl_setup(run: RunConfig, tracker: Tracker, sources: dict[str, str]) -> RLSetup:
+def load_rl_setup(
+    run: RunConfig, tracker: Tracker, sources: dict[str, str], accepts: dict[str, tuple[str, ...]]
+) -> RLSetup:
     """Policy (stage.policy_from), reference, reward (stage.reward_from), prompts and gold annotator;
-    `sources` is the stage descriptor's: which stage's run `latest` finds for each."""
+    `sources` and `accepts` are the stage descriptor's: which stage's run `latest` finds for each,
+    and which kinds of model each may be."""
     stage = run.stage
-    policy_source = resolve_source(stage.policy_from, "stage.policy_from", sources["policy_from"], tracker)
+    policy_source = resolve_source(
+        stage.policy_from, "stage.policy_from", sources["policy_from"], tracker, accepts["policy_from"]
+    )
     tokenizer = models.load_tokenizer(run.model, policy_source.location)
     renderer = ChatRenderer(tokenizer, run.data.chat_template)
     gold = load_gold(run.data.gold_reward, run.data.prompts.path)
     reward, reward_location = load_reward(
-        stage.reward_from, "stage.reward_from", run.model, run.data.chat_template, sources["reward_from"], tracker, tokenizer
+        stage.reward_from,
+        "stage.reward_from",
+        run.model,
+        run.data.chat_template,
+        sources["reward_from"],
+        tracker,
+        tokenizer,
+        accepts=accepts["reward_from"],
     )
     data = prepare_prompts(run.data, renderer, run.seed, stage.rollout.max_new_tokens)
     tracker.log_metrics(data.stats)

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import signal
+import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 
 from rlhf.config import RunConfig
+from rlhf.errors import ConfigError
 from rlhf.lineage import ResumePoint, find_resume_point
 from rlhf.stages import StageJob, get_stage
 from rlhf.sweeps import objective
@@ -43,6 +45,21 @@ def _resume_point(run: RunConfig, launch: Launch) -> ResumePoint | None:
     point = find_resume_point(run.resume, run.stage.name, client, exp_id)
     os.environ[RESUME_ENV] = json.dumps(asdict(point))
     return point
+
+
+def _check_output_dir(output_dir: Path) -> None:
+    """Refuse an output_dir that cannot hold the model before anything loads: found only when the
+    model is saved, it would cost the whole training."""
+    existing = next(p for p in (output_dir, *output_dir.parents) if p.exists())
+    if not existing.is_dir():
+        where = "is a file" if existing == output_dir else f"is inside {existing}, a file"
+        raise ConfigError(f"output_dir={output_dir} {where}, not a directory")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output_dir):
+            pass
+    except OSError as err:
+        raise ConfigError(f"output_dir={output_dir}: cannot be written ({err.strerror or err})") from None
 
 
 def _terminate_as_interrupt(signum, frame):
@@ -78,6 +95,7 @@ def execute(run: RunConfig, launch: Launch) -> float | None:
         if resume:
             log.info("Resuming from %s", resume.checkpoint)
             tracker.set_tags({"rlhf.resumed_from": resume.checkpoint})
+        _check_output_dir(output_dir)
         job = get_stage(run.stage.name).build(run, tracker)
         if job.module is None:  # nothing to train (eval)
             metrics = job.finish(None, output_dir)

@@ -247,8 +247,20 @@ def experiment_id(client: Any, name: str, uri: str) -> str:
 def open_store(configured_uri: str | None, launch_dir: str, experiment: str) -> tuple[Any, str, str]:
     """(client, uri, experiment id) of the MLflow store runs are recorded in: the one way in."""
     uri = tracking_uri(configured_uri, launch_dir)
-    client = connect(uri)
-    return client, uri, experiment_id(client, experiment, uri)
+    try:
+        client = connect(uri)
+        return client, uri, experiment_id(client, experiment, uri)
+    except Exception as err:  # any failure to open or write the store is about where it is
+        from rlhf.errors import ConfigError
+
+        if configured_uri:
+            given = f"tracking.uri={configured_uri}"
+        elif os.environ.get("MLFLOW_TRACKING_URI"):
+            given = f"MLFLOW_TRACKING_URI={uri}"
+        else:
+            given = f"tracking.uri (default {uri})"
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"{given}: cannot open the MLflow store: {reason}") from None
 
 
 def start_tracker(run: RunConfig, launch: Launch, resume_run_id: str | None = None) -> Tracker:
@@ -338,7 +350,12 @@ def record_rejected(raw: Mapping[str, Any], launch: Launch, error: Exception) ->
     tracking = raw.get("tracking") or {}
     if not tracking.get("enabled", True) or not is_rank_zero():
         return
-    client, uri, exp_id = open_store(tracking.get("uri"), launch.launch_dir, str(tracking.get("experiment") or "rlhf"))
+    from rlhf.errors import UserError
+
+    try:
+        client, uri, exp_id = open_store(tracking.get("uri"), launch.launch_dir, str(tracking.get("experiment") or "rlhf"))
+    except UserError:  # no store to record in: the config's own error is the one to report
+        return
     stage = str((raw.get("stage") or {}).get("name", launch.choices.get("stage", "?")))
     model = str((raw.get("model") or {}).get("name", launch.choices.get("model", "?")))
     created = client.create_run(exp_id, run_name=f"rejected {stage}-{model}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
@@ -74,6 +75,80 @@ class Throughput(pl.Callback):
         for unit, n in totals.items():
             pl_module.log(f"perf/{unit}_per_s", n / seconds, on_step=True, on_epoch=False, rank_zero_only=True)
         pl_module.log("perf/step_time_s", seconds / len(self.window), on_step=True, on_epoch=False, rank_zero_only=True)
+
+
+class FiniteGuard(pl.Callback):
+    """Stops a run whose training loss or gradient norm is not finite: its weights then mean
+    nothing, so the run must fail rather than save them for the next stage to start from.
+
+    The values are checked on their device and the first non-finite one is remembered there; the host
+    reads that record only when the step's values are logged anyway (a sync already), before a
+    checkpoint is written and when training ends, so a diverged run never saves its weights. Under a
+    gradient scaler (16-bit mixed precision) non-finite gradients are expected and the step is
+    skipped by the scaler, so only the loss is checked there.
+    """
+
+    METRICS = ("training loss", "gradient norm")
+
+    def __init__(self) -> None:
+        self._step = 0
+        self._first: torch.Tensor | None = None  # (step, metric index, value); step 0: none yet
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._step = trainer.global_step + 1  # the optimizer step this batch counts towards
+
+    def _watch(self, value: torch.Tensor, metric: int) -> None:
+        value = value.detach().float().reshape(())
+        if self._first is None:
+            self._first = torch.zeros(3, device=value.device)
+        # Filled on the device: a tensor built from host values would be copied there, a sync.
+        full = functools.partial(torch.full, (), device=value.device)
+        seen = torch.stack([full(float(self._step)), full(float(metric)), value])
+        record = ~torch.isfinite(value) & (self._first[0] == 0)
+        self._first = torch.where(record, seen, self._first)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            return
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if grads:
+            self._watch(torch.nn.utils.get_total_norm(grads), 1)
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        # Also reached through manual_backward, so the RL stages' losses are watched too.
+        self._watch(loss, 0)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if logs_this_step(trainer):
+            self.check(trainer, pl_module)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        self.check(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.check(trainer, pl_module)
+
+    def check(self, trainer, pl_module) -> None:
+        """Raise if any process has seen a non-finite value. Every process checks at the same points
+        and they agree on the earliest step, so all stop together (one stopping alone would leave
+        the others waiting in their next collective)."""
+        first = self._first if self._first is not None else torch.zeros(3, device=pl_module.device)
+        step = torch.where(first[0] > 0, first[0], torch.full_like(first[0], math.inf)).reshape(1)
+        earliest = float(trainer.strategy.reduce(step, reduce_op="min"))
+        if math.isinf(earliest):
+            return
+        from rlhf.errors import DivergedError
+
+        own_step, metric, value = first.tolist()
+        what = (
+            f"the {self.METRICS[int(metric)]} was {value}"
+            if own_step == earliest
+            else "another process saw a non-finite value"
+        )
+        raise DivergedError(
+            f"training diverged at step {int(earliest)}: {what}; no model was saved "
+            "(lower stage.lr, or clip gradients with trainer.gradient_clip_val)"
+        )
 
 
 class HeldOutSteps:
@@ -222,7 +297,7 @@ def build_trainer(
     _quiet_lightning()
     release_freed_memory()
     every = checkpoint_every
-    extra: list[pl.Callback] = [RandomState(), DurableMetrics(), LastValidation()]
+    extra: list[pl.Callback] = [FiniteGuard(), RandomState(), DurableMetrics(), LastValidation()]
     if every > 0:
         # Numbered files, the older deleted after the newer is written: a kill mid-write never
         # destroys the only checkpoint.

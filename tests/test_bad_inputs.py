@@ -11,6 +11,7 @@ in, run as a separate `python -m rlhf` process as a user would.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -33,6 +34,9 @@ CASES = [
     ("csv-not-utf8", ["data.sft.path={d}/latin1.csv"], ["latin1.csv:2", "UTF-8"]),
     ("empty-csv", ["data.sft.path={d}/empty.csv"], ["empty.csv", "empty"]),
     ("one-record", ["data.sft.path={d}/one.jsonl"], ["one.jsonl", "at least 2"]),
+    # the wrong columns are the culprit, however few the records
+    ("one-record-wrong-columns", ["data.sft.path={d}/one_qa.jsonl"], ["one_qa.jsonl", "'prompt'", "question"]),
+    ("one-prompt-repeated", ["data.sft.path={d}/same_prompt.jsonl"], ["same_prompt.jsonl", "2 distinct prompts"]),
     # columns
     ("unknown-columns-sft", ["data.sft.path={d}/qa.jsonl"], ["qa.jsonl", "'prompt'", "question", "data.sft.columns"]),
     (
@@ -90,8 +94,27 @@ CASES = [
     ("devices-not-a-count", ["trainer.devices=many"], ["trainer.devices"]),
     ("unknown-precision", ["trainer.precision=13"], ["trainer.precision"]),
     ("accelerator-not-installed", ["trainer.accelerator=tpu"], ["trainer.accelerator"]),
+    # where results go
+    ("tracking-uri-unwritable", ["tracking.uri=sqlite:////proc/rlhf-nowhere/mlflow.db"], ["tracking.uri", "/proc/rlhf-nowhere"]),
+    ("output-dir-is-a-file", ["output_dir={d}/sft.jsonl"], ["output_dir", "sft.jsonl is a file"]),
+    ("output-dir-inside-a-file", ["output_dir={d}/sft.jsonl/out"], ["output_dir", "inside", "a file"]),
+    ("output-dir-unwritable", ["output_dir=/proc/rlhf-out"], ["output_dir=/proc/rlhf-out", "cannot be written"]),
     # lineage
+    ("resume-not-a-checkpoint", ["resume={d}/sft.jsonl"], ["resume=", "sft.jsonl", "not a checkpoint"]),
+    ("resume-unknown-run", ["resume=0123456789abcdef0123456789abcdef"], ["resume=0123456789abcdef0123456789abcdef", "no run"]),
     ("reward-from-base", ["stage=ppo", "stage.policy_from=base", "stage.reward_from=base"], ["stage.reward_from"]),
+    # models of the wrong kind: what the directory holds, and what the key needs
+    (
+        "reward-from-a-language-model",
+        ["stage=ppo", "stage.policy_from=base", "stage.reward_from={m}"],
+        ["stage.reward_from", "holds a language model", "GPT2LMHeadModel", "needs a reward model"],
+    ),
+    (
+        "policy-from-a-reward-model",
+        ["stage=grpo", "stage.policy_from={d}/reward-model", "stage.reward_from=fn:rlhf.tasks.assistant.gold_reward"],
+        ["stage.policy_from", "holds a reward model", "needs a language model"],
+    ),
+    ("dpo-from-a-reward-model", ["stage=dpo", "stage.init_from={d}/reward-model"], ["stage.init_from", "holds a reward model"]),
 ]
 
 
@@ -116,6 +139,8 @@ def workspace(tmp_path_factory):
     (d / "latin1.csv").write_bytes(b"prompt,completion\ncaf\xe9,b\nx,y\n")
     (d / "empty.csv").write_text("")
     _write_jsonl(d / "one.jsonl", GOOD_SFT[:1])
+    _write_jsonl(d / "one_qa.jsonl", [{"question": "q", "answer": "a"}])
+    _write_jsonl(d / "same_prompt.jsonl", [{"prompt": "Hi?", "completion": f"Hello {i}."} for i in range(12)])
     _write_jsonl(d / "qa.jsonl", [{"question": f"q{i}", "answer": f"a{i}"} for i in range(12)])
     _write_jsonl(d / "blank.jsonl", [{"prompt": f"q{i}", "completion": "  "} for i in range(12)])
     _write_jsonl(d / "identical.jsonl", [{"prompt": f"q{i}", "chosen": "same", "rejected": "same"} for i in range(12)])
@@ -132,6 +157,9 @@ def workspace(tmp_path_factory):
     for name in ("config.json", "model.safetensors"):
         (d / "no-tokenizer" / name).write_bytes((model / name).read_bytes())
     (d / "empty-dir").mkdir()
+    shutil.copytree(model, d / "reward-model")
+    config = json.loads((model / "config.json").read_text())
+    (d / "reward-model" / "config.json").write_text(json.dumps({**config, "architectures": ["GPT2ForSequenceClassification"]}))
     launch = tmp_path_factory.mktemp("launch")
     earlier = launch / "outputs" / "earlier-run" / "model"
     earlier.mkdir(parents=True)

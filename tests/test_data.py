@@ -126,6 +126,36 @@ def test_single_file_carves_a_deterministic_validation_split(tmp_path):
     assert "held-out" in a["validation"].origin
 
 
+@pytest.mark.parametrize("shape", ["pairs", "messages"])
+def test_held_out_split_is_cut_by_prompt(tmp_path, shape):
+    # Preference files hold several pairs per prompt: each prompt's records all go to one side.
+    rows = []
+    for p in range(12):
+        for r in range(5):
+            if shape == "pairs":
+                rows.append({"prompt": f"question {p}?", "chosen": f"good {r}", "rejected": f"bad {r}"})
+            else:
+                user = {"role": "user", "content": f"question {p}?"}
+                rows.append({"messages": [user, {"role": "assistant", "content": f"answer {r}"}]})
+    file = write_jsonl(tmp_path / "repeated.jsonl", rows)
+    key = "data.preference" if shape == "pairs" else "data.sft"
+    for seed in range(4):
+        splits = load(file, key=key, validation_fraction=0.25, seed=seed)
+        prompts = {
+            name: [str(r.get("prompt") or r["messages"][0]["content"]) for r in split.records]
+            for name, split in splits.items()
+        }
+        assert not set(prompts["train"]) & set(prompts["validation"]), seed
+        assert len(set(prompts["validation"])) == 3  # a quarter of the 12 prompts, all 5 records of each
+        assert len(prompts["validation"]) == 15 and len(prompts["train"]) == 45
+
+
+def test_one_prompt_repeated_cannot_hold_some_out(tmp_path):
+    file = write_jsonl(tmp_path / "same.jsonl", [{"prompt": "q", "completion": f"a{i}"} for i in range(6)])
+    with pytest.raises(DataError, match="6 records of one prompt; need at least 2 distinct prompts"):
+        load(file)
+
+
 def test_source_with_one_record_cannot_hold_some_out(tmp_path):
     file = write_jsonl(tmp_path / "one.jsonl", records_of(1))
     with pytest.raises(DataError, match="at least 2"):
@@ -520,8 +550,10 @@ def test_no_template_and_message_data_uses_the_fallback_template(no_template):
     assert renderer.prompt(prompt) == "User: Hi\n\nAssistant:"
     response = renderer.response(prompt, completion)
     assert response.startswith(" Hello")
-    # The fallback is only used, not installed, in auto mode.
-    assert not no_template.chat_template
+    # Installed, so the tokenizer saved with the model prompts later stages in the same format,
+    # plain-string prompts included.
+    assert no_template.chat_template == FALLBACK_CHAT_TEMPLATE
+    assert ChatRenderer(no_template, "auto").prompt("Hi") == "User: Hi\n\nAssistant:"
     encoded = encode(renderer, [prompt], [completion])
     assert decode(no_template, encoded.prompt_ids[0]) == "User: Hi\n\nAssistant:"
 

@@ -501,3 +501,24 @@ def test_eval_kl_is_of_the_distribution_sampled_with_top_k_and_top_p(tiny_model_
     assert torch.isfinite(logprobs.gather(-1, targets[:, None])).all()
     assert torch.isinf(logprobs).any(dim=-1).all()  # and the tail is cut off at every position
     assert min(response_kl(policy, policy, prompts, sampled, nucleus, pad, "cpu")) > 0
+
+
+def test_missing_test_split_falls_back_to_validation_loudly(caplog):
+    from rlhf.stages.evaluate.module import held_out_split
+    from rlhf.tracking import SilentTracker
+
+    class Tags(SilentTracker):
+        def __init__(self):
+            super().__init__()
+            self.tags = {}
+
+        def set_tags(self, tags):
+            self.tags.update(tags)
+
+    tracker = Tags()
+    assert held_out_split({"train": [], "validation": [], "test": []}, "test", "data.prompts", tracker) == "test"
+    assert tracker.tags == {}
+    with caplog.at_level("WARNING"):
+        assert held_out_split({"train": [], "validation": []}, "test", "data.prompts", tracker) == "validation"
+    assert "data.prompts has no test split" in caplog.text
+    assert tracker.tags == {"rlhf.eval.data.prompts.split": "validation (no test split)"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -123,6 +124,57 @@ def test_malformed_data_fails_with_one_line_and_a_failed_run(tmp_path, cli, mlfl
     (run,) = runs_of(mlflow_client, "smoke")
     assert run.info.status == "FAILED"
     assert f"{data}:2" in run.data.tags["rlhf.error"]
+
+
+def test_diverged_run_fails_and_saves_no_model(tmp_path, cli, mlflow_client):
+    result = cli(*SMOKE, "stage.lr=1e12", "trainer.max_steps=6", check=False)
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert re.match(r"rlhf: error: training diverged at step \d+: the (training loss|gradient norm) was (nan|inf)", lines[-1])
+    assert "Traceback" not in result.stderr
+    (run,) = runs_of(mlflow_client, "smoke")
+    assert run.info.status == "FAILED"
+    assert "training diverged" in run.data.tags["rlhf.error"]
+    assert "model" not in {a.path for a in mlflow_client.list_artifacts(run.info.run_id)}
+    assert not (Path(run.data.tags["rlhf.output_dir"]) / "model").exists()
+
+
+def test_fallback_chat_template_is_saved_with_the_model(tmp_path, cli, tokenizer):
+    import copy
+
+    from transformers import AutoTokenizer
+
+    from rlhf.data.tokenize import ChatRenderer
+
+    plain = copy.deepcopy(tokenizer)
+    plain.chat_template = None
+    plain.save_pretrained(tmp_path / "plain-tokenizer")
+    (tmp_path / "plain-tokenizer" / "config.json").write_text('{"model_type": "llama"}')
+    data = tmp_path / "chats.jsonl"
+    chats = [
+        [{"role": "user", "content": f"What is {i} plus {i}?"}, {"role": "assistant", "content": f"{2 * i}."}]
+        for i in range(16)
+    ]
+    data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in chats))
+    out = tmp_path / "out"
+    cli(
+        *SMOKE,
+        f"model.tokenizer={tmp_path / 'plain-tokenizer'}",
+        f"data.sft.path={data}",
+        "trainer.max_steps=2",
+        "tracking=none",
+        f"output_dir={out}",
+    )
+    saved = AutoTokenizer.from_pretrained(out / "model")
+    assert saved.chat_template
+    # What training rendered (the fallback, on a template-less tokenizer), later stages render from
+    # the saved tokenizer, for a conversation and for a plain-string prompt alike.
+    trained = ChatRenderer(copy.deepcopy(plain), "auto")
+    later = ChatRenderer(saved, "auto")
+    conversation = chats[0][:1]
+    assert later.prompt(conversation) == trained.prompt(conversation)
+    assert later.prompt(conversation[0]["content"]) == trained.prompt(conversation)
+    assert later.response(conversation, chats[0][1:]) == trained.response(conversation, chats[0][1:])
 
 
 def test_missing_column_names_the_file_and_columns(tmp_path, cli):

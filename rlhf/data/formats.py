@@ -111,6 +111,35 @@ def check_format(fmt: str, columns: Iterable[str], formats: dict[str, tuple[str,
     return fmt
 
 
+def sft_format(fmt: str, columns: Iterable[str], origin: str, key: str) -> str:
+    """The SFT format of records with these columns; "chosen" reads any preference format."""
+    if fmt == "chosen":
+        return check_format("auto", columns, PREFERENCE_FORMATS, origin, key)
+    return check_format(fmt, columns, SFT_FORMATS, origin, key)
+
+
+def prompt_keys(records: Any) -> list[str]:
+    """Each record's prompt as a comparable key, for holding out whole prompts: every pair or
+    demonstration of one prompt lands on the same side of a split. A record whose prompt cannot be
+    read is its own group (its error is reported, with its row, when the split is read)."""
+    columns = records.column_names
+    if "prompt" in columns:
+        return [repr(p) for p in records["prompt"]]
+    keys = []
+    for index, row in enumerate(records):
+        try:
+            if "messages" in columns:
+                keys.append(repr(_split_messages(as_text(row["messages"], "messages", ""), "")[0]))
+            elif {"chosen", "rejected"} <= set(columns):
+                chosen = as_text(row["chosen"], "chosen", "")
+                keys.append(repr(_split_implicit(chosen, as_text(row["rejected"], "rejected", ""), "")[0]))
+            else:
+                keys.append(f"row {index}")
+        except (DataError, TypeError, KeyError):
+            keys.append(f"row {index}")
+    return keys
+
+
 def is_blank(text: Text) -> bool:
     if isinstance(text, str):
         return not text.strip()
@@ -160,7 +189,7 @@ def sft_examples(records: Any, fmt: str, origin: str, key: str, strict: bool, st
             if repr((p.prompt, p.chosen)) not in rejected
         }
         return list(unique.values())
-    fmt = check_format(fmt, records.column_names, SFT_FORMATS, origin, key)
+    fmt = sft_format(fmt, records.column_names, origin, key)
     out = []
     for index, row in enumerate(records):
         where = row_name(origin, row, index)

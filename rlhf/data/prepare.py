@@ -11,7 +11,17 @@ from itertools import accumulate
 import torch
 
 from rlhf.config import DataConfig
-from rlhf.data.formats import DataStats, common_prefix, preference_pairs, prompts_of, sft_examples
+from rlhf.data.formats import (
+    PREFERENCE_FORMATS,
+    PROMPT_FORMATS,
+    DataStats,
+    check_format,
+    common_prefix,
+    preference_pairs,
+    prompts_of,
+    sft_examples,
+    sft_format,
+)
 from rlhf.data.loading import attention_mask, pad, position_ids
 from rlhf.data.sources import load_source, task_slice_column
 from rlhf.data.tokenize import (
@@ -103,7 +113,13 @@ def nothing_left(key: str, origin: str, what: str, records: int, stats: DataStat
 def prepare_sft(data: DataConfig, renderer: ChatRenderer, seed: int) -> Prepared:
     """Tokenised SFT examples {input_ids, labels} for every split of data.sft."""
     sources = load_source(
-        data.sft, "data.sft", data.validation_fraction, seed, data.task_seed, data.task_noise
+        data.sft,
+        "data.sft",
+        data.validation_fraction,
+        seed,
+        data.task_seed,
+        data.task_noise,
+        lambda columns, origin: sft_format(data.sft.format, columns, origin, "data.sft"),
     )
     prepared = Prepared({})
     for split, source in sources.items():
@@ -136,7 +152,15 @@ def prepare_sft(data: DataConfig, renderer: ChatRenderer, seed: int) -> Prepared
 def prepare_preferences(data: DataConfig, renderer: ChatRenderer, seed: int) -> Prepared:
     """Tokenised preference pairs {chosen, rejected, margin} for every split of data.preference."""
     sources = load_source(
-        data.preference, "data.preference", data.validation_fraction, seed, data.task_seed, data.task_noise
+        data.preference,
+        "data.preference",
+        data.validation_fraction,
+        seed,
+        data.task_seed,
+        data.task_noise,
+        lambda columns, origin: check_format(
+            data.preference.format, columns, PREFERENCE_FORMATS, origin, "data.preference"
+        ),
     )
     slice_by = data.preference.slice_by or task_slice_column(data.preference.path)
     prepared = Prepared({})
@@ -181,7 +205,15 @@ def prepare_prompts(data: DataConfig, renderer: ChatRenderer, seed: int, max_new
     longer ones are skipped and counted as prompt_too_long.
     """
     sources = load_source(
-        data.prompts, "data.prompts", data.validation_fraction, seed, data.task_seed, data.task_noise
+        data.prompts,
+        "data.prompts",
+        data.validation_fraction,
+        seed,
+        data.task_seed,
+        data.task_noise,
+        lambda columns, origin: check_format(
+            data.prompts.format, columns, PROMPT_FORMATS, origin, "data.prompts"
+        ),
     )
     limit = min(data.max_prompt_length, data.max_length - max_new_tokens)
     if limit < 1:

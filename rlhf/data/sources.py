@@ -9,13 +9,17 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
 import datasets
+import numpy as np
 
 from rlhf.config import SourceConfig
+from rlhf.data.formats import prompt_keys
 from rlhf.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -251,37 +255,70 @@ def apply_columns(records: datasets.Dataset, columns: dict[str, str], key: str, 
 
 
 def load_source(
-    source: SourceConfig, key: str, validation_fraction: float, seed: int, task_seed: int, task_noise: float
+    source: SourceConfig,
+    key: str,
+    validation_fraction: float,
+    seed: int,
+    task_seed: int,
+    task_noise: float,
+    check_columns: Callable[[list[str], str], object] | None = None,
 ) -> dict[str, Split]:
     """Train, validation and (if configured) test splits of a source, columns mapped to canonical names.
 
-    A source without an eval_split gives validation_fraction of its training records to validation.
+    `check_columns(columns, origin)` raises if the records cannot be read as the stage's data; it runs
+    before the records are counted, so a file of the wrong shape is named as such however short.
+    A source without an eval_split gives validation_fraction of its training prompts to validation
+    (see hold_out_prompts).
     """
     train = load_split(source, source.split, key, task_seed, task_noise)
     assert train is not None
+    train = Split(apply_columns(train.records, source.columns, key, train.origin), train.origin)
+    if check_columns is not None:
+        check_columns(train.records.column_names, train.origin)
     splits = {"train": train}
     validation = None
     if source.eval_split:
         validation = load_split(source, source.eval_split, key, task_seed, task_noise, required=False)
     if validation is not None:
-        splits["validation"] = validation
+        splits["validation"] = _mapped(validation, source, key)
     else:
-        if len(train.records) < 2:
-            raise DataError(f"{key}: {train.origin} has {len(train.records)} records; need at least 2 to hold some out")
-        # Keep each record's position in the file, so errors name the file's row after the split.
-        numbered = train.records.add_column(ROW_COLUMN, list(range(1, len(train.records) + 1)))
-        parts = numbered.train_test_split(test_size=validation_fraction, seed=seed)
-        splits["train"] = Split(parts["train"], train.origin)
-        splits["validation"] = Split(parts["test"], f"{train.origin} (held-out {validation_fraction:.0%})")
+        splits["train"], splits["validation"] = hold_out_prompts(train, validation_fraction, seed, key)
     if source.test_split:
         test = load_split(source, source.test_split, key, task_seed, task_noise, required=False)
         if test is not None:
-            splits["test"] = test
+            splits["test"] = _mapped(test, source, key)
     if source.max_samples is not None and len(splits["train"].records) > source.max_samples:
         kept = splits["train"].records.select(range(source.max_samples))
         splits["train"] = Split(kept, splits["train"].origin)
     for name, split in splits.items():
         if len(split.records) == 0:
             raise DataError(f"{key}: {split.origin} has no records ({name} split)")
-        splits[name] = Split(apply_columns(split.records, source.columns, key, split.origin), split.origin)
     return splits
+
+
+def _mapped(split: Split, source: SourceConfig, key: str) -> Split:
+    return Split(apply_columns(split.records, source.columns, key, split.origin), split.origin)
+
+
+def hold_out_prompts(train: Split, fraction: float, seed: int, key: str) -> tuple[Split, Split]:
+    """(train, validation): `fraction` of the distinct prompts, with all their records, held out.
+
+    Cut by prompt, not by record: preference files hold several pairs per prompt, and a record-level
+    cut would put most held-out prompts in training too, so validation would measure recall. Records
+    are shuffled (seeded), as the training split's order is what max_samples keeps the head of.
+    """
+    records = train.records
+    keys = prompt_keys(records)
+    distinct = list(dict.fromkeys(keys))
+    if len(distinct) < 2:
+        what = f"{len(records)} records" if len(records) < 2 else f"{len(records)} records of one prompt"
+        raise DataError(f"{key}: {train.origin} has {what}; need at least 2 distinct prompts to hold some out")
+    rng = np.random.default_rng(seed)
+    held = min(len(distinct) - 1, max(1, math.ceil(fraction * len(distinct))))
+    held_out = {distinct[i] for i in rng.permutation(len(distinct))[:held]}
+    order = rng.permutation(len(records)).tolist()
+    # Keep each record's position in the file, so errors name the file's row after the split.
+    numbered = records.add_column(ROW_COLUMN, list(range(1, len(records) + 1)))
+    kept = numbered.select([i for i in order if keys[i] not in held_out])
+    validation = numbered.select([i for i in order if keys[i] in held_out])
+    return Split(kept, train.origin), Split(validation, f"{train.origin} (held-out {fraction:.0%} of prompts)")

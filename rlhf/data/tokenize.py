@@ -28,7 +28,7 @@ class ChatRenderer:
     mode "auto": the tokenizer's chat template if it has one; plain text (prompt, then response and
     EOS) if it has none, unless the data is conversational, which uses a fallback template.
     "always": a chat template, the fallback if the tokenizer has none. "never": plain text.
-    The fallback template is installed on the tokenizer so that it is saved with the model.
+    The fallback template, once used, is installed on the tokenizer so that it is saved with the model.
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, mode: str = "auto"):
@@ -43,7 +43,11 @@ class ChatRenderer:
     def _use_template(self, prompt: Text) -> bool:
         if self.mode == "never":
             return False
-        return bool(self.tokenizer.chat_template) or not isinstance(prompt, str)
+        if not self.tokenizer.chat_template and not isinstance(prompt, str):
+            # Conversational data under "auto": the fallback becomes the tokenizer's template, so the
+            # saved tokenizer prompts later stages (plain-string prompts too) in the trained format.
+            self.tokenizer.chat_template = self._fallback
+        return bool(self.tokenizer.chat_template)
 
     def _template(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
         return self.tokenizer.apply_chat_template(

@@ -33,6 +33,9 @@ class Stage:
     builder: str
     # Config key -> the stage whose newest finished run `latest` finds, e.g. {"policy_from": "sft"}.
     sources: dict[str, str]
+    # Config key -> the kinds of model (rlhf.models.MODEL_KINDS) a source given there may be, e.g.
+    # {"reward_from": ("reward_model",)}: a model of another kind is refused, not silently adapted.
+    accepts: dict[str, tuple[str, ...]]
     # Default metric a sweep optimises and its direction, e.g. ("val/loss", "minimize").
     objective: tuple[str, str]
     # "module:function" giving the rlhf.bench workload, None if not benchmarked.

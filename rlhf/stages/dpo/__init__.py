@@ -53,6 +53,7 @@ STAGE = Stage(
     schema=DPOStageConfig,
     builder="rlhf.stages.dpo.module:build",
     sources={"init_from": "sft"},
+    accepts={"init_from": ("causal_lm",)},
     objective=("val/rewards/accuracies", "maximize"),
     bench="rlhf.stages.dpo.module:bench_workload",
     evaluated=True,

@@ -190,7 +190,9 @@ def attach_reference_logps(
 
 def build(run: RunConfig, tracker: Tracker) -> StageJob:
     stage: DPOStageConfig = run.stage
-    source = resolve_source(stage.init_from, "stage.init_from", STAGE.sources["init_from"], tracker)
+    source = resolve_source(
+        stage.init_from, "stage.init_from", STAGE.sources["init_from"], tracker, STAGE.accepts["init_from"]
+    )
     tokenizer = models.load_tokenizer(run.model, source.location)
     renderer = ChatRenderer(tokenizer, run.data.chat_template)
     gold = load_gold(run.data.gold_reward, run.data.preference.path)

@@ -55,6 +55,7 @@ STAGE = Stage(
     # policies: `latest` alone means the newest PPO run; the default (stage.policies=null) is the
     # newest lineage of every evaluated stage (see module._lineage_defaults).
     sources={"policies": "ppo", "reference": "sft", "reward_from": "rm"},
+    accepts={"policies": ("causal_lm",), "reference": ("causal_lm",), "reward_from": ("reward_model",)},
     # The best policy's win rate against the baseline by stage.judge (rlhf.report); a sweep's parent
     # records that policy as its best run.
     objective=("eval/best/win_rate", "maximize"),

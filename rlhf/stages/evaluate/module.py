@@ -191,15 +191,27 @@ def _judge(setting: str, has_gold: bool, prompts_path: str) -> str:
     return setting
 
 
+def held_out_split(splits: dict, wanted: str, key: str, tracker: Tracker) -> str:
+    """The split to evaluate on: `wanted`, or validation when the data has none such, said in the log
+    and in a tag, since validation prompts may have steered training (its checkpoints, early stops)."""
+    if wanted in splits:
+        return wanted
+    log.warning("%s has no %s split: evaluating on its validation split instead", key, wanted)
+    tracker.set_tags({f"{TAG_PREFIX}eval.{key}.split": f"validation (no {wanted} split)"})
+    return "validation"
+
+
 def build(run: RunConfig, tracker: Tracker) -> StageJob:
     stage: EvalStageConfig = run.stage
     specs, reward_spec, reference_spec = _lineage_defaults(stage, tracker)
     # Keys double as tag names (rlhf.policies.0, ...), so they avoid MLflow's forbidden brackets.
     sources = [
-        resolve_source(spec, f"stage.policies.{i}", STAGE.sources["policies"], tracker)
+        resolve_source(spec, f"stage.policies.{i}", STAGE.sources["policies"], tracker, STAGE.accepts["policies"])
         for i, spec in enumerate(specs)
     ]
-    reference = resolve_source(reference_spec, "stage.reference", STAGE.sources["reference"], tracker)
+    reference = resolve_source(
+        reference_spec, "stage.reference", STAGE.sources["reference"], tracker, STAGE.accepts["reference"]
+    )
     gold_name = gold_annotator(run.data.gold_reward, run.data.prompts.path)
     judge = _judge(stage.judge, gold_name is not None, run.data.prompts.path)
     recorded = [_recorded_run(tracker, s) for s in sources]
@@ -220,13 +232,14 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
     tokenizer = models.load_tokenizer(run.model, sources[-1].location)
     renderer = ChatRenderer(tokenizer, run.data.chat_template)
     prompts_data = prepare_prompts(run.data, renderer, run.seed, stage.rollout.max_new_tokens)
-    split = stage.split if stage.split in prompts_data.splits else "validation"
+    split = held_out_split(prompts_data.splits, stage.split, "data.prompts", tracker)
     items = prompts_data.splits[split][: stage.num_prompts]
     gold = load_gold(run.data.gold_reward, run.data.prompts.path)
     sft_test = None
     if stage.perplexity_examples:
         sft_data = prepare_sft(run.data, renderer, run.seed)
-        sft_test = (sft_data.splits.get("test") or sft_data.splits["validation"])[: stage.perplexity_examples]
+        sft_split = held_out_split(sft_data.splits, "test", "data.sft", tracker)
+        sft_test = sft_data.splits[sft_split][: stage.perplexity_examples]
     rollout = stage.rollout
     about = {
         "Prompts": f"{len(items)} from the {split} split of {run.data.prompts.path}",
@@ -374,6 +387,7 @@ def _score_with_reward(
         tracker,
         tokenizer,
         batch_size,
+        STAGE.accepts["reward_from"],
     )
     if reward.model is not None:
         reward.model.to(device)

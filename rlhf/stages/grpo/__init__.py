@@ -48,6 +48,7 @@ STAGE = Stage(
     schema=GRPOStageConfig,
     builder="rlhf.stages.grpo.module:build",
     sources={"policy_from": "sft", "reward_from": "rm"},
+    accepts={"policy_from": ("causal_lm",), "reward_from": ("reward_model",)},
     objective=("val/score_raw", "maximize"),
     bench="rlhf.stages.grpo.module:bench_workload",
     evaluated=True,

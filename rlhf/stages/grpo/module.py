@@ -106,7 +106,7 @@ class GRPOModule(RLModule):
 
 
 def build(run: RunConfig, tracker: Tracker) -> StageJob:
-    setup = load_rl_setup(run, tracker, STAGE.sources)
+    setup = load_rl_setup(run, tracker, STAGE.sources, STAGE.accepts)
     policy, tokenizer = setup.policy, setup.tokenizer
     tracker.log_metrics(models.parameter_counts(policy))
     module = GRPOModule(

@@ -60,6 +60,7 @@ STAGE = Stage(
     schema=PPOStageConfig,
     builder="rlhf.stages.ppo.module:build",
     sources={"policy_from": "sft", "reward_from": "rm"},
+    accepts={"policy_from": ("causal_lm",), "reward_from": ("reward_model",)},
     objective=("val/score_raw", "maximize"),
     bench="rlhf.stages.ppo.module:bench_workload",
     evaluated=True,

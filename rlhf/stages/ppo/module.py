@@ -198,7 +198,7 @@ def load_critic(
 
 def build(run: RunConfig, tracker: Tracker) -> StageJob:
     stage: PPOStageConfig = run.stage
-    setup = load_rl_setup(run, tracker, STAGE.sources)
+    setup = load_rl_setup(run, tracker, STAGE.sources, STAGE.accepts)
     tokenizer, policy, reward, reward_location = setup.tokenizer, setup.policy, setup.reward, setup.reward_location
     reward_stats = setup.reward_stats
     value_model = None

@@ -47,6 +47,8 @@ STAGE = Stage(
     schema=RMStageConfig,
     builder="rlhf.stages.rm.module:build",
     sources={"init_from": "sft"},
+    # A reward model starts from a language model (its head new) or from a reward model (kept).
+    accepts={"init_from": ("causal_lm", "reward_model")},
     objective=("val/accuracy", "maximize"),
     bench="rlhf.stages.rm.module:bench_workload",
     refused_strategies={"fsdp": FSDP_CANNOT_CLIP_OR_SAVE},

@@ -111,7 +111,9 @@ def _ordering_metrics(prefix: str, suffix: str, chosen, rejected, gold_order) ->
 
 def build(run: RunConfig, tracker: Tracker) -> StageJob:
     stage: RMStageConfig = run.stage
-    source = resolve_source(stage.init_from, "stage.init_from", STAGE.sources["init_from"], tracker)
+    source = resolve_source(
+        stage.init_from, "stage.init_from", STAGE.sources["init_from"], tracker, STAGE.accepts["init_from"]
+    )
     tokenizer = models.load_tokenizer(run.model, source.location)
     renderer = ChatRenderer(tokenizer, run.data.chat_template)
     annotator = load_gold(run.data.gold_reward, run.data.preference.path)

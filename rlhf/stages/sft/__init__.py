@@ -35,6 +35,7 @@ STAGE = Stage(
     schema=SFTStageConfig,
     builder="rlhf.stages.sft.module:build",
     sources={},
+    accepts={"init_from": ("causal_lm",)},
     objective=("val/loss", "minimize"),
     bench="rlhf.stages.sft.module:bench_workload",
     refused_strategies={"fsdp": FSDP_CANNOT_CLIP_OR_SAVE},

@@ -92,7 +92,9 @@ def _count_tokens(batch: dict) -> dict[str, float]:
 
 def build(run: RunConfig, tracker: Tracker) -> StageJob:
     stage: SFTStageConfig = run.stage
-    source = resolve_source(stage.init_from, "stage.init_from", STAGE.sources.get("init_from"), tracker)
+    source = resolve_source(
+        stage.init_from, "stage.init_from", STAGE.sources.get("init_from"), tracker, STAGE.accepts["init_from"]
+    )
     tokenizer = models.load_tokenizer(run.model, source.location)
     renderer = ChatRenderer(tokenizer, run.data.chat_template)
     # Data before weights: a bad file fails in seconds, not after the model has loaded.

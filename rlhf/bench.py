@@ -20,7 +20,9 @@ products of the same size range over 1.5x within a minute), so the rate is sampl
 and after the timed steps (outside their timing): `mfu` divides by the median reading, the rate the
 workload's own products met while it ran; `mfu_of_peak` by the highest reading, a burst the
 workload cannot sustain. MLflow tracking is included (it is part of what a step costs); tracking=none
-leaves it out.
+leaves it out. bench.profile=1 runs the last warm-up step (untimed; bench.warmup=2 or more makes
+it a warm one) under torch.profiler and writes its operators (kernels on a GPU), most time first, to
+profile.txt in the run's output_dir.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
@@ -42,8 +45,9 @@ from rlhf.layout import config_dir
 
 register_configs()
 
-# steps/warmup: timed and untimed steps; batch_size (x length): the workload; synthetic=0: real data.
-SETTINGS = {"steps": 5, "warmup": 1, "batch_size": 8, "length": 256, "synthetic": 1}
+# steps/warmup: timed and untimed steps; batch_size (x length): the workload; synthetic=0: real data;
+# profile=1: the last warm-up step profiled.
+SETTINGS = {"steps": 5, "warmup": 1, "batch_size": 8, "length": 256, "synthetic": 1, "profile": 0}
 
 
 def matmul_dtype(precision: str | int) -> torch.dtype:
@@ -64,24 +68,54 @@ class MatmulRate(pl.Callback):
     `interval` seconds have passed since the last sample (after the step's timing ends: callbacks
     run in order). `in_force` is the dtype the run's products use, the ceiling its MFU is measured
     against: with bf16 arithmetic about 3x the fp32 rate on processors with AMX, so an fp32
-    denominator would read a bf16 run's MFU above 1."""
+    denominator would read a bf16 run's MFU above 1.
 
-    def __init__(self, warmup: int, in_force: torch.dtype = torch.float32, size: int = 2048, interval: float = 2.0):
-        self.warmup, self.interval, self.in_force = warmup, interval, in_force
+    Each dtype's product grows from 256 up to `size` while one takes under `budget` seconds: a
+    processor without bf16 instructions emulates it hundreds of times slower (a minute for one
+    2048 x 2048 product), which would stall the benchmark for far longer than the workload."""
+
+    def __init__(
+        self,
+        warmup: int,
+        in_force: torch.dtype = torch.float32,
+        size: int = 2048,
+        interval: float = 2.0,
+        budget: float = 0.05,
+    ):
+        self.warmup, self.interval, self.in_force, self.budget = warmup, interval, in_force, budget
         generator = torch.Generator().manual_seed(0)
-        self.a, self.b = torch.randn(size, size, generator=generator), torch.randn(size, size, generator=generator)
+        self.a, self.b = (
+            torch.randn(size, size, generator=generator),
+            torch.randn(size, size, generator=generator),
+        )
         self.dtypes = list(dict.fromkeys([torch.float32, torch.bfloat16, in_force]))
         self.readings: dict[torch.dtype, list[float]] = {dtype: [] for dtype in self.dtypes}
+        self.sizes: dict[torch.dtype, int] = {}
         self._last = 0.0
+
+    def _size(self, dtype: torch.dtype) -> int:
+        if dtype not in self.sizes:
+            size = min(256, self.a.shape[0])
+            while size < self.a.shape[0]:
+                a = self.a[:size, :size].to(dtype)
+                a @ a  # warm caches and threads
+                start = time.perf_counter()
+                a @ a
+                if time.perf_counter() - start > self.budget:
+                    break
+                size *= 2
+            self.sizes[dtype] = min(size, self.a.shape[0])
+        return self.sizes[dtype]
 
     def sample(self, repeats: int) -> None:
         for dtype in self.dtypes:
-            a, b = self.a.to(dtype), self.b.to(dtype)
+            size = self._size(dtype)
+            a, b = self.a[:size, :size].to(dtype), self.b[:size, :size].to(dtype)
             a @ b  # warm caches and threads
             for _ in range(repeats):
                 start = time.perf_counter()
                 a @ b
-                self.readings[dtype].append(2 * a.shape[0] ** 3 / (time.perf_counter() - start))
+                self.readings[dtype].append(2 * size**3 / (time.perf_counter() - start))
         self._last = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -200,6 +234,36 @@ class RLTimeSplit(pl.Callback):
         return {k.replace("time/", ""): round(v / max(self.steps, 1), 3) for k, v in self.totals.items()}
 
 
+class StepProfile(pl.Callback):
+    """Profiles the training step that starts after `after` steps and writes its operators, most self
+    time first (device time on a GPU, where the kernels are; CPU time elsewhere), as a table to `path`."""
+
+    def __init__(self, after: int, path: str, rows: int = 30):
+        self.after, self.path, self.rows = after, path, rows
+        self._profiler = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.after:
+            from torch.profiler import ProfilerActivity, profile
+
+            activities = [ProfilerActivity.CPU]
+            if pl_module.device.type == "cuda":
+                activities.append(ProfilerActivity.CUDA)
+            self._profiler = profile(activities=activities)
+            self._profiler.__enter__()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._profiler is None:
+            return
+        _synchronize(pl_module.device)
+        self._profiler.__exit__(None, None, None)
+        sort = "self_device_time_total" if pl_module.device.type == "cuda" else "self_cpu_time_total"
+        table = self._profiler.key_averages().table(sort_by=sort, row_limit=self.rows)
+        with open(self.path, "w") as out:
+            out.write(f"training step {self.after + 1} (untimed), sorted by {sort}\n{table}\n")
+        self._profiler = None
+
+
 @dataclass
 class Workload:
     """What a stage's benchmark trains on and counts."""
@@ -256,8 +320,17 @@ def _bench(cfg: DictConfig) -> None:
         if workload.flops is not None:
             counts["flops"] = workload.flops.step
         timer = StepTimer(settings["warmup"], counts)
+        callbacks: list[pl.Callback] = [timer, *workload.callbacks]
+        profile_path = Path(run.output_dir) / "profile.txt"
+        if settings["profile"]:
+            if settings["warmup"] < 1:
+                sys.exit(
+                    "rlhf.bench: error: bench.profile=1 profiles a warm-up step; set bench.warmup=1 or more"
+                )
+            profile_path.parent.mkdir(parents=True, exist_ok=True)
+            callbacks.insert(0, StepProfile(settings["warmup"] - 1, str(profile_path)))
         # The rate is sampled last, after the timer has stopped.
-        trainer = stage_trainer(run, tracker, run.output_dir, job, [timer, *workload.callbacks, rate])
+        trainer = stage_trainer(run, tracker, run.output_dir, job, [*callbacks, rate])
         trainer.fit(job.module, datamodule=job.datamodule)
         rate.sample(8)
         if workload.described:
@@ -289,6 +362,8 @@ def _bench(cfg: DictConfig) -> None:
             figures["mfu_of_peak"] = round(achieved / rate.peak(), 3)
         figures.update(workload.figures())
         figures.update({k: round(v, 1) for k, v in peak_memory().items()})
+        if settings["profile"] and profile_path.is_file():
+            figures["profile"] = str(profile_path)
         tracker.log_metrics({f"bench/{k}": v for k, v in figures.items() if isinstance(v, (int, float))})
     print(json.dumps(figures, indent=2), file=sys.stdout)
 

@@ -70,9 +70,10 @@ class MatmulRate(pl.Callback):
     against: with bf16 arithmetic about 3x the fp32 rate on processors with AMX, so an fp32
     denominator would read a bf16 run's MFU above 1.
 
-    Each dtype's product grows from 256 up to `size` while one takes under `budget` seconds: a
-    processor without bf16 instructions emulates it hundreds of times slower (a minute for one
-    2048 x 2048 product), which would stall the benchmark for far longer than the workload."""
+    Each dtype's product grows from 256 up to `size` while the next size's (8x the work) would take
+    under `budget` seconds: a processor without bf16 instructions emulates bf16 hundreds of times
+    slower (a minute for one 2048 x 2048 product), which would stall the benchmark for far longer
+    than the workload."""
 
     def __init__(
         self,
@@ -80,7 +81,7 @@ class MatmulRate(pl.Callback):
         in_force: torch.dtype = torch.float32,
         size: int = 2048,
         interval: float = 2.0,
-        budget: float = 0.05,
+        budget: float = 0.5,
     ):
         self.warmup, self.interval, self.in_force, self.budget = warmup, interval, in_force, budget
         generator = torch.Generator().manual_seed(0)
@@ -101,7 +102,7 @@ class MatmulRate(pl.Callback):
                 a @ a  # warm caches and threads
                 start = time.perf_counter()
                 a @ a
-                if time.perf_counter() - start > self.budget:
+                if 8 * (time.perf_counter() - start) > self.budget:
                     break
                 size *= 2
             self.sizes[dtype] = min(size, self.a.shape[0])

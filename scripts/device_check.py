@@ -11,7 +11,8 @@ one before instead of `latest` (which reads MLflow):
   1. the pipeline SFT -> RM -> PPO, DPO, GRPO -> eval of the four policies, in bf16-mixed and in
      32-true, on model=tiny's random shrink of SmolLM2 (its config and tokenizer, no weights);
   2. the sharded strategies (hardware=fsdp, hardware=deepspeed on one device) for every training
-     stage: each must train or be refused in one `rlhf: error:` line with exit code 2;
+     stage: each must train or be refused in one `rlhf: error:` line with exit code 2 (any other
+     step must run);
   3. rlhf.bench for SFT, RM, DPO, PPO and GRPO: on the GPU a random model of SmolLM2-135M's full
      shape at the GPU workloads (SFT and RM 32 x 1024 tokens, DPO 32 pairs x 1024, PPO 64 prompts x
      128 new tokens, GRPO 16 prompts x 8 responses x 128 new tokens), with a torch.profiler table of
@@ -129,8 +130,6 @@ CPU = Mode(
         "data.sft.max_samples=32",
         "data.preference.max_samples=32",
         "data.prompts.max_samples=32",
-        "data.max_length=48",
-        "data.max_prompt_length=24",
     ),
     stage_args={
         "sft": (
@@ -327,14 +326,15 @@ def plan(mode: Mode, model_dir: Path, runs: Path) -> list[Step]:
     return steps
 
 
-def outcome(returncode: int, stderr: str) -> tuple[str, str]:
+def outcome(returncode: int, stderr: str, may_refuse: bool = True) -> tuple[str, str]:
     """(status, message) of a finished process: ok on exit 0; refused on exit 2 with an
-    `rlhf: error:` line and no traceback (a refusal in one line, as users get it); else failed."""
+    `rlhf: error:` line and no traceback (a refusal in one line, as users get it) where the step
+    `may_refuse`; else failed."""
     lines = [line for line in stderr.splitlines() if line.strip()]
     error = next((line for line in lines if line.startswith("rlhf: error:")), "")
     if returncode == 0:
         return "ok", ""
-    if returncode == 2 and error and "Traceback (most recent call last)" not in stderr:
+    if may_refuse and returncode == 2 and error and "Traceback (most recent call last)" not in stderr:
         return "refused", error
     last = error or (lines[-1] if lines else "")
     return "failed", f"exit {returncode}: {last}"[:500]
@@ -437,7 +437,8 @@ def run_steps(
             if code == 124:
                 step.status, step.message = "failed", f"timed out after {limit:.0f} s"
             else:
-                step.status, step.message = outcome(code, stderr)
+                # Only a sharded strategy may be refused; the pipeline and the benchmarks must run.
+                step.status, step.message = outcome(code, stderr, may_refuse=step.kind == "sharded")
             if step.kind == "bench" and step.status == "ok":
                 _finish_bench(step, stdout, mode, out, peak_tflops)
             _note(text, step)

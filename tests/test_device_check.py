@@ -50,6 +50,8 @@ def test_a_step_is_ok_refused_in_one_line_or_failed(code, stderr, status):
         assert message.startswith("rlhf: error: trainer.accelerator=gpu")
     if status == "failed":
         assert message.startswith(f"exit {code}")
+    # A pipeline step or a benchmark must run: its refusal is a failure, with the refusal as its message.
+    assert device_check.outcome(code, stderr, may_refuse=False)[0] == ("ok" if status == "ok" else "failed")
 
 
 @pytest.mark.parametrize("mode", ["CPU", "GPU"])

@@ -190,7 +190,7 @@ CPU = Mode(
     },
     step_limit=180,
     bench_limit=240,
-    budget=1200,
+    budget=3600,
 )
 
 GPU = Mode(

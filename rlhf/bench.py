@@ -20,7 +20,9 @@ products of the same size range over 1.5x within a minute), so the rate is sampl
 and after the timed steps (outside their timing): `mfu` divides by the median reading, the rate the
 workload's own products met while it ran; `mfu_of_peak` by the highest reading, a burst the
 workload cannot sustain. MLflow tracking is included (it is part of what a step costs); tracking=none
-leaves it out.
+leaves it out. bench.profile=1 runs the last warm-up step (untimed; bench.warmup=2 or more makes
+it a warm one) under torch.profiler and writes its operators (kernels on a GPU), most time first, to
+profile.txt in the run's output_dir.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
@@ -43,8 +46,9 @@ from rlhf.layout import config_dir
 
 register_configs()
 
-# steps/warmup: timed and untimed steps; batch_size (x length): the workload; synthetic=0: real data.
-SETTINGS = {"steps": 5, "warmup": 1, "batch_size": 8, "length": 256, "synthetic": 1}
+# steps/warmup: timed and untimed steps; batch_size (x length): the workload; synthetic=0: real data;
+# profile=1: the last warm-up step profiled.
+SETTINGS = {"steps": 5, "warmup": 1, "batch_size": 8, "length": 256, "synthetic": 1, "profile": 0}
 
 
 def matmul_dtype(precision: str | int) -> torch.dtype:
@@ -217,6 +221,36 @@ class RLTimeSplit(pl.Callback):
         return {k.replace("time/", ""): round(v / max(self.steps, 1), 3) for k, v in self.totals.items()}
 
 
+class StepProfile(pl.Callback):
+    """Profiles the training step that starts after `after` steps and writes its operators, most self
+    time first (device time on a GPU, where the kernels are; CPU time elsewhere), as a table to `path`."""
+
+    def __init__(self, after: int, path: str, rows: int = 30):
+        self.after, self.path, self.rows = after, path, rows
+        self._profiler = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.after:
+            from torch.profiler import ProfilerActivity, profile
+
+            activities = [ProfilerActivity.CPU]
+            if pl_module.device.type == "cuda":
+                activities.append(ProfilerActivity.CUDA)
+            self._profiler = profile(activities=activities)
+            self._profiler.__enter__()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._profiler is None:
+            return
+        _synchronize(pl_module.device)
+        self._profiler.__exit__(None, None, None)
+        sort = "self_device_time_total" if pl_module.device.type == "cuda" else "self_cpu_time_total"
+        table = self._profiler.key_averages().table(sort_by=sort, row_limit=self.rows)
+        with open(self.path, "w") as out:
+            out.write(f"training step {self.after + 1} (untimed), sorted by {sort}\n{table}\n")
+        self._profiler = None
+
+
 @dataclass
 class Workload:
     """What a stage's benchmark trains on and counts."""
@@ -273,8 +307,17 @@ def _bench(cfg: DictConfig) -> None:
         if workload.flops is not None:
             counts["flops"] = workload.flops.step
         timer = StepTimer(settings["warmup"], counts)
+        callbacks: list[pl.Callback] = [timer, *workload.callbacks]
+        profile_path = Path(run.output_dir) / "profile.txt"
+        if settings["profile"]:
+            if settings["warmup"] < 1:
+                sys.exit(
+                    "rlhf.bench: error: bench.profile=1 profiles a warm-up step; set bench.warmup=1 or more"
+                )
+            profile_path.parent.mkdir(parents=True, exist_ok=True)
+            callbacks.insert(0, StepProfile(settings["warmup"] - 1, str(profile_path)))
         # The rate is sampled last, after the timer has stopped.
-        trainer = stage_trainer(run, tracker, run.output_dir, job, [timer, *workload.callbacks, rate])
+        trainer = stage_trainer(run, tracker, run.output_dir, job, [*callbacks, rate])
         trainer.fit(job.module, datamodule=job.datamodule)
         rate.sample(8)
         if workload.described:
@@ -306,6 +349,8 @@ def _bench(cfg: DictConfig) -> None:
             figures["mfu_of_peak"] = round(achieved / rate.peak(), 3)
         figures.update(workload.figures())
         figures.update({k: round(v, 1) for k, v in peak_memory().items()})
+        if settings["profile"] and profile_path.is_file():
+            figures["profile"] = str(profile_path)
         tracker.log_metrics({f"bench/{k}": v for k, v in figures.items() if isinstance(v, (int, float))})
     print(json.dumps(figures, indent=2), file=sys.stdout)
 

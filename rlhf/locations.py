@@ -3,22 +3,39 @@
 `model.name_or_path=/path/to/my-model` on top of a model group asks for another model: the group's
 way of reaching its own weights (a GGUF file, a random initialisation, a separate tokenizer, a hub
 revision) no longer applies, and runs are named after the directory that was loaded, not the group.
+One exception: a local directory holding a config.json but no weights can only be initialised at
+random, so the group's random initialisation still applies to it (model=tiny on another
+architecture's config and tokenizer).
 The same holds for `data.<kind>.path`. Keys given on the command line as well are kept as given.
 """
 
 from __future__ import annotations
 
 import logging
-from pathlib import PurePath
+from pathlib import Path, PurePath
 from typing import Any
 
 log = logging.getLogger(__name__)
 
 # Keys of the model group that describe where its own weights come from.
 MODEL_SOURCE_KEYS = ("gguf_file", "random_init", "tokenizer", "revision")
+# The files a Hugging Face directory keeps its weights in (save_pretrained, sharded or not).
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 DATA_KINDS = ("sft", "preference", "prompts")
 # The data a stage trains on or samples prompts from: the one its run is named after.
-STAGE_DATA = {"sft": "sft", "rm": "preference", "dpo": "preference", "ppo": "prompts", "grpo": "prompts", "eval": "prompts"}
+STAGE_DATA = {
+    "sft": "sft",
+    "rm": "preference",
+    "dpo": "preference",
+    "ppo": "prompts",
+    "grpo": "prompts",
+    "eval": "prompts",
+}
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".gguf")
 
 
@@ -45,12 +62,33 @@ def label(location: str) -> str:
     return name
 
 
+def config_without_weights(location: str) -> bool:
+    """Whether `location` is a local directory with a config.json but neither weights nor a GGUF file."""
+    path = Path(str(location)).expanduser()
+    return (
+        (path / "config.json").is_file()
+        and not any((path / name).is_file() for name in WEIGHT_FILES)
+        and not any(path.glob("*.gguf"))
+    )
+
+
 def apply_location_overrides(cfg: Any, overrides: list[str]) -> None:
     """Adjust the composed config (in place) for overridden model and data locations (module doc)."""
     given = overridden(overrides)
     model = cfg.get("model")
     if "model.name_or_path" in given and model is not None and model.get("name_or_path"):
-        dropped = [k for k in MODEL_SOURCE_KEYS if f"model.{k}" not in given and model.get(k) is not None]
+        random = model.get("random_init") is not None and config_without_weights(model.name_or_path)
+        if random and "model.random_init" not in given:
+            log.info(
+                "model.name_or_path=%s holds a config but no weights: model.random_init applies",
+                model.name_or_path,
+            )
+        kept = ("random_init",) if random else ()
+        dropped = [
+            k
+            for k in MODEL_SOURCE_KEYS
+            if f"model.{k}" not in given and model.get(k) is not None and k not in kept
+        ]
         for key in dropped:
             model[key] = None
         if dropped:

@@ -53,6 +53,14 @@ it the PPO row says so and is skipped. For PPO figures, a second environment wit
     trl112-venv/bin/pip install --no-deps trl==1.12.0
     trl112-venv/bin/python scripts/compare_trl.py --only ppo --precision fp32
 
+A quick check on the CPU, in a minute or two (what CI runs): --tiny trains model=tiny's random
+2-layer shrink of SmolLM2 (its weights written once from the config into the cache), a batch of 4,
+one timed step and no warm-up unless given. Without TRL installed, each workload still prepares the
+project's side (config, tokenizer, the examples in the project's order) and its row says that TRL is
+missing; the run then passes:
+
+    python scripts/compare_trl.py --tiny --only sft,rm,dpo,ppo,grpo
+
 The same workloads through this project (--bench-commands prints them with --steps/--warmup and the
 converted model's directory filled in; precision 32-true for fp32, bf16-mixed for bf16; tracking=none
 since the TRL runs log nothing):
@@ -74,6 +82,7 @@ and clips PPO's gradients (TRL's PPO trainer does neither), and normalises rewar
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -207,7 +216,9 @@ def bench_commands(args) -> list[str]:
     if args.batch_size != bench_batch_size():
         common += f" bench.batch_size={args.batch_size}"
     if "ppo" in args.only:
-        directory = model_dir or model_directory(project_run("ppo", precision, args.batch_size, args.set), None)
+        directory = model_dir or model_directory(
+            project_run("ppo", precision, args.batch_size, args.set), None
+        )
         extra["ppo"] = f"stage.policy_from=base stage.reward_from={directory}"
     extra["grpo"] = "stage.policy_from=base stage.reward_from=fn:rlhf.tasks.assistant.gold_reward"
     if model_dir:  # the same directory as the policy too
@@ -216,7 +227,9 @@ def bench_commands(args) -> list[str]:
         for stage in ("ppo", "grpo"):
             extra[stage] = extra[stage].replace("policy_from=base", f"policy_from={model_dir}")
     sets = " ".join(args.set)
-    return [" ".join(filter(None, [base.format(stage=stage), common, extra[stage], sets])) for stage in args.only]
+    return [
+        " ".join(filter(None, [base.format(stage=stage), common, extra[stage], sets])) for stage in args.only
+    ]
 
 
 # -- timing ------------------------------------------------------------------------------------------
@@ -282,7 +295,10 @@ def training_arguments(run, args, output_dir: str, total_steps: int) -> dict:
     stage = run.stage
     schedule: dict = {"lr_scheduler_type": "constant"}
     if stage.scheduler == "cosine":
-        schedule = {"lr_scheduler_type": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr_rate": stage.min_lr_ratio}}
+        schedule = {
+            "lr_scheduler_type": "cosine_with_min_lr",
+            "lr_scheduler_kwargs": {"min_lr_rate": stage.min_lr_ratio},
+        }
     elif stage.scheduler == "linear":
         schedule = {"lr_scheduler_type": "linear"}  # to 0; the shipped linear schedules end at 0 too
     return dict(
@@ -343,11 +359,17 @@ def build_sft(run, args, directory, tokenizer, renderer, common: dict, counts: d
         shuffle_dataset=False,
     )
     model = load_policy(directory)
-    trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
-    counting(trainer, counts, lambda b: {
-        "tokens": b["attention_mask"].sum() if "attention_mask" in b else b["input_ids"].numel(),
-        "trained_tokens": (b["labels"] != -100).sum(),
-    })
+    trainer = SFTTrainer(
+        model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
+    )
+    counting(
+        trainer,
+        counts,
+        lambda b: {
+            "tokens": b["attention_mask"].sum() if "attention_mask" in b else b["input_ids"].numel(),
+            "trained_tokens": (b["labels"] != -100).sum(),
+        },
+    )
     return trainer, len(rows)
 
 
@@ -371,7 +393,9 @@ def build_rm(run, args, directory, tokenizer, renderer, common: dict, counts: di
         max_length=run.data.max_length,
         center_rewards_coefficient=run.stage.center_rewards or None,
     )
-    trainer = RewardTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    trainer = RewardTrainer(
+        model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
+    )
     counting(trainer, counts, pair_counts)
     return trainer, len(rows)
 
@@ -396,7 +420,9 @@ def build_dpo(run, args, directory, tokenizer, renderer, common: dict, counts: d
         precompute_ref_log_probs=stage.precompute_ref,
     )
     # No ref_model: TRL builds the reference from the policy's directory (its default).
-    trainer = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    trainer = DPOTrainer(
+        model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
+    )
     counting(trainer, counts, pair_counts)
     return trainer, len(rows)
 
@@ -408,7 +434,10 @@ def build_grpo(run, args, directory, tokenizer, renderer, common: dict, counts: 
     from rlhf.tasks.assistant import gold_reward as gold
 
     stage = run.stage
-    rows = [{"prompt": renderer.prompt(item["prompt"]), "question": item["prompt"]} for item in prompt_items(run, renderer)]
+    rows = [
+        {"prompt": renderer.prompt(item["prompt"]), "question": item["prompt"]}
+        for item in prompt_items(run, renderer)
+    ]
 
     def gold_reward(prompts, completions, question, **kwargs):
         return gold(list(question), list(completions))
@@ -433,13 +462,20 @@ def build_grpo(run, args, directory, tokenizer, renderer, common: dict, counts: 
         log_completions=False,
     )
     trainer = GRPOTrainer(
-        model=load_policy(directory), reward_funcs=gold_reward, args=config, train_dataset=Dataset.from_list(rows),
+        model=load_policy(directory),
+        reward_funcs=gold_reward,
+        args=config,
+        train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
     )
-    counting(trainer, counts, lambda b: {
-        "episodes": b["completion_ids"].shape[0],
-        "tokens": b["prompt_mask"].sum() + b["completion_mask"].sum(),
-    })
+    counting(
+        trainer,
+        counts,
+        lambda b: {
+            "episodes": b["completion_ids"].shape[0],
+            "tokens": b["prompt_mask"].sum() + b["completion_mask"].sum(),
+        },
+    )
     return trainer, len(rows)
 
 
@@ -462,7 +498,9 @@ def build_ppo(run, args, directory, tokenizer, renderer, common: dict, counts: d
     stage = run.stage
     rollout = stage.rollout.batch_size
     if rollout % stage.minibatch_size:
-        raise SystemExit(f"ppo: a rollout batch of {rollout} does not split into minibatches of {stage.minibatch_size}")
+        raise SystemExit(
+            f"ppo: a rollout batch of {rollout} does not split into minibatches of {stage.minibatch_size}"
+        )
     tokenizer.padding_side = "left"  # prompts are left-padded for generation
     data = Dataset.from_list([{"input_ids": item["prompt_ids"]} for item in prompt_items(run, renderer)])
     total = common.pop("max_steps")  # PPO counts episodes
@@ -500,7 +538,9 @@ def build_ppo(run, args, directory, tokenizer, renderer, common: dict, counts: d
         train_dataset=data,
     )
     # TRL's PPO trainer shuffles its prompts; take them in the project's order instead.
-    loader = DataLoader(data, batch_size=rollout, shuffle=False, collate_fn=trainer.data_collator, drop_last=True)
+    loader = DataLoader(
+        data, batch_size=rollout, shuffle=False, collate_fn=trainer.data_collator, drop_last=True
+    )
     trainer.dataloader = trainer.accelerator.prepare(loader)
     return trainer, len(data)
 
@@ -518,8 +558,37 @@ def describe(run, batch_size: int) -> str:
     return f"{run.data.name} data, batch {batch_size}"
 
 
+def project_side(args) -> dict:
+    """Without TRL: the project's side of the workload alone (config, tokenizer, the examples in the
+    order rlhf.bench trains on them), so that this script's own code still runs, and a row saying so."""
+    from rlhf.data.tokenize import ChatRenderer
+    from rlhf.models import load_tokenizer
+
+    stage = args.worker
+    run = project_run(stage, args.precision, args.batch_size, args.set)
+    tokenizer = load_tokenizer(run.model, model_directory(run, args.model_dir))
+    renderer = ChatRenderer(tokenizer, run.data.chat_template)
+    if stage == "sft":
+        examples = sft_rows(run, renderer, args.batch_size)
+    elif stage in ("rm", "dpo"):
+        examples = preference_rows(
+            run, renderer, args.batch_size, tokenizer.pad_token_id, run.stage.share_prefix
+        )
+    else:
+        examples = prompt_items(run, renderer)
+    return {
+        "framework": "trl",
+        "stage": stage,
+        "precision": args.precision,
+        "skipped": f"TRL is not installed (pip install --no-deps trl); {len(examples)} examples prepared",
+        "examples": len(examples),
+    }
+
+
 def worker(args) -> dict:
     """Train one workload with TRL in this process and return its figures."""
+    if importlib.util.find_spec("trl") is None:
+        return project_side(args)
     import torch
     import transformers
     import trl
@@ -585,9 +654,18 @@ def worker(args) -> dict:
 
 def run_workload(stage: str, args) -> dict:
     command = [
-        sys.executable, str(Path(__file__).resolve()), "--worker", stage,
-        "--precision", args.precision, "--steps", str(args.steps), "--warmup", str(args.warmup),
-        "--batch-size", str(args.batch_size),
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        stage,
+        "--precision",
+        args.precision,
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--batch-size",
+        str(args.batch_size),
     ]
     if args.model_dir:
         command += ["--model-dir", args.model_dir]
@@ -598,10 +676,15 @@ def run_workload(stage: str, args) -> dict:
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     for line in done.stdout.splitlines():
         if line.startswith(RESULT_PREFIX):
-            return json.loads(line[len(RESULT_PREFIX):])
+            return json.loads(line[len(RESULT_PREFIX) :])
     tail = "\n".join((done.stdout + "\n" + done.stderr).strip().splitlines()[-40:])
     print(f"[compare_trl] {stage}: failed (exit {done.returncode}); last lines:\n{tail}", file=sys.stderr)
-    return {"framework": "trl", "stage": stage, "precision": args.precision, "error": f"exit {done.returncode}"}
+    return {
+        "framework": "trl",
+        "stage": stage,
+        "precision": args.precision,
+        "error": f"exit {done.returncode}",
+    }
 
 
 def table(results: list[dict]) -> str:
@@ -609,47 +692,119 @@ def table(results: list[dict]) -> str:
     rows = []
     for r in results:
         if "skipped" in r or "error" in r:
-            rows.append((r["stage"], r.get("trl_version", "?"), r["precision"], "-", r.get("skipped") or r["error"], "-"))
+            rows.append(
+                (
+                    r["stage"],
+                    r.get("trl_version", "?"),
+                    r["precision"],
+                    "-",
+                    r.get("skipped") or r["error"],
+                    "-",
+                )
+            )
             continue
         unit = UNITS[r["stage"]]
-        rows.append((
-            r["stage"], r["trl_version"], f"{r['precision']} ({r['mixed_precision']})", f"{r['step_time_median_s']:.3f}",
-            f"{r[f'{unit}_per_s']:.2f} {unit}/s", f"{r['peak_rss_gb']:.2f}",
-        ))
+        rows.append(
+            (
+                r["stage"],
+                r["trl_version"],
+                f"{r['precision']} ({r['mixed_precision']})",
+                f"{r['step_time_median_s']:.3f}",
+                f"{r[f'{unit}_per_s']:.2f} {unit}/s",
+                f"{r['peak_rss_gb']:.2f}",
+            )
+        )
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+    lines = [
+        "  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
-                        help="fp32, or bf16 mixed precision (TrainingArguments bf16=True; rlhf: bf16-mixed)")
-    parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps (rlhf.bench: bench.steps)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (rlhf.bench: bench.warmup)")
-    parser.add_argument("--only", default="sft,rm,dpo,ppo", help=f"comma-separated workloads of {','.join(STAGES)}")
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help="SFT examples, RM/DPO pairs per step (default: rlhf.bench's SETTINGS['batch_size'])")
-    parser.add_argument("--model-dir", default=None,
-                        help="a Hugging Face directory instead of the converted SmolLM2-135M-Instruct")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="a project config override for both sides (Hydra syntax, repeatable), e.g. "
-                        "stage.share_prefix=false (with --only rm,dpo: every selected stage must have the key); "
-                        "--bench-commands adds it to rlhf.bench's commands")
-    parser.add_argument("--bench-commands", action="store_true",
-                        help="print the matching `python -m rlhf.bench` commands and exit")
+    parser.add_argument(
+        "--precision",
+        choices=sorted(PRECISIONS),
+        default="fp32",
+        help="fp32, or bf16 mixed precision (TrainingArguments bf16=True; rlhf: bf16-mixed)",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=None, help="timed optimizer steps (rlhf.bench: bench.steps; 5)"
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=None, help="untimed steps first (rlhf.bench: bench.warmup; 1)"
+    )
+    parser.add_argument(
+        "--only", default="sft,rm,dpo,ppo", help=f"comma-separated workloads of {','.join(STAGES)}"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="SFT examples, RM/DPO pairs per step (default: rlhf.bench's SETTINGS['batch_size'])",
+    )
+    parser.add_argument(
+        "--model-dir",
+        default=None,
+        help="a Hugging Face directory instead of the converted SmolLM2-135M-Instruct",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a project config override for both sides (Hydra syntax, repeatable), e.g. "
+        "stage.share_prefix=false (with --only rm,dpo: every selected stage must have the key); "
+        "--bench-commands adds it to rlhf.bench's commands",
+    )
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="model=tiny's random weights, batch 4, 1 step, no warm-up: a quick check on the CPU",
+    )
+    parser.add_argument(
+        "--bench-commands",
+        action="store_true",
+        help="print the matching `python -m rlhf.bench` commands and exit",
+    )
     parser.add_argument("--worker", choices=STAGES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = [s for s in args.only if s not in STAGES]
     if unknown:
         parser.error(f"--only: unknown workload {unknown[0]!r}; choose from {','.join(STAGES)}")
+    if args.tiny and not args.worker:
+        defaults = {"steps": 1, "warmup": 0, "batch_size": 4}
+        args.model_dir = args.model_dir or tiny_model_dir()
+    else:
+        defaults = {"steps": 5, "warmup": 1}
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")
     if args.batch_size is None:
         args.batch_size = bench_batch_size()
     return args
+
+
+def tiny_model_dir() -> str:
+    """model=tiny's random weights (seed 0) as a Hugging Face directory, written once into the cache."""
+    from hydra import compose, initialize_config_dir
+
+    from rlhf.config import register_configs, validate
+    from rlhf.layout import config_dir
+    from rlhf.models import cache_root, load_causal_lm, load_tokenizer, save_model
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        run = validate(compose("config", overrides=["model=tiny", "tracking=none", "output_dir=/tmp/unused"]))
+    target = cache_root() / "compare_trl-tiny"
+    if not (target / "config.json").is_file():
+        save_model(load_causal_lm(run.model, seed=0), load_tokenizer(run.model), target)
+    return str(target)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -22,22 +22,6 @@ python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3
 # its pure-Python wheel here.
 python3 -m pip wheel --quiet --no-deps -w "$DEV/whl" antlr4-python3-runtime==4.9.3
 
-python3 - "$DEV/smollm2" <<'PY'
-import sys
-
-from hydra import compose, initialize_config_dir
-from transformers import AutoConfig, AutoTokenizer
-
-from rlhf import models
-from rlhf.config import register_configs, validate
-from rlhf.layout import config_dir
-
-register_configs()
-with initialize_config_dir(str(config_dir()), version_base="1.3"):
-    run = validate(compose("config", overrides=["model=smollm2-135m", "tracking=none", "output_dir=/tmp/unused"]))
-source = models.base_location(run.model)  # the GGUF file converted once into a cached directory
-AutoConfig.from_pretrained(source).save_pretrained(sys.argv[1])
-AutoTokenizer.from_pretrained(source).save_pretrained(sys.argv[1])
-PY
+python3 scripts/device_check.py --prepare-model "$DEV/smollm2"
 ls -l "$DEV/whl" "$DEV/smollm2"
 du -sh "$DEV"

@@ -29,7 +29,9 @@ def test_attended_pairs_are_causal_over_real_tokens():
 
 
 def test_attended_pairs_of_a_shared_prompt_row_count_the_prompt_once():
-    batch = PairCollator(pad_token_id=0, share_prefix=True)([{"chosen": [5, 6, 7, 8], "rejected": [5, 6, 9], "margin": 0.0}])
+    batch = PairCollator(pad_token_id=0, share_prefix=True)(
+        [{"chosen": [5, 6, 7, 8], "rejected": [5, 6, 9], "margin": 0.0}]
+    )
     assert "pair_mask" in batch  # the packed layout, padding included in its width
     # The chosen sequence attends causally (1 + 2 + 3 + 4); the rejected token sees the prompt and itself.
     assert attended_pairs(batch) == 10 + 3
@@ -63,11 +65,23 @@ def test_flop_count_under_lora_trains_only_the_adapters():
     count = FlopCount.of(model, lm_head=True)
     adapters = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     assert count.body_trainable == adapters and count.head_trainable == 0
-    assert count.head == 100 * 16 and count.body == FlopCount.of(LlamaForCausalLM(_config()), lm_head=True).body + adapters
+    assert (
+        count.head == 100 * 16
+        and count.body == FlopCount.of(LlamaForCausalLM(_config()), lm_head=True).body + adapters
+    )
 
 
 def test_bench_prints_throughput_and_utilisation_against_sampled_rates(tmp_path):
-    args = ["stage=rm", "model=tiny", "stage.init_from=base", "bench.synthetic=0", "bench.steps=3", "tracking=none"]
+    args = [
+        "stage=rm",
+        "model=tiny",
+        "stage.init_from=base",
+        "bench.synthetic=0",
+        "bench.steps=3",
+        "bench.warmup=2",
+        "bench.profile=1",
+        "tracking=none",
+    ]
     result = subprocess.run(
         [sys.executable, "-m", "rlhf.bench", *args],
         cwd=tmp_path,
@@ -86,6 +100,10 @@ def test_bench_prints_throughput_and_utilisation_against_sampled_rates(tmp_path)
     in_force = "matmul_gflops_bf16" if figures["precision"].startswith("bf16") else "matmul_gflops_fp32"
     assert figures["matmul_gflops"] == figures[in_force]
     assert figures["matmul_gflops_fp32"] > 0 and figures["matmul_gflops_bf16"] > 0
+    # The last warm-up step's operators, most time first, outside the timed steps.
+    profile = (tmp_path / figures["profile"]).read_text()
+    assert profile.startswith("training step 2 (untimed), sorted by self_cpu_time_total")
+    assert "aten::" in profile
 
 
 def test_mfu_denominator_follows_the_precision():
@@ -99,8 +117,10 @@ def test_mfu_denominator_follows_the_precision():
         assert rate.peak() == {"bf16-mixed": 390e9, "32-true": 120e9}[precision]
     rate = MatmulRate(warmup=0, in_force=torch.bfloat16, size=8)
     rate.sample(2)
-    assert {dtype: len(values) for dtype, values in rate.readings.items()} == {torch.float32: 2, torch.bfloat16: 2}
-
+    assert {dtype: len(values) for dtype, values in rate.readings.items()} == {
+        torch.float32: 2,
+        torch.bfloat16: 2,
+    }
 
 
 def test_rate_probe_shrinks_for_an_arithmetic_too_slow_to_sample_at_full_size():

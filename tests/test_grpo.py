@@ -99,7 +99,12 @@ def test_grpo_config_composes_and_validates(compose):
     from rlhf.config import validate
 
     run = validate(compose(["stage=grpo", "tracking=none"]))
-    assert (run.stage.group_size, run.stage.advantage, run.stage.kl_in, run.stage.ppo_epochs) == (4, "grpo", "loss", 1)
+    assert (run.stage.group_size, run.stage.advantage, run.stage.kl_in, run.stage.ppo_epochs) == (
+        4,
+        "grpo",
+        "loss",
+        1,
+    )
 
 
 @pytest.mark.parametrize(
@@ -129,7 +134,12 @@ def test_a_group_of_one_is_fine_for_reinforce_pp(compose):
 # -- the stage end to end ---------------------------------------------------------------------------
 
 # The tiny random policy and a reward for short text (tests/ppo_rewards.py): no earlier run needed.
-GRPO = ["experiment=smoke", "stage=grpo", "stage.reward_from=fn:ppo_rewards.brevity", "tracking.log_model=false"]
+GRPO = [
+    "experiment=smoke",
+    "stage=grpo",
+    "stage.reward_from=fn:ppo_rewards.brevity",
+    "tracking.log_model=false",
+]
 BASE = [*GRPO, "stage.policy_from=base"]
 
 
@@ -137,8 +147,17 @@ def test_grpo_raises_a_simple_reward_and_logs_what_ppo_logs(pipeline, cli, mlflo
     """Rewarding shorter text, the mean reward of the smoke SFT policy rises clearly within 20
     iterations of 4 x 4 episodes; 4 optimizer steps an iteration, and still one logged step
     (trainer.max_steps) per iteration."""
-    cli(*GRPO, f"stage.policy_from={pipeline.model_dir('sft')}", "trainer.max_steps=20", "trainer.val_check_interval=10",
-        "stage.lr=3e-3", "stage.kl_coef=0.01", "stage.ppo_epochs=4", "checkpoint.every_n_steps=0", env=REWARDS)
+    cli(
+        *GRPO,
+        f"stage.policy_from={pipeline.model_dir('sft')}",
+        "trainer.max_steps=20",
+        "trainer.val_check_interval=10",
+        "stage.lr=3e-3",
+        "stage.kl_coef=0.01",
+        "stage.ppo_epochs=4",
+        "checkpoint.every_n_steps=0",
+        env=REWARDS,
+    )
     (run,) = runs_of(mlflow_client, "smoke", "grpo")
     steps, rewards = zip(*history(mlflow_client, run.info.run_id, "reward/score_raw"))
     assert list(steps) == list(range(20))
@@ -148,10 +167,31 @@ def test_grpo_raises_a_simple_reward_and_logs_what_ppo_logs(pipeline, cli, mlflo
     assert val[-1] > val[0], val
     assert run.data.tags["rlhf.reward_from"] == "fn:ppo_rewards.brevity"
     expected = [
-        "reward/score_raw", "reward/score", "reward/total", "reward/gold", "reward/group_std", "reward/equal_groups",
-        "kl/mean", "kl/coef", "kl/loss", "policy/entropy", "policy/clipfrac", "policy/approx_kl", "policy/loss",
-        "advantages/mean", "advantages/std", "response/length", "response/eos_share", "time/generation_s",
-        "time/scoring_s", "time/training_s", "perf/episodes_per_s", "train/lr", "val/score_raw", "val/gold", "val/kl",
+        "reward/score_raw",
+        "reward/score",
+        "reward/total",
+        "reward/gold",
+        "reward/group_std",
+        "reward/equal_groups",
+        "kl/mean",
+        "kl/coef",
+        "kl/loss",
+        "policy/entropy",
+        "policy/clipfrac",
+        "policy/approx_kl",
+        "policy/loss",
+        "advantages/mean",
+        "advantages/std",
+        "response/length",
+        "response/eos_share",
+        "time/generation_s",
+        "time/scoring_s",
+        "time/training_s",
+        "perf/episodes_per_s",
+        "train/lr",
+        "val/score_raw",
+        "val/gold",
+        "val/kl",
         "peak_rss_mb",
     ]
     missing = [key for key in expected if key not in run.data.metrics]
@@ -162,9 +202,18 @@ def test_grpo_raises_a_simple_reward_and_logs_what_ppo_logs(pipeline, cli, mlflo
 
 def test_kl_in_the_loss_or_in_the_reward(cli, mlflow_client):
     """Both places of the KL run, with the other estimators and the sequence-level average."""
-    cli("-m", *BASE, "trainer.max_steps=2", "trainer.val_check_interval=2", "checkpoint.every_n_steps=0",
-        "stage.kl_in=loss,reward", "stage.advantage=rloo", "stage.loss_average=sequence", "stage.minibatch_size=6",
-        env=REWARDS)
+    cli(
+        "-m",
+        *BASE,
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "checkpoint.every_n_steps=0",
+        "stage.kl_in=loss,reward",
+        "stage.advantage=rloo",
+        "stage.loss_average=sequence",
+        "stage.minibatch_size=6",
+        env=REWARDS,
+    )
     runs = runs_of(mlflow_client, "smoke", "grpo")
     assert [r.data.params["stage.kl_in"] for r in runs] == ["loss", "reward"]
     for run in runs:
@@ -176,10 +225,18 @@ def test_kl_in_the_loss_or_in_the_reward(cli, mlflow_client):
 def test_killed_grpo_resumes_to_the_same_result(tmp_path, cli, mlflow_client):
     """Policy, optimizer, running reward statistics, data position and random generators come back from
     the checkpoint: the resumed run matches an uninterrupted one (two optimizer steps an iteration)."""
-    args = [*BASE, "trainer.max_steps=6", "checkpoint.every_n_steps=3", "trainer.val_check_interval=3",
-            "stage.ppo_epochs=2", "stage.advantage=reinforce_pp", "stage.kl_in=reward"]
-    assert_resume_matches(args, ("reward/score_raw", "reward/score", "kl/mean", "policy/loss"), tmp_path, cli,
-                          mlflow_client)
+    args = [
+        *BASE,
+        "trainer.max_steps=6",
+        "checkpoint.every_n_steps=3",
+        "trainer.val_check_interval=3",
+        "stage.ppo_epochs=2",
+        "stage.advantage=reinforce_pp",
+        "stage.kl_in=reward",
+    ]
+    assert_resume_matches(
+        args, ("reward/score_raw", "reward/score", "kl/mean", "policy/loss"), tmp_path, cli, mlflow_client
+    )
 
 
 @pytest.mark.distributed
@@ -198,12 +255,75 @@ def test_bench_runs_the_grpo_workload(tmp_path):
 
     from conftest import OFFLINE, THREADS
 
-    args = ["stage=grpo", "experiment=smoke", "stage.policy_from=base", "stage.reward_from=fn:ppo_rewards.brevity",
-            "bench.steps=2", "bench.batch_size=2", "tracking=none"]
-    result = subprocess.run([sys.executable, "-m", "rlhf.bench", *args], cwd=tmp_path,
-                            env={**os.environ, **OFFLINE, **THREADS, **REWARDS}, capture_output=True, text=True,
-                            timeout=300)
+    args = [
+        "stage=grpo",
+        "experiment=smoke",
+        "stage.policy_from=base",
+        "stage.reward_from=fn:ppo_rewards.brevity",
+        "bench.steps=2",
+        "bench.batch_size=2",
+        "tracking=none",
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "rlhf.bench", *args],
+        cwd=tmp_path,
+        env={**os.environ, **OFFLINE, **THREADS, **REWARDS},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.loads(result.stdout[result.stdout.index("{") :])
     assert figures["workload"].endswith("2 prompts x 4 responses")
     assert figures["steps_timed"] == 2 and figures["episodes_per_s"] > 0 and figures["training_s"] > 0
+
+
+def test_the_update_synchronises_with_the_host_once_and_logs_the_same_metrics(
+    tiny_model_config, tokenizer, monkeypatch
+):
+    """The metrics of an iteration's passes are summed on the device and read once; with one pass an
+    epoch (the whole batch, share 1) the logged loss is the mean of the epochs' losses."""
+    import dataclasses
+
+    from conftest import stage_config
+    from test_ppo import _fit_one_iteration, _length_reward
+
+    from rlhf.models import load_causal_lm
+    from rlhf.policy import Sampler
+    from rlhf.rewards import FunctionReward
+    from rlhf.stages.grpo.module import GRPOModule
+
+    losses = []
+    original = rl.policy_loss
+
+    def recording(*args, **kwargs):
+        loss, stats = original(*args, **kwargs)
+        losses.append(loss.detach().clone())
+        return loss, stats
+
+    monkeypatch.setattr(rl, "policy_loss", recording)
+    rollout = dataclasses.replace(
+        stage_config("grpo").rollout, batch_size=4, max_new_tokens=6, temperature=0.7
+    )
+    stage = stage_config(
+        "grpo", rollout=rollout, batch_size=4, group_size=2, minibatch_size=8, ppo_epochs=2, lr=1e-2
+    )
+    policy = load_causal_lm(tiny_model_config, None, seed=0)
+    module = GRPOModule(policy, load_causal_lm(tiny_model_config, None, seed=0),
+                        FunctionReward(_length_reward, tokenizer), stage,
+                        sampler=Sampler.from_rollout(rollout, tokenizer, policy), max_grad_norm=None, reward_stats=None)  # fmt: skip
+    reads = []
+    update = module._update
+
+    def counted(*args, **kwargs):
+        item, to_float, tolist = torch.Tensor.item, torch.Tensor.__float__, torch.Tensor.tolist
+        with monkeypatch.context() as patch:
+            patch.setattr(torch.Tensor, "item", lambda x: reads.append("item") or item(x))
+            patch.setattr(torch.Tensor, "__float__", lambda x: reads.append("float") or to_float(x))
+            patch.setattr(torch.Tensor, "tolist", lambda x: reads.append("tolist") or tolist(x))
+            return update(*args, **kwargs)
+
+    module._update = counted
+    logged = _fit_one_iteration(module, tokenizer)
+    assert reads == ["tolist"] and len(losses) == 2
+    assert logged["policy/loss"] == pytest.approx(sum(loss.item() for loss in losses) / 2, rel=1e-5, abs=1e-7)

@@ -24,12 +24,19 @@ def test_durations_read_as_a_person_would_say_them():
 
 def test_without_a_terminal_progress_is_logged_with_step_and_rate(cli):
     # The test's subprocess writes to pipes, as under nohup or a batch scheduler.
-    result = cli("experiment=smoke", "tracking=none", "trainer.max_steps=4", "checkpoint.every_n_steps=0",
-                 env={"RLHF_PROGRESS_EVERY": "0"})
+    result = cli(
+        "experiment=smoke",
+        "tracking=none",
+        "trainer.max_steps=4",
+        "checkpoint.every_n_steps=0",
+        env={"RLHF_PROGRESS_EVERY": "0"},
+    )
     output = result.stdout + result.stderr
     lines = [line for line in output.splitlines() if "rlhf.progress" in line]
     assert lines, output[-3000:]
-    assert any(re.search(r"step \d+/4 \(\d+%\), loss [\d.]+, [\d.]+ steps/s, .* left", line) for line in lines), lines
+    assert any(
+        re.search(r"step \d+/4 \(\d+%\), loss [\d.]+, [\d.]+ steps/s, .* left", line) for line in lines
+    ), lines
     # Lightning's bar is off: its "it/s" updates would be the only other sign of progress.
     assert "it/s]" not in output
 
@@ -65,8 +72,53 @@ def test_an_overridden_model_location_drops_the_groups_own_source_and_names_the_
     assert cfg.model.gguf_file is None and cfg.model.random_init is None
 
 
+def test_a_directory_with_a_config_but_no_weights_keeps_the_groups_random_initialisation(compose, tmp_path):
+    # The GPU check's model: SmolLM2's config and tokenizer, trained from model=tiny's random weights.
+    (tmp_path / "config.json").write_text("{}")
+    overrides = ["experiment=smoke", f"model.name_or_path={tmp_path}", "model.gguf_file=null"]
+    cfg = compose(overrides)
+    random_init = dict(cfg.model.random_init)
+    apply_location_overrides(cfg, overrides)
+    assert dict(cfg.model.random_init) == random_init and cfg.model.gguf_file is None
+    # With weights there, the directory's own weights load instead.
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    cfg = compose(overrides)
+    apply_location_overrides(cfg, overrides)
+    assert cfg.model.random_init is None
+
+
+def test_a_config_only_directory_trains_from_the_tiny_groups_random_weights(tmp_path, cli, tiny_model_config):
+    from transformers import AutoConfig, AutoTokenizer
+
+    from rlhf.models import base_location
+
+    source = base_location(tiny_model_config)
+    AutoConfig.from_pretrained(source).save_pretrained(tmp_path / "shape")
+    AutoTokenizer.from_pretrained(source).save_pretrained(tmp_path / "shape")
+    result = cli(
+        "experiment=smoke",
+        "stage=sft",
+        "model=tiny",
+        f"model.name_or_path={tmp_path / 'shape'}",
+        "model.gguf_file=null",
+        "tracking=none",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "checkpoint.every_n_steps=0",
+        f"output_dir={tmp_path / 'run'}",
+    )
+    assert "rlhf: error" not in result.stderr
+    saved = AutoConfig.from_pretrained(tmp_path / "run" / "model")
+    assert saved.hidden_size == 64 and saved.num_hidden_layers == 2
+
+
 def test_keys_given_with_the_location_are_kept(compose):
-    overrides = ["model.name_or_path=/m/dir", "model.gguf_file=mine.gguf", "model.name=mine", "data.prompts.path=p.jsonl"]
+    overrides = [
+        "model.name_or_path=/m/dir",
+        "model.gguf_file=mine.gguf",
+        "model.name=mine",
+        "data.prompts.path=p.jsonl",
+    ]
     cfg = compose(overrides)
     apply_location_overrides(cfg, overrides)
     assert cfg.model.gguf_file == "mine.gguf" and cfg.model.name == "mine"

@@ -233,6 +233,20 @@ def test_early_stop_ends_the_iterations_remaining_minibatches_and_epochs(tiny_mo
     assert (logged["ppo/updates"], logged["ppo/epochs"], logged["ppo/early_stopped"]) == (1.0, 1.0, 1.0)
 
 
+@pytest.mark.parametrize(("lr", "stops"), [(1e-5, False), (1e-3, True)])
+def test_default_approx_kl_bound_stops_a_jumping_iteration_only(tiny_model_config, tokenizer, lr, stops):
+    """At the shipped stage.max_approx_kl, four epochs at lr 1e-3 move the tiny policy by 0.3-0.4 nats
+    per token and stop early, while small steps (under 1e-3 nats) run every update."""
+    import torch
+
+    default = stage_config("ppo").max_approx_kl
+    module = _module(tiny_model_config, tokenizer, lr=lr, max_approx_kl=default, ppo_epochs=4)
+    torch.manual_seed(0)
+    logged = _fit_one_iteration(module, tokenizer)
+    assert logged["ppo/early_stopped"] == float(stops)
+    assert (logged["ppo/updates"] < 8) == stops
+
+
 def test_advantages_mean_is_logged_before_whitening(tiny_model_config, tokenizer):
     import torch
 

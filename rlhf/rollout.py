@@ -21,6 +21,7 @@ import torch
 from rlhf import models, optim, plots, rl
 from rlhf.config import RunConfig
 from rlhf.data.loading import ExamplesDataModule
+from rlhf.data.mix import mix_by_category
 from rlhf.data.prepare import Prepared, prepare_prompts
 from rlhf.data.tokenize import ChatRenderer
 from rlhf.lineage import resolve_source
@@ -340,6 +341,8 @@ def load_rl_setup(run: RunConfig, tracker: Tracker, sources: dict[str, str]) -> 
         stage.reward_from, "stage.reward_from", run.model, run.data.chat_template, sources["reward_from"], tracker, tokenizer
     )
     data = prepare_prompts(run.data, renderer, run.seed, stage.rollout.max_new_tokens)
+    data.splits["train"] = mix_by_category(data.splits["train"], run.data.prompt_mix, run.seed)
+    data.prompts["train"] = [item["prompt"] for item in data.splits["train"]]
     tracker.log_metrics(data.stats)
 
     policy = models.load_causal_lm(run.model, policy_source.location, seed=run.seed)

@@ -173,12 +173,17 @@ class RLModule(pl.LightningModule):
         ended = torch.tensor([self.sampler.ended(r) for r in responses], device=device)
         scores = self._normalise(rl.penalise_missing_eos(raw, ended, stage.missing_eos_penalty), update=training)
         kl = rl.kl_penalty(logprobs, ref_logprobs, stage.kl_estimator) * response_mask
+        # What is shown and plotted is k3, never negative: k1's sum over a few samples of a policy near
+        # its reference often is, and sqrt_kl would put such a policy at the origin.
+        shown_kl = rl.kl_penalty(logprobs, ref_logprobs, "k3") * response_mask
         episode = Rollout(query, query_mask, response, response_mask, logprobs, ref_logprobs, values, scores, kl,
                           None, None)
         stats = {
             "reward/score_raw": raw.mean().item(),
             "reward/score": scores.mean().item(),
-            "kl/mean": kl.sum(-1).mean().item(),
+            "kl/mean": shown_kl.sum(-1).mean().item(),
+            # the KL as stage.kl_estimator estimates it, the one the penalty applies
+            "kl/penalty": kl.sum(-1).mean().item(),
             "response/length": response_mask.sum(-1).float().mean().item(),
             "policy/entropy": entropy.mean().item(),
             "response/eos_share": ended.float().mean().item(),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import signal
 from pathlib import Path
@@ -201,6 +202,23 @@ def test_first_rollout_has_zero_kl_to_the_reference(tiny_model_config, tokenizer
     torch.testing.assert_close(episode.logprobs, episode.ref_logprobs, atol=1e-5, rtol=0)
     assert episode.kl.abs().max().item() < 1e-5
     assert abs(stats["kl/mean"]) < 1e-4
+
+
+def test_shown_kl_is_never_negative_while_the_penalty_keeps_its_estimator(tiny_model_config, tokenizer):
+    """A reference that finds the policy's samples likelier than the policy does gives a negative k1
+    sum; kl/mean (shown, validated, plotted as sqrt_kl) is k3 and stays >= 0, kl/penalty is k1."""
+    import torch
+
+    module = _module(tiny_model_config, tokenizer, kl_estimator="k1")
+    original = module._reference_logprobs
+    module._reference_logprobs = lambda *args: original(*args) + 0.3
+    torch.manual_seed(0)
+    episode, stats, _ = module.rollout(_batch(tokenizer))
+    tokens = episode.response_mask.sum(-1)
+    # k3 of a log-ratio of -0.3 per token: exp(0.3) - 1 - 0.3
+    expected = (math.exp(0.3) - 1.3) * tokens.float().mean().item()
+    assert stats["kl/mean"] > 0 and stats["kl/mean"] == pytest.approx(expected, rel=1e-4)
+    assert stats["kl/penalty"] == pytest.approx(-0.3 * tokens.float().mean().item(), rel=1e-4)
 
 
 def test_first_minibatch_has_ratio_one_and_zero_approx_kl(tiny_model_config, tokenizer, monkeypatch):

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from statistics import NormalDist
 from typing import NamedTuple
 
-from rlhf.evaluation import WinRate, mean, win_rate
+from rlhf.evaluation import WIN_RATE_INTERVAL, WinRate, mean, win_rate
 
 
 class Judge(NamedTuple):
@@ -336,9 +336,9 @@ def tables(comparison: Comparison) -> list[Table]:
             rows,
             marked,
             f"Means over the n = {c.n} prompts with {level} intervals (normal approximation). A win rate is "
-            f"(wins + ties / 2) / n against {baseline} on the same prompts, with its {level} interval and "
-            "wins/ties/losses; the paired column is the best policy's win rate against each other policy by the "
-            f"{judge_name(judge)}. KL in nats per response, exact per token on the policy's own samples.",
+            f"(wins + ties / 2) / n against {baseline} on the same prompts, with its {level} interval "
+            f"({WIN_RATE_INTERVAL}) and wins/ties/losses; the paired column is the best policy's win rate "
+            f"against each other policy by the {judge_name(judge)}. KL in nats per response, exact per token on the policy's own samples.",
         )
     ]
     extra = ["eos_share", "distinct_1", "distinct_2", "perplexity"]

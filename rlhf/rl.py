@@ -168,21 +168,37 @@ def value_loss(
 # Scores (B,) come in groups: rows [g * G, (g + 1) * G) are the G responses to one prompt.
 
 
+def equal_groups(
+    scores: torch.Tensor, group_size: int, rtol: float = 1e-4, atol: float = 1e-6
+) -> torch.Tensor:
+    """Which groups' scores are all equal (n_groups,): spread (max - min) at most rtol times the
+    group's largest |score| plus atol. Rounding makes equal rewards differ by a few ulps once
+    normalised, and the group std then turns that noise into advantages of one sign; these groups say
+    nothing about which response is better, so the baselines give them exactly 0."""
+    groups = scores.view(-1, group_size)
+    spread = groups.amax(-1) - groups.amin(-1)
+    return spread <= rtol * groups.abs().amax(-1) + atol
+
+
 def grpo_baseline(scores: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
     """(r - mean of its group) / (std of its group + eps), the std unbiased (Shao et al. 2024,
-    DeepSeekMath). A group whose rewards are all equal gets 0: it says nothing about which response
-    is better."""
+    DeepSeekMath); 0 for the groups equal_groups finds equal."""
     groups = scores.view(-1, group_size)
     mean, std = groups.mean(-1, keepdim=True), groups.std(-1, keepdim=True)
-    return ((groups - mean) / (std + eps)).view(-1)
+    advantages = (groups - mean) / (std + eps)
+    equal = equal_groups(scores, group_size)[:, None]
+    return torch.where(equal, torch.zeros_like(advantages), advantages).view(-1)
 
 
 def rloo_baseline(scores: torch.Tensor, group_size: int) -> torch.Tensor:
     """r minus the mean of the other responses of its group (leave-one-out; Ahmadian et al. 2024):
-    an unbiased baseline, since it does not depend on the response it is subtracted from."""
+    an unbiased baseline, since it does not depend on the response it is subtracted from; 0 for the
+    groups equal_groups finds equal."""
     groups = scores.view(-1, group_size)
     others = (groups.sum(-1, keepdim=True) - groups) / (group_size - 1)
-    return (groups - others).view(-1)
+    advantages = groups - others
+    equal = equal_groups(scores, group_size)[:, None]
+    return torch.where(equal, torch.zeros_like(advantages), advantages).view(-1)
 
 
 def reinforce_pp_baseline(scores: torch.Tensor, group_size: int) -> torch.Tensor:

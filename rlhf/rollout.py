@@ -21,6 +21,7 @@ import torch
 from rlhf import models, optim, plots, rl
 from rlhf.config import RunConfig
 from rlhf.data.loading import ExamplesDataModule
+from rlhf.data.mix import mix_by_category
 from rlhf.data.prepare import Prepared, prepare_prompts
 from rlhf.data.tokenize import ChatRenderer
 from rlhf.lineage import resolve_source
@@ -172,12 +173,17 @@ class RLModule(pl.LightningModule):
         ended = torch.tensor([self.sampler.ended(r) for r in responses], device=device)
         scores = self._normalise(rl.penalise_missing_eos(raw, ended, stage.missing_eos_penalty), update=training)
         kl = rl.kl_penalty(logprobs, ref_logprobs, stage.kl_estimator) * response_mask
+        # What is shown and plotted is k3, never negative: k1's sum over a few samples of a policy near
+        # its reference often is, and sqrt_kl would put such a policy at the origin.
+        shown_kl = rl.kl_penalty(logprobs, ref_logprobs, "k3") * response_mask
         episode = Rollout(query, query_mask, response, response_mask, logprobs, ref_logprobs, values, scores, kl,
                           None, None)
         stats = {
             "reward/score_raw": raw.mean().item(),
             "reward/score": scores.mean().item(),
-            "kl/mean": kl.sum(-1).mean().item(),
+            "kl/mean": shown_kl.sum(-1).mean().item(),
+            # the KL as stage.kl_estimator estimates it, the one the penalty applies
+            "kl/penalty": kl.sum(-1).mean().item(),
             "response/length": response_mask.sum(-1).float().mean().item(),
             "policy/entropy": entropy.mean().item(),
             "response/eos_share": ended.float().mean().item(),
@@ -352,6 +358,8 @@ def load_rl_setup(
         accepts=accepts["reward_from"],
     )
     data = prepare_prompts(run.data, renderer, run.seed, stage.rollout.max_new_tokens)
+    data.splits["train"] = mix_by_category(data.splits["train"], run.data.prompt_mix, run.seed)
+    data.prompts["train"] = [item["prompt"] for item in data.splits["train"]]
     tracker.log_metrics(data.stats)
 
     policy = models.load_causal_lm(run.model, policy_source.location, seed=run.seed)

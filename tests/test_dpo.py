@@ -208,6 +208,29 @@ def test_precomputed_reference_gives_the_live_references_loss(compose, isolated_
     assert pre_losses.tolist() == pytest.approx(live_losses.tolist(), abs=1e-4)
 
 
+def test_precomputed_reference_is_computed_under_the_trainers_precision(compose, isolated_sources):
+    """Under bf16-mixed the policy's log-probabilities in the step are bf16 autocast ones; the
+    reference's, computed once in setup, must be too, or every implicit reward starts off by the
+    rounding (a first loss of 0.713, not log 2, on a real model)."""
+    import pytorch_lightning as pl
+
+    from rlhf.policy import sequence_logprobs
+
+    _, job = _build(compose, "stage.precompute_ref=true")
+    features = job.datamodule.splits["validation"][:4]
+    batch = job.datamodule.collate(features)
+    with torch.no_grad():
+        full = sequence_logprobs(job.module.policy, batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast = sequence_logprobs(job.module.policy, batch).float()
+    assert (full - autocast).abs().max() > 1e-3  # the two precisions do differ on this model
+    trainer = pl.Trainer(precision="bf16-mixed", accelerator="cpu", devices=1, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1)
+    trainer.validate(job.module, datamodule=job.datamodule)  # runs setup, which precomputes
+    stored = torch.tensor([logp for feature in features for logp in feature["reference_logps"]])
+    torch.testing.assert_close(stored, autocast, atol=1e-4, rtol=0)
+
+
 # -- end to end --------------------------------------------------------------------------------------
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import re
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 from conftest import TESTS_DIR, runs_of, stage_config
 from test_sft import history
 
-from rlhf.evaluation import distinct_n, wilson_interval, win_rate
+from rlhf.evaluation import distinct_n, tie_split_interval, wilson_interval, win_rate
 
 # ---------------------------------------------------------------------------------------------------------
 # The maths, against hand-computed values
@@ -41,9 +42,9 @@ def test_win_rate_counts_a_tie_as_half_a_win():
     outcome = win_rate([1.0, 2.0, 3.0, 0.0, 5.0], [0.0, 2.0, 1.0, 1.0, 5.0])
     assert (outcome.wins, outcome.ties, outcome.losses) == (2, 2, 1)
     assert outcome.rate == pytest.approx(0.6)  # (2 + 2 / 2) / 5
-    # Wilson over n = 5 with 3 successes: z = 1.95996, centre (0.6 + z²/10) / (1 + z²/5) = 0.5566,
-    # half z·sqrt(0.048 + z²/100) / (1 + z²/5) = 0.3258
-    assert (outcome.low, outcome.high) == pytest.approx((0.2307, 0.8824), abs=1e-4)
+    # Outcomes 1, 1, 1/2, 1/2, 0: variance (2 + 2/4) / 5 - 0.6² = 0.14; z = 1.95996,
+    # centre (0.6 + z²/10) / (1 + z²/5) = 0.5566, half z·sqrt(0.14/5 + z²/100) / (1 + z²/5) = 0.2856
+    assert (outcome.low, outcome.high) == pytest.approx((0.2710, 0.8422), abs=1e-4)
     assert win_rate([1.0, 1.05], [1.0, 1.0], tie_tolerance=0.1).ties == 2
 
 
@@ -58,8 +59,37 @@ def test_mostly_ties_read_near_a_half_not_as_the_decided_share():
 def test_win_rate_of_identical_scores_is_a_half():
     outcome = win_rate([0.3, 0.3], [0.3, 0.3])
     assert outcome.ties == 2 and outcome.rate == 0.5
-    assert (outcome.low, outcome.high) == pytest.approx(wilson_interval(1, 2))
+    assert (outcome.low, outcome.high) == pytest.approx(tie_split_interval(0, 2, 0))
+    assert outcome.low < 0.5 < outcome.high  # all ties still leave room either way
     assert math.isnan(win_rate([], []).rate)
+
+
+def test_without_ties_the_win_rate_interval_is_wilsons():
+    outcome = win_rate([1.0] * 8 + [0.0] * 2, [0.0] * 8 + [1.0] * 2)
+    assert (outcome.low, outcome.high) == pytest.approx(wilson_interval(8, 10))
+
+
+def _coverage(p_win: float, p_tie: float, n: int, draws: int, interval) -> float:
+    """Share of simulated evaluations of n pairs whose interval holds the true win rate."""
+    rng = random.Random(0)
+    truth, covered = p_win + p_tie / 2, 0
+    for _ in range(draws):
+        outcomes = rng.choices(("win", "tie", "loss"), weights=(p_win, p_tie, 1 - p_win - p_tie), k=n)
+        low, high = interval(outcomes.count("win"), outcomes.count("tie"), outcomes.count("loss"))
+        covered += low <= truth <= high
+    return covered / draws
+
+
+@pytest.mark.parametrize("p_win", [0.25, 0.3])
+def test_win_rate_interval_covers_at_its_nominal_level_with_many_ties(p_win):
+    # 60% ties, n = 64: a 95% interval must hold the true rate about 95% of the time; Wilson's over
+    # wins + ties / 2 successes holds it nearly always, so real gains read as chance.
+    def ours(wins, ties, losses):
+        outcome = win_rate([1.0] * wins + [0.0] * (ties + losses), [0.0] * (wins + ties) + [1.0] * losses)
+        return outcome.low, outcome.high
+
+    assert 0.93 <= _coverage(p_win, 0.6, 64, 2000, ours) <= 0.97
+    assert _coverage(p_win, 0.6, 64, 2000, lambda w, t, _: wilson_interval(w + t / 2, 64)) > 0.99
 
 
 def test_win_rate_needs_paired_scores():

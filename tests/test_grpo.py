@@ -63,6 +63,32 @@ def test_equal_rewards_give_zero_advantage_and_no_nan(estimator):
     close(got, [[0.0] * 3] * 4)
 
 
+@pytest.mark.parametrize("baseline", [rl.grpo_baseline, rl.rloo_baseline])
+def test_equal_float32_scores_give_exactly_zero_advantage(baseline):
+    # G = 8 copies of one normal-scale score: the float32 mean is often a rounding step off, and
+    # dividing by a std near 1e-7 used to give the whole group an advantage of one sign.
+    values = torch.randn(2000, generator=torch.Generator().manual_seed(0))
+    scores = values.repeat_interleave(8)
+    assert torch.equal(baseline(scores, group_size=8), torch.zeros_like(scores))
+    assert rl.equal_groups(scores, group_size=8).all()
+
+
+@pytest.mark.parametrize("baseline", [rl.grpo_baseline, rl.rloo_baseline])
+def test_saturated_binary_groups_give_zero_and_informative_ones_do_not(baseline):
+    # Binary rewards normalised over the batch: all-right and all-wrong groups teach nothing.
+    raw = torch.tensor([1.0] * 8 + [0.0] * 8 + [1.0, 0.0] * 4)
+    scores = (raw - raw.mean()) / raw.std()
+    got = baseline(scores, group_size=8).view(3, 8)
+    assert torch.equal(got[:2], torch.zeros(2, 8))
+    assert (got[2].abs() > 0.1).all()
+    assert rl.equal_groups(scores, group_size=8).tolist() == [True, True, False]
+
+
+def test_scores_a_few_rounding_steps_apart_are_not_pushed_to_plus_minus_one():
+    scores = torch.tensor([1.0, 1.0, 1.0, 1.0]) + torch.tensor([0.0, 1.0, 2.0, 3.0]) * 1.2e-7
+    torch.testing.assert_close(rl.grpo_baseline(scores, group_size=4), torch.zeros(4), atol=0, rtol=0)
+
+
 def test_kl_in_the_loss_gives_every_token_its_sequence_advantage():
     mask = t([[1, 1, 0], [1, 1, 1]])
     got = rl.critic_free_advantages(t([1.0, 3.0]), mask, "rloo", group_size=2)

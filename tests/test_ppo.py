@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import signal
 from pathlib import Path
@@ -303,6 +304,23 @@ def test_first_rollout_has_zero_kl_to_the_reference(tiny_model_config, tokenizer
     assert abs(stats["kl/mean"]) < 1e-4
 
 
+def test_shown_kl_is_never_negative_while_the_penalty_keeps_its_estimator(tiny_model_config, tokenizer):
+    """A reference that finds the policy's samples likelier than the policy does gives a negative k1
+    sum; kl/mean (shown, validated, plotted as sqrt_kl) is k3 and stays >= 0, kl/penalty is k1."""
+    import torch
+
+    module = _module(tiny_model_config, tokenizer, kl_estimator="k1")
+    original = module._reference_logprobs
+    module._reference_logprobs = lambda *args: original(*args) + 0.3
+    torch.manual_seed(0)
+    episode, stats, _ = module.rollout(_batch(tokenizer))
+    tokens = episode.response_mask.sum(-1)
+    # k3 of a log-ratio of -0.3 per token: exp(0.3) - 1 - 0.3
+    expected = (math.exp(0.3) - 1.3) * tokens.float().mean().item()
+    assert stats["kl/mean"] > 0 and stats["kl/mean"] == pytest.approx(expected, rel=1e-4)
+    assert stats["kl/penalty"] == pytest.approx(-0.3 * tokens.float().mean().item(), rel=1e-4)
+
+
 def test_first_minibatch_has_ratio_one_and_zero_approx_kl(tiny_model_config, tokenizer, monkeypatch):
     """Before the first update the policy is the one that sampled the rollout."""
     from rlhf import rl
@@ -370,6 +388,20 @@ def test_early_stop_ends_the_iterations_remaining_minibatches_and_epochs(tiny_mo
     logged = _fit_one_iteration(module, tokenizer)
     # the first minibatch (approx KL 0) updates; the second is past the bound and ends the iteration
     assert (logged["ppo/updates"], logged["ppo/epochs"], logged["ppo/early_stopped"]) == (1.0, 1.0, 1.0)
+
+
+@pytest.mark.parametrize(("lr", "stops"), [(1e-5, False), (1e-3, True)])
+def test_default_approx_kl_bound_stops_a_jumping_iteration_only(tiny_model_config, tokenizer, lr, stops):
+    """At the shipped stage.max_approx_kl, four epochs at lr 1e-3 move the tiny policy by 0.3-0.4 nats
+    per token and stop early, while small steps (under 1e-3 nats) run every update."""
+    import torch
+
+    default = stage_config("ppo").max_approx_kl
+    module = _module(tiny_model_config, tokenizer, lr=lr, max_approx_kl=default, ppo_epochs=4)
+    torch.manual_seed(0)
+    logged = _fit_one_iteration(module, tokenizer)
+    assert logged["ppo/early_stopped"] == float(stops)
+    assert (logged["ppo/updates"] < 8) == stops
 
 
 def test_advantages_mean_is_logged_before_whitening(tiny_model_config, tokenizer):

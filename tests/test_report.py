@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from rlhf.evaluation import win_rate
+from rlhf.evaluation import WIN_RATE_INTERVAL, win_rate
 from rlhf.report import PolicyScores, compare, html, markdown, mean_interval, metrics, summary, verdict
 
 N = 40
@@ -152,6 +152,7 @@ def test_markdown_report_has_a_row_per_policy_with_intervals_and_outcomes():
     assert "- Prompts: 40 from the test split" in text
     assert "![Win rates](plots/win_rates.png)" in text
     assert "Wilson" not in text and "95% interval" in text
+    assert WIN_RATE_INTERVAL in text  # the method of the win rates' intervals, named
 
 
 def test_html_report_stands_alone_and_escapes_what_it_shows():

@@ -12,6 +12,7 @@ from typing import Any
 from omegaconf import MISSING
 
 from rlhf.config.trainer import trainer_problems
+from rlhf.data.mix import mix_problems
 
 DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULERS = ("cosine", "linear", "constant")
@@ -137,6 +138,10 @@ class DataConfig:
     # Seed of the shipped task's generator and its label noise (used by task:... paths).
     task_seed: int = 0
     task_noise: float = 0.1
+    # The RL stages' training prompts by category, e.g. {unsafe: 0.3}: the named categories make up
+    # these shares of the train split (drawn again with the seed), the others the rest in their own
+    # proportions; {}: the prompts as they come. Categories are a shipped task's (see conf/data).
+    prompt_mix: dict[str, float] = field(default_factory=dict)
     # DataLoader worker processes (0: load in the training process, right for small text data).
     num_workers: int = 0
     # SFT and RM training batches of examples of similar length (less padding, same examples per
@@ -167,6 +172,7 @@ class DataConfig:
             out.append(("task_noise", f"must be in [0, 0.5), got {self.task_noise}"))
         if self.num_workers < 0:
             out.append(("num_workers", f"must be >= 0, got {self.num_workers}"))
+        out += mix_problems(self.prompt_mix)
         return out
 
 

@@ -90,6 +90,8 @@ def describe_compose_error(err: BaseException, multirun: bool = False) -> str:
             message += _other_stages_key(key, full_key, object_type, multirun)
         elif "not in struct" in message and ".columns." in full_key:
             message = f"a column mapping is added with a plus: +{full_key}=<your column>"
+        elif "not in struct" in message and full_key.startswith("data.prompt_mix."):
+            message = f"a category's share is added with a plus: +{full_key}=<share>"
         elif "not in struct" in message and full_key.startswith("trainer."):
             close = closest(str(getattr(cause, "key", "")), trainer_arguments())
             message = (

@@ -130,8 +130,13 @@ class DPOModule(HeldOutSteps, pl.LightningModule):
         self._precomputed = True
         self.to(self.trainer.strategy.root_device)
         datamodule = self.trainer.datamodule
-        for features in datamodule.splits.values():
-            attach_reference_logps(self.policy, self.collate, features, datamodule.eval_batch_size, self.device)
+        # Under the precision the steps compute the policy's log-probabilities in (bf16-mixed:
+        # autocast), so that at the start policy and reference agree and the loss is log 2.
+        with self.trainer.precision_plugin.forward_context():
+            for features in datamodule.splits.values():
+                attach_reference_logps(
+                    self.policy, self.collate, features, datamodule.eval_batch_size, self.device
+                )
         log.info("Reference log-probabilities computed for %d examples", sum(map(len, datamodule.splits.values())))
 
     # -- steps --------------------------------------------------------------------------------------

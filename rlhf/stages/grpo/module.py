@@ -44,13 +44,15 @@ class GRPOModule(RLModule):
         )
         episode = dataclasses.replace(episode, advantages=advantages)
         spread = episode.scores.view(-1, group).std(-1) if group > 1 else torch.zeros(1)
+        equal = rl.equal_groups(episode.scores, group) if group > 1 else torch.ones(1, dtype=torch.bool)
         stats.update(
             {
                 "kl/coef": stage.kl_coef,
                 "reward/total": (episode.scores - stage.kl_coef * episode.kl.sum(-1)).mean().item(),
-                # Groups whose responses all scored the same teach nothing (zero advantage under grpo, rloo).
+                # Groups whose responses all scored the same teach nothing: grpo and rloo give them exactly
+                # 0, by the same test that counts them here.
                 "reward/group_std": spread.mean().item(),
-                "reward/equal_groups": (spread < 1e-6).float().mean().item(),
+                "reward/equal_groups": equal.float().mean().item(),
                 "advantages/mean": rl.masked_mean(advantages, mask).item(),
                 "advantages/std": rl.masked_var(advantages, mask).sqrt().item(),
             }

@@ -181,8 +181,10 @@ class PPOModule(RLModule):
 
     def _end_iteration(self, stats: dict[str, float], episodes: int) -> None:
         # One coefficient on every rank, from the KL of all ranks' episodes; logged and checkpointed as is.
-        stats["kl/mean"] = self._mean_over_ranks(torch.tensor(stats["kl/mean"], device=self.device))
-        self.kl_ctl.update(stats["kl/mean"], episodes)
+        for key in ("kl/mean", "kl/penalty"):
+            stats[key] = self._mean_over_ranks(torch.tensor(stats[key], device=self.device))
+        # adapted on the KL the penalty applies, so the coefficient answers its own estimate
+        self.kl_ctl.update(stats["kl/penalty"], episodes)
 
     def configure_optimizers(self):
         stage = self.stage

@@ -7,17 +7,15 @@ same MLflow experiment). What was resolved is recorded as tags, so the UI shows 
 
 from __future__ import annotations
 
-import json
-import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from rlhf.errors import LineageError
-from rlhf.tracking import TAG_PREFIX, Tracker, is_rank_zero
+from rlhf.ranks import share
+from rlhf.tracking import TAG_PREFIX, Tracker
 
-RESOLVED_ENV = "RLHF_RESOLVED_SOURCES"
 RUN_ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -63,13 +61,9 @@ def latest_finished_run(client, experiment_id: str, stage: str):
 
 
 def resolve_source(spec: str, key: str, needed_stage: str | None, tracker: Tracker) -> ModelSource:
-    """Turn a configured source (key names it, e.g. stage.init_from) into a local directory."""
-    inherited = json.loads(os.environ.get(RESOLVED_ENV, "{}"))
-    if key in inherited and not is_rank_zero():  # a data-parallel rank: rank 0 has resolved it
-        return ModelSource(**inherited[key])
-    source = _resolve(spec, key, needed_stage, tracker)
-    inherited[key] = asdict(source)
-    os.environ[RESOLVED_ENV] = json.dumps(inherited)
+    """Turn a configured source (key names it, e.g. stage.init_from) into a local directory. Rank 0
+    resolves it (only it records runs, and `latest` must name one run for all) and every rank gets its answer."""
+    source = share(lambda: _resolve(spec, key, needed_stage, tracker))
     tracker.set_tags(source.tags(key))
     return source
 

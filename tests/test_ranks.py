@@ -55,6 +55,18 @@ def test_without_a_process_group_each_process_decides_for_itself():
     assert ranks.sampling_seed(7, 0) == 7 and ranks.sampling_seed(7, 1) != ranks.sampling_seed(7, 0)
 
 
+@pytest.mark.distributed
+def test_two_ranks_draw_different_responses_and_a_rerun_draws_the_same(tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    runs = [_ddp_script("ddp_sampling.py", first), _ddp_script("ddp_sampling.py", second)]
+    for rank0, rank1 in runs:
+        assert rank0["weights"] == rank1["weights"], "training starts from the same weights on every rank"
+        assert rank0["responses"] != rank1["responses"], "both ranks drew the same episodes"
+    assert runs[0] == runs[1], "a rerun with the same seed draws other responses"
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_the_whole_pipeline_runs_data_parallel(cli, mlflow_client):

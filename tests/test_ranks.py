@@ -117,3 +117,35 @@ def test_torchrun_starts_every_rank_and_records_one_run_each(tmp_path, mlflow_cl
     assert sft[0].info.status == ppo[0].info.status == "FINISHED"
     assert ppo[0].data.tags["rlhf.policy_from.run_id"] == sft[0].info.run_id
     assert ppo[0].data.metrics["perf/episodes_per_s"] > 0
+
+
+@pytest.mark.distributed
+def test_the_slurm_launcher_composes_and_submits_through_submitit(tmp_path, mlflow_client):
+    """The shipped conf/hydra/launcher/slurm.yaml, its job pickled and run by submitit (its local
+    executor standing in for sbatch: tests/slurm_local.py)."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    env = {
+        **os.environ,
+        **OFFLINE,
+        **THREADS,
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]),
+    }
+    command = [
+        sys.executable,
+        str(TESTS_DIR / "slurm_local.py"),
+        "-m",
+        "experiment=smoke",
+        "stage=sft",
+        "trainer.max_steps=2",
+        "hydra/launcher=slurm",
+        "hydra.launcher.gpus_per_node=0",
+        "hydra.launcher.cpus_per_task=1",
+        "hydra.sweep.dir=multirun",
+    ]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "Submitit 'slurm' sweep" in result.stdout + result.stderr, "the SLURM launcher did not run"
+    assert list((tmp_path / "multirun" / ".submitit").glob("*/*_log.out")), "no job went through submitit"
+    (run,) = runs_of(mlflow_client, "smoke", "sft")
+    assert run.info.status == "FINISHED"

@@ -18,9 +18,10 @@ from omegaconf.errors import OmegaConfBaseException
 
 from rlhf.config import register_configs
 from rlhf.layout import config_dir
+from rlhf.stages import get_stage, stages
 
 log = logging.getLogger("rlhf")
-register_configs()
+register_configs(stages())
 
 
 def launch_info():
@@ -76,7 +77,7 @@ def _app(cfg: DictConfig) -> float | None:
             from rlhf.hardware import check
 
             # What this machine and the chosen strategy can run, before any model loads.
-            check(run.stage.name, run.trainer)
+            check(get_stage(run.stage.name), run.trainer)
         except ConfigError as err:
             from rlhf.tracking import record_rejected
 

@@ -43,8 +43,9 @@ from omegaconf import DictConfig, open_dict
 from rlhf.config import register_configs
 from rlhf.config.precision import matmul_seconds
 from rlhf.layout import config_dir
+from rlhf.stages import stages
 
-register_configs()
+register_configs(stages())
 
 # steps/warmup: timed and untimed steps; batch_size (x length): the workload; synthetic=0: real data;
 # profile=1: the last warm-up step profiled.
@@ -293,7 +294,7 @@ def _bench(cfg: DictConfig) -> None:
         if "rollout" in cfg.stage:  # a stage that samples: its batch is a rollout batch
             cfg.stage.rollout.batch_size = settings["batch_size"]
     run = validate(cfg)
-    check(run.stage.name, run.trainer)
+    check(get_stage(run.stage.name), run.trainer)
     rate = MatmulRate(settings["warmup"], matmul_dtype(run.trainer.get("precision", "32-true")))
     rate.sample(8)
     tracker = start_tracker(run, launch_info())

@@ -8,9 +8,12 @@ models, resolved by Lightning as a Trainer would.
 from __future__ import annotations
 
 import importlib.util
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rlhf.errors import ConfigError
+
+if TYPE_CHECKING:
+    from rlhf.stages import Stage
 
 # The sharded strategies' families. Which stage each refuses, and why, lives with the stage
 # (`Stage.refused_strategies`).
@@ -28,15 +31,13 @@ def strategy_family(strategy: Any) -> str | None:
     return next((family for family in SHARDED if name.startswith(family)), None)
 
 
-def check(stage: str, trainer: dict[str, Any]) -> None:
-    """ConfigError, one line, for a stage the strategy cannot run or hardware this machine lacks."""
-    from rlhf.stages import get_stage
-
+def check(stage: Stage, trainer: dict[str, Any]) -> None:
+    """ConfigError, one line, for a stage (its descriptor) the strategy cannot run or hardware this machine lacks."""
     strategy = trainer.get("strategy", "auto")
     family = strategy_family(strategy)
-    refused = get_stage(stage).refused_strategies
+    refused = stage.refused_strategies
     if family is not None and family in refused:
-        raise ConfigError(f"stage={stage} with trainer.strategy={strategy}: {refused[family]}; use {INSTEAD}")
+        raise ConfigError(f"stage={stage.name} with trainer.strategy={strategy}: {refused[family]}; use {INSTEAD}")
     if family == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         raise ConfigError(f"trainer.strategy={strategy}: DeepSpeed is not installed; `pip install deepspeed`, or use hardware=gpu")
     accelerator = str(trainer.get("accelerator", "auto")).lower()

@@ -7,18 +7,16 @@ same MLflow experiment). What was resolved is recorded as tags, so the UI shows 
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import zipfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from rlhf.errors import LineageError
-from rlhf.tracking import TAG_PREFIX, Tracker, is_rank_zero
+from rlhf.ranks import share
+from rlhf.tracking import TAG_PREFIX, Tracker
 
-RESOLVED_ENV = "RLHF_RESOLVED_SOURCES"
 RUN_ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -46,7 +44,9 @@ def _local_artifact_dir(client, uri: str, run_id: str, artifact_path: str) -> st
     if parsed.scheme in ("", "file"):
         path = Path(unquote(parsed.path)) / artifact_path
         if not path.is_dir():
-            raise LineageError(f"run {run_id} has no {artifact_path!r} artifact (was tracking.log_model off?)")
+            raise LineageError(
+                f"run {run_id} has no {artifact_path!r} artifact (was tracking.log_model off?)"
+            )
         return str(path)
     from mlflow.artifacts import download_artifacts
 
@@ -67,15 +67,16 @@ def resolve_source(
     spec: str, key: str, needed_stage: str | None, tracker: Tracker, accepts: tuple[str, ...] = ()
 ) -> ModelSource:
     """Turn a configured source (key names it, e.g. stage.init_from) into a local directory, which
-    must hold a model of one of the `accepts` kinds (rlhf.models.MODEL_KINDS; empty: any)."""
-    inherited = json.loads(os.environ.get(RESOLVED_ENV, "{}"))
-    if key in inherited and not is_rank_zero():  # a data-parallel rank: rank 0 has resolved it
-        return ModelSource(**inherited[key])
-    source = _resolve(spec, key, needed_stage, tracker)
-    if source.location is not None and accepts:
-        check_kind(source, key, accepts)
-    inherited[key] = asdict(source)
-    os.environ[RESOLVED_ENV] = json.dumps(inherited)
+    must hold a model of one of the `accepts` kinds (rlhf.models.MODEL_KINDS; empty: any). Rank 0
+    resolves it (only it records runs, and `latest` must name one run for all) and every rank gets its answer."""
+
+    def resolved() -> ModelSource:
+        source = _resolve(spec, key, needed_stage, tracker)
+        if source.location is not None and accepts:
+            check_kind(source, key, accepts)
+        return source
+
+    source = share(resolved)
     tracker.set_tags(source.tags(key))
     return source
 
@@ -103,7 +104,9 @@ def _resolve(spec: str, key: str, needed_stage: str | None, tracker: Tracker) ->
         needed_stage = spec.split(":", 1)[1]
     if latest:
         if needed_stage is None:
-            raise LineageError(f"{key}=latest: this stage has no earlier stage to start from; use base or a path")
+            raise LineageError(
+                f"{key}=latest: this stage has no earlier stage to start from; use base or a path"
+            )
         run = latest_finished_run(tracker.client, tracker.experiment_id, needed_stage)
         if run is None:
             raise LineageError(
@@ -111,7 +114,9 @@ def _resolve(spec: str, key: str, needed_stage: str | None, tracker: Tracker) ->
                 f"{tracker.experiment_id} ({tracker.uri}); run `python -m rlhf stage={needed_stage}` first "
                 f"(same tracking.experiment) or set {key}=base"
             )
-        return ModelSource(spec, _local_artifact_dir(tracker.client, tracker.uri, run.info.run_id, "model"), run.info.run_id)
+        return ModelSource(
+            spec, _local_artifact_dir(tracker.client, tracker.uri, run.info.run_id, "model"), run.info.run_id
+        )
     if spec.startswith("runs:/"):
         run_id, _, artifact_path = spec[len("runs:/") :].partition("/")
         from mlflow.exceptions import MlflowException
@@ -186,8 +191,12 @@ def find_resume_point(resume: object, stage: str, client, experiment_id: str | N
     path = Path(text).expanduser().resolve()
     if not path.is_file():
         raise LineageError(f"resume={text}: no such checkpoint file, run id, or `true`")
-    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else fails deep in torch.load
-        raise LineageError(f"resume={text}: not a checkpoint (a .ckpt file a run wrote under its checkpoints/)")
+    if not zipfile.is_zipfile(
+        path
+    ):  # torch.save writes a zip archive; anything else fails deep in torch.load
+        raise LineageError(
+            f"resume={text}: not a checkpoint (a .ckpt file a run wrote under its checkpoints/)"
+        )
     output_dir = path.parent.parent
     run_id = None
     if client is not None:

@@ -292,9 +292,9 @@ def completion_loss(
     return loss_sum, select.sum()
 
 
-def sample_tokens(scores: torch.Tensor) -> torch.Tensor:
+def sample_tokens(scores: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One token id per row drawn from softmax(scores) (B, vocab), by inverting the cumulative
-    distribution with one uniform number per row (in float64).
+    distribution with one uniform number per row (in float64), from `generator` (else torch's global one).
 
     Exact sampling at a small fraction of torch.multinomial's cost on the CPU: multinomial draws one
     exponential random number per vocabulary entry (about 15 ms per step for 8 x 49k here, half of a
@@ -302,7 +302,7 @@ def sample_tokens(scores: torch.Tensor) -> torch.Tensor:
     """
     probs = torch.softmax(scores.double(), dim=-1)
     cdf = probs.cumsum(-1)
-    u = torch.rand(scores.shape[0], 1, dtype=torch.float64, device=scores.device) * cdf[:, -1:]
+    u = torch.rand(scores.shape[0], 1, dtype=torch.float64, device=scores.device, generator=generator) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).clamp(max=scores.shape[-1] - 1).squeeze(-1)
 
 
@@ -317,8 +317,10 @@ def generate(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    generator: torch.Generator | None = None,
 ) -> list[list[int]]:
     """Sample one response per prompt with the KV cache; each ends at (and includes) its first EOS.
+    Random numbers come from `generator` (on the model's device), else from torch's global generator.
 
     A plain decoding loop rather than `model.generate`, whose per-step bookkeeping cost more than a
     small model's forward pass: each step runs the model on the newest token of the rows still
@@ -363,7 +365,7 @@ def generate(
                     scores = logits.float() / temperature if temperature != 1.0 else logits.float()
                     for warp in warpers:
                         scores = warp(inputs, scores)
-                    tokens = sample_tokens(scores)
+                    tokens = sample_tokens(scores, generator)
                 else:
                     tokens = logits.argmax(-1)
                 for row, token in zip(rows.tolist(), tokens.tolist()):
@@ -423,25 +425,25 @@ class Sampler:
 
     def __call__(
         self, model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], seed: int | None = None,
-        batch_size: int | None = None,
+        batch_size: int | None = None, generator: torch.Generator | None = None,
     ) -> list[list[int]]:
         """One response per prompt, `batch_size` prompts at a time. With `seed`, the draws are the
         same for every model and caller (policies compared on one prompt set see the same random
-        numbers) and the caller's random state is left as it was."""
+        numbers) and the caller's random state is left as it was; with `generator`, they come from it."""
         if seed is None:
-            return self._draw(model, prompt_ids, batch_size)
+            return self._draw(model, prompt_ids, batch_size, generator)
         with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
             torch.manual_seed(seed)
             return self._draw(model, prompt_ids, batch_size)
 
-    def _draw(self, model, prompt_ids, batch_size: int | None) -> list[list[int]]:
+    def _draw(self, model, prompt_ids, batch_size: int | None, generator=None) -> list[list[int]]:
         step = batch_size or max(len(prompt_ids), 1)
         responses: list[list[int]] = []
         for start in range(0, len(prompt_ids), step):
             responses += generate(
                 model, prompt_ids[start : start + step], pad_token_id=self.pad_token_id,
                 eos_token_ids=self.eos_token_ids, max_new_tokens=self.max_new_tokens, do_sample=not self.greedy,
-                temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, generator=generator,
             )
         return responses
 

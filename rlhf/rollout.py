@@ -18,7 +18,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from rlhf import models, optim, plots, rl
+from rlhf import models, optim, plots, ranks, rl
 from rlhf.config import RunConfig
 from rlhf.data.loading import ExamplesDataModule
 from rlhf.data.mix import mix_by_category
@@ -87,6 +87,7 @@ class RLModule(pl.LightningModule):
         reward_stats: tuple[float, float] | None,
         gold=None,
         tracker: Tracker | None = None,
+        seed: int = 0,
     ):
         super().__init__()
         self.automatic_optimization = False
@@ -100,6 +101,8 @@ class RLModule(pl.LightningModule):
         self.reward_model = reward.model
         self.stage = stage
         self.sampler = sampler
+        self.seed = seed
+        self._sampling: torch.Generator | None = None
         self.pad_token_id, self.eos_token_ids = sampler.pad_token_id, sampler.eos_token_ids
         self.max_grad_norm = max_grad_norm
         self.reward_stats = reward_stats
@@ -114,6 +117,13 @@ class RLModule(pl.LightningModule):
         for model in (policy, reference, getattr(reward, "model", None)):
             if model is not None:
                 models.disable_dropout(model)
+
+    def _sampling_generator(self) -> torch.Generator:
+        """This rank's own random numbers for sampling, seeded from (seed, rank): the ranks draw
+        different episodes, reproducibly, while training's random state stays the same on all ranks."""
+        if self._sampling is None or self._sampling.device != self.device:
+            self._sampling = torch.Generator(self.device).manual_seed(ranks.sampling_seed(self.seed))
+        return self._sampling
 
     # -- forward passes -----------------------------------------------------------------------------
 
@@ -154,7 +164,7 @@ class RLModule(pl.LightningModule):
         (validation) changes no statistics."""
         stage, timings = self.stage, {}
         start = time.perf_counter()
-        responses = self.sampler(self.policy, batch["prompt_ids"])
+        responses = self.sampler(self.policy, batch["prompt_ids"], generator=self._sampling_generator())
         timings["time/generation_s"] = time.perf_counter() - start
         start = time.perf_counter()
         device = self.device

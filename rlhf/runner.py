@@ -2,25 +2,23 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import signal
 import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytorch_lightning as pl
 
+from rlhf import ranks
 from rlhf.config import RunConfig
 from rlhf.errors import ConfigError
 from rlhf.lineage import ResumePoint, find_resume_point
-from rlhf.stages import StageJob, get_stage
+from rlhf.stages import Stage, StageJob, get_stage
 from rlhf.sweeps import objective
 from rlhf.tracking import (
     Launch,
-    is_rank_zero,
     open_store,
     peak_memory,
     print_summary,
@@ -31,20 +29,14 @@ from rlhf.training import build_trainer, validate_final, validate_initial
 
 log = logging.getLogger(__name__)
 
-RESUME_ENV = "RLHF_RESUME_POINT"
-
 
 def _resume_point(run: RunConfig, launch: Launch) -> ResumePoint | None:
     if run.resume in (None, False) or str(run.resume).lower() in ("false", "none", "null", ""):
         return None
-    if not is_rank_zero() and os.environ.get(RESUME_ENV):  # a data-parallel rank: rank 0 has chosen
-        return ResumePoint(**json.loads(os.environ[RESUME_ENV]))
     client, exp_id = None, None
     if run.tracking.enabled:
         client, _, exp_id = open_store(run.tracking.uri, launch.launch_dir, run.tracking.experiment)
-    point = find_resume_point(run.resume, run.stage.name, client, exp_id)
-    os.environ[RESUME_ENV] = json.dumps(asdict(point))
-    return point
+    return find_resume_point(run.resume, run.stage.name, client, exp_id)
 
 
 def _check_output_dir(output_dir: Path) -> None:
@@ -67,7 +59,11 @@ def _terminate_as_interrupt(signum, frame):
 
 
 def stage_trainer(
-    run: RunConfig, tracker, output_dir: str | Path, job: StageJob, extra_callbacks: Sequence[pl.Callback] = ()
+    run: RunConfig,
+    tracker,
+    output_dir: str | Path,
+    job: StageJob,
+    extra_callbacks: Sequence[pl.Callback] = (),
 ) -> pl.Trainer:
     """The Lightning Trainer for a stage's job, built from the run's trainer and checkpoint settings."""
     return build_trainer(
@@ -84,11 +80,24 @@ def stage_trainer(
 
 def execute(run: RunConfig, launch: Launch) -> float | None:
     """Train the configured stage; return the metric a sweep optimises (None if it was not produced)."""
+    stage = get_stage(run.stage.name)
+    ranks.join(run.trainer)
+    if not stage.trains and not ranks.is_rank_zero():
+        return None  # rank 0 runs it alone; this rank goes on to the next job of a pipeline
+    # Weights initialise alike on every rank; sampling draws per rank (rlhf.ranks.sampling_seed).
     pl.seed_everything(run.seed, workers=True, verbose=False)
-    resume = _resume_point(run, launch)
+    with ranks.solo() if not stage.trains else nullcontext():
+        return _execute(run, launch, stage)
+
+
+def _execute(run: RunConfig, launch: Launch, stage: Stage) -> float | None:
+    # Rank 0 decides where the run resumes and writes; a rank's own Hydra output directory (its own
+    # timestamp under torchrun or srun) would differ.
+    resume = ranks.share(lambda: _resume_point(run, launch))
     tracker = start_tracker(run, launch, resume.run_id if resume else None)
-    output_dir = Path(resume.output_dir if resume else run.output_dir)
-    if is_rank_zero():
+    run.output_dir = ranks.share(lambda: resume.output_dir if resume else run.output_dir)
+    output_dir = Path(run.output_dir)
+    if ranks.is_rank_zero():
         # `kill` (SIGTERM) ends a run like Ctrl-C: recorded as KILLED, checkpoints kept.
         signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     with recorded(tracker):
@@ -96,16 +105,18 @@ def execute(run: RunConfig, launch: Launch) -> float | None:
             log.info("Resuming from %s", resume.checkpoint)
             tracker.set_tags({"rlhf.resumed_from": resume.checkpoint})
         _check_output_dir(output_dir)
-        job = get_stage(run.stage.name).build(run, tracker)
+        job = stage.build(run, tracker)
         if job.module is None:  # nothing to train (eval)
             metrics = job.finish(None, output_dir)
             tracker.log_metrics(peak_memory())
-            primary = is_rank_zero()
+            primary = ranks.is_rank_zero()
         else:
             trainer = stage_trainer(run, tracker, output_dir, job)
             if run.validate_before_training and not resume:
                 validate_initial(trainer, job.module, job.datamodule)
-            trainer.fit(job.module, datamodule=job.datamodule, ckpt_path=resume.checkpoint if resume else None)
+            trainer.fit(
+                job.module, datamodule=job.datamodule, ckpt_path=resume.checkpoint if resume else None
+            )
             validate_final(trainer, job.module, job.datamodule)
             metrics = job.finish(trainer, output_dir)
             primary = trainer.is_global_zero

@@ -117,6 +117,7 @@ class SweepTracking(Callback):
         self.client: Any = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from rlhf.ranks import is_rank_zero
         from rlhf.tracking import (
             SWEEP_PARENT_ENV,
             TAG_PREFIX,
@@ -124,7 +125,9 @@ class SweepTracking(Callback):
             open_store,
         )
 
-        if not config.tracking.enabled:
+        # The other ranks of a data-parallel pipeline run the same multirun (Lightning restarts the
+        # command line for them, torchrun and srun start it on each): one parent run, rank 0's.
+        if not config.tracking.enabled or not is_rank_zero():
             return
         hydra = config.hydra
         self.client, _, exp_id = open_store(config.tracking.uri, hydra.runtime.cwd, config.tracking.experiment)

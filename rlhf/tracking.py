@@ -2,7 +2,7 @@
 
 Metrics go in batches through MLflow's asynchronous queue (a synchronous call costs ~18 ms on the
 default sqlite store, more than a training step of a small model). Only the first process of a
-data-parallel job records anything; the others attach to its run id and stay silent.
+data-parallel job records anything; the others receive its run id (rlhf.ranks) and stay silent.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from typing import Any
 import yaml
 
 from rlhf.config import RunConfig, to_container
+from rlhf.ranks import is_rank_zero, share
 
 log = logging.getLogger(__name__)
 
-RUN_ID_ENV = "RLHF_RUN_ID"
 SWEEP_PARENT_ENV = "RLHF_SWEEP_PARENT_RUN_ID"  # set by rlhf.sweeps for the jobs of a multirun
 TAG_PREFIX = "rlhf."
 MAX_PARAM_LENGTH = 6000
@@ -45,11 +45,6 @@ class Launch:
     sweep_dir: str | None = None
     job_num: int | None = None
     command: str = ""
-
-
-def is_rank_zero() -> bool:
-    """True in the process that records the run (before and after Lightning starts DDP)."""
-    return all(int(os.environ.get(var, "0")) == 0 for var in ("RANK", "LOCAL_RANK", "NODE_RANK"))
 
 
 def tracking_uri(configured: str | None, launch_dir: str) -> str:
@@ -264,11 +259,21 @@ def open_store(configured_uri: str | None, launch_dir: str, experiment: str) -> 
 
 
 def start_tracker(run: RunConfig, launch: Launch, resume_run_id: str | None = None) -> Tracker:
-    """Create (or reopen, when resuming) the job's MLflow run and record what defines it."""
+    """Create (or reopen, when resuming) the job's MLflow run and record what defines it, on rank 0;
+    the other ranks get a silent tracker with its run id."""
     if not run.tracking.enabled:
         return SilentTracker()
-    if not is_rank_zero():
-        return SilentTracker(os.environ.get(RUN_ID_ENV))
+    opened: list[Tracker] = []
+
+    def open_on_rank_zero() -> str:
+        opened.append(_open_run(run, launch, resume_run_id))
+        return opened[0].run_id
+
+    run_id = share(open_on_rank_zero)
+    return opened[0] if opened else SilentTracker(run_id)
+
+
+def _open_run(run: RunConfig, launch: Launch, resume_run_id: str | None) -> Tracker:
     client, uri, exp_id = open_store(run.tracking.uri, launch.launch_dir, run.tracking.experiment)
     config = to_container(run)
     tags = {
@@ -307,8 +312,6 @@ def start_tracker(run: RunConfig, launch: Launch, resume_run_id: str | None = No
         tracker.set_tags(tags)
         tracker.log_text(yaml.safe_dump(config, sort_keys=False), "config/config.yaml")
         tracker.log_text(yaml.safe_dump({"overrides": launch.overrides}), "config/overrides.yaml")
-    # Data-parallel processes started later by Lightning inherit this and attach to the same run.
-    os.environ[RUN_ID_ENV] = tracker.run_id
     return tracker
 
 
@@ -328,8 +331,6 @@ def recorded(tracker: Tracker) -> Iterator[Tracker]:
         raise
     else:
         tracker.end("FINISHED")
-    finally:
-        os.environ.pop(RUN_ID_ENV, None)
 
 
 def print_summary(tracker: Tracker, stream: Any = sys.stderr) -> None:

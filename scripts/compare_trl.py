@@ -119,8 +119,9 @@ def project_run(stage: str, precision: str, batch_size: int, extra: list[str] | 
 
     from rlhf.config import register_configs, validate
     from rlhf.layout import config_dir
+    from rlhf.stages import stages
 
-    register_configs()
+    register_configs(stages())
     overrides = [
         f"stage={stage}",
         "model=smollm2-135m",

@@ -34,8 +34,9 @@ def compose():
 
     from rlhf.config import register_configs
     from rlhf.layout import config_dir
+    from rlhf.stages import stages
 
-    register_configs()
+    register_configs(stages())
 
     def _compose(overrides: list[str] | None = None):
         with initialize_config_dir(str(config_dir()), version_base="1.3"):
@@ -55,8 +56,9 @@ def stage_config(name: str, **overrides):
 
     from rlhf.config import register_configs
     from rlhf.layout import config_dir
+    from rlhf.stages import stages
 
-    register_configs()
+    register_configs(stages())
     with initialize_config_dir(str(config_dir()), version_base="1.3"):
         cfg = hydra_compose("config", overrides=["output_dir=/tmp/rlhf-test-unused", f"stage={name}"])
     return dataclasses.replace(OmegaConf.to_object(cfg.stage), **overrides)

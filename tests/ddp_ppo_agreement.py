@@ -16,11 +16,12 @@ from hydra import compose, initialize_config_dir
 
 from rlhf.config import register_configs, validate
 from rlhf.layout import config_dir
+from rlhf.stages import stages
 
 OUT = Path(sys.argv[1])
 RANK = int(os.environ.get("LOCAL_RANK", "0"))
 
-register_configs()
+register_configs(stages())
 with initialize_config_dir(str(config_dir()), version_base="1.3"):
     cfg = compose(
         "config",

@@ -571,3 +571,26 @@ def test_each_stage_default_lives_in_one_place(compose, stage):
     # Every key the schema leaves to the YAML has a value there.
     missing = sorted(OmegaConf.missing_keys(cfg.stage))
     assert not missing, f"stage={stage} leaves {missing} without a value"
+
+
+def test_config_and_hardware_checks_take_the_stage_table_from_the_entry_point():
+    """The wiring runs one way (entry point -> stages -> config): checking a config imports no stage."""
+    code = (
+        "import sys, types\n"
+        "from rlhf import hardware\n"
+        "from rlhf.config import register_configs, stage_schemas\n"
+        "from rlhf.errors import ConfigError\n"
+        "from rlhf.config.schema import BaseStageConfig\n"
+        "stage = types.SimpleNamespace(name='mine', schema=BaseStageConfig, refused_strategies={'fsdp': 'not sharded'})\n"
+        "register_configs({'mine': stage})\n"
+        "assert stage_schemas() == {'mine': BaseStageConfig}, stage_schemas()\n"
+        "try:\n"
+        "    hardware.check(stage, {'strategy': 'fsdp'})\n"
+        "except ConfigError as err:\n"
+        "    assert 'stage=mine' in str(err) and 'not sharded' in str(err), err\n"
+        "else:\n"
+        "    raise AssertionError('fsdp was not refused')\n"
+        "assert 'rlhf.stages' not in sys.modules, 'config or hardware imported the stage registry'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]

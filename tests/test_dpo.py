@@ -126,14 +126,6 @@ def test_sequence_logprobs_sum_each_responses_own_tokens_in_either_layout(tiny_p
 # -- the module ---------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def isolated_sources(monkeypatch):
-    """In-process builds record what they resolved in the environment: keep it to this test."""
-    from rlhf.lineage import RESOLVED_ENV
-
-    monkeypatch.setenv(RESOLVED_ENV, "{}")
-
-
 def _build(compose, *overrides: str):
     from rlhf.config import validate
     from rlhf.stages.dpo.module import build
@@ -143,7 +135,7 @@ def _build(compose, *overrides: str):
     return run, build(run, SilentTracker())
 
 
-def test_loss_at_initialisation_is_log_2_and_rankings_batch_by_record(compose, isolated_sources):
+def test_loss_at_initialisation_is_log_2_and_rankings_batch_by_record(compose):
     """Policy = reference: every implicit reward is 0 and the sigmoid loss log 2. On rankings of four
     responses a batch of 2 records holds their 2 x 6 pairs, each response computed once."""
     _, job = _build(compose, "data.preference.path=task:assistant/rankings", "stage.batch_size=2")
@@ -154,7 +146,7 @@ def test_loss_at_initialisation_is_log_2_and_rankings_batch_by_record(compose, i
     assert rows[:, 1:3].abs().max().item() < 1e-5  # implicit rewards
 
 
-def test_each_loss_at_initialisation_through_the_module(compose, isolated_sources):
+def test_each_loss_at_initialisation_through_the_module(compose):
     """h = 0 at the start: ipo (1 / (2 beta))^2 = 25 for beta 0.1, hinge 1, sigmoid log 2 with or
     without label smoothing; a training step's loss has a gradient for each."""
     from dataclasses import replace
@@ -168,7 +160,7 @@ def test_each_loss_at_initialisation_through_the_module(compose, isolated_source
         assert losses.mean().requires_grad
 
 
-def test_lora_reference_is_the_policy_with_its_adapters_off(compose, isolated_sources, tiny_policy, tokenizer, tmp_path):
+def test_lora_reference_is_the_policy_with_its_adapters_off(compose, tiny_policy, tokenizer, tmp_path):
     from rlhf import models
 
     local = models.save_model(tiny_policy, tokenizer, tmp_path / "tiny")
@@ -185,7 +177,7 @@ def test_lora_reference_is_the_policy_with_its_adapters_off(compose, isolated_so
     assert rows[:, 1:3].abs().min().item() > 0 and not torch.allclose(losses, torch.full_like(losses, LOG2))
 
 
-def test_precomputed_reference_gives_the_live_references_loss(compose, isolated_sources):
+def test_precomputed_reference_gives_the_live_references_loss(compose):
     """The reference's log-probabilities computed before training, carried in the batches, give the
     loss the frozen reference model gives, once the policy has moved."""
     from rlhf.stages.dpo.module import attach_reference_logps
@@ -289,7 +281,7 @@ def test_killed_dpo_resumes_to_the_same_result(tmp_path, cli, mlflow_client, pre
         assert resumed.data.metrics[key] == pytest.approx(whole.data.metrics[key], rel=1e-5), key
 
 
-def test_bench_workload_counts_pairs_and_the_reference_forward_pass(compose, isolated_sources):
+def test_bench_workload_counts_pairs_and_the_reference_forward_pass(compose):
     from rlhf.bench import FlopCount, attended_pairs
     from rlhf.stages.dpo.module import bench_workload
 

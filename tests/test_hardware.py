@@ -42,7 +42,7 @@ def build(compose, tmp_path, overrides: list[str]):
     from rlhf.tracking import Launch, start_tracker
 
     run = validate(compose(["experiment=smoke", "tracking=none", f"output_dir={tmp_path}", *overrides]))
-    hardware.check(run.stage.name, run.trainer)
+    hardware.check(get_stage(run.stage.name), run.trainer)
     tracker = start_tracker(run, Launch(output_dir=str(tmp_path), launch_dir=str(tmp_path)))
     return run, tracker, get_stage(run.stage.name).build(run, tracker)
 
@@ -225,7 +225,7 @@ def test_each_stage_runs_or_refuses_each_sharded_strategy(stage, strategy):
     refused = family in get_stage(stage).refused_strategies
     trainer = {"accelerator": "cpu", "strategy": strategy}
     try:
-        hardware.check(stage, trainer)
+        hardware.check(get_stage(stage), trainer)
     except ConfigError as err:
         message = str(err)
         assert "\n" not in message

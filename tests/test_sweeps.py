@@ -118,9 +118,10 @@ def test_overoptimization_sweep_runs_ppo_from_small_to_large_kl_judged_by_gold()
 
     from rlhf.config import register_configs
     from rlhf.layout import config_dir
+    from rlhf.stages import stages
     from rlhf.sweeps import objective
 
-    register_configs()
+    register_configs(stages())
     with initialize_config_dir(str(config_dir()), version_base="1.3"):
         cfg = hydra_compose("config", overrides=["sweep=overoptimization", "experiment=quickstart"],
                             return_hydra_config=True)

@@ -16,7 +16,7 @@ from rlhf.config.schema import (
     StageConfig,
     TrackingConfig,
 )
-from rlhf.config.store import register_configs, register_sweeps
+from rlhf.config.store import register_configs, register_sweeps, stage_schemas
 from rlhf.config.validation import describe_compose_error, to_container, validate
 
 __all__ = [
@@ -36,6 +36,7 @@ __all__ = [
     "describe_compose_error",
     "register_configs",
     "register_sweeps",
+    "stage_schemas",
     "to_container",
     "validate",
 ]

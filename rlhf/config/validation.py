@@ -12,6 +12,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from rlhf.config.precision import resolve_precision
 from rlhf.config.schema import BaseStageConfig, RunConfig
+from rlhf.config.store import stage_schemas
 from rlhf.config.trainer import closest, trainer_arguments
 from rlhf.errors import ConfigError
 
@@ -52,9 +53,7 @@ def _unknown_keys(node: Any, prefix: str = "") -> list[str]:
 
 def _other_stages_key(key: str, full_key: str, object_type: type, multirun: bool) -> str:
     """For a stage key the composed stage lacks: which stages have it, and how to set it in a sweep."""
-    from rlhf.stages import stages
-
-    schemas = {stage.name: stage.schema for stage in stages().values()}
+    schemas = stage_schemas()
     if full_key != f"stage.{key}" or object_type not in schemas.values():
         return ""
     owners = [name for name, schema in schemas.items() if key in {f.name for f in fields(schema)}]
@@ -110,8 +109,6 @@ def describe_compose_error(err: BaseException, multirun: bool = False) -> str:
 
 def validate(cfg: DictConfig) -> RunConfig:
     """Check a composed config and return it as typed objects; ConfigError names the first bad key."""
-    from rlhf.stages import stages
-
     unknown = _unknown_keys(cfg)
     if unknown:
         raise ConfigError(unknown[0])
@@ -121,7 +118,7 @@ def validate(cfg: DictConfig) -> RunConfig:
         raise ConfigError(describe_compose_error(err)) from None
     if not isinstance(run.stage, BaseStageConfig):
         raise ConfigError(
-            "stage: choose a stage with stage=<name>, one of " + ", ".join(sorted(stages()))
+            "stage: choose a stage with stage=<name>, one of " + ", ".join(sorted(stage_schemas()))
         )
     problems = _collect_problems(run, "")
     if problems:

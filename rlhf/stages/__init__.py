@@ -44,6 +44,9 @@ class Stage:
     evaluated: bool = False
     # Sharded strategy families (fsdp, deepspeed) this stage cannot run under, with the reason.
     refused_strategies: dict[str, str] = field(default_factory=dict)
+    # Whether it trains with a Lightning Trainer (every rank of a data-parallel job takes part);
+    # a stage that does not runs on rank 0 alone.
+    trains: bool = True
 
     def build(self, run: RunConfig, tracker: Tracker) -> StageJob:
         return load(self.builder)(run, tracker)

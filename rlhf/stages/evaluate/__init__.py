@@ -60,4 +60,6 @@ STAGE = Stage(
     # records that policy as its best run.
     objective=("eval/best/win_rate", "maximize"),
     bench=None,
+    # No Trainer: under a data-parallel strategy rank 0 evaluates alone.
+    trains=False,
 )

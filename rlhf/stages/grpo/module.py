@@ -142,6 +142,7 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
         reward_stats=setup.reward_stats,
         gold=setup.gold,
         tracker=tracker,
+        seed=run.seed,
     )
 
     def finish(trainer: pl.Trainer, output_dir: Path) -> dict[str, float]:

@@ -279,6 +279,7 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
         reward_stats=reward_stats,
         gold=setup.gold,
         tracker=tracker,
+        seed=run.seed,
     )
     datamodule = prompt_datamodule(run, setup.data)
 

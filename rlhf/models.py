@@ -114,7 +114,12 @@ def base_location(cfg: ModelConfig) -> str:
     return location
 
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
 
 
@@ -127,7 +132,9 @@ def check_location(location: str, key: str, weights: bool = True, tokenizer: boo
     path = Path(location).expanduser()
     if path.is_file():
         if path.suffix == ".gguf":
-            raise ConfigError(f"{key}: {path} is a GGUF file; set {key}={path.parent} model.gguf_file={path.name}")
+            raise ConfigError(
+                f"{key}: {path} is a GGUF file; set {key}={path.parent} model.gguf_file={path.name}"
+            )
         raise ConfigError(f"{key}: {path} is a file; give the directory holding the model")
     if not path.is_dir():
         if location.startswith((".", "/", "~")) or len(Path(location).parts) > 2:
@@ -146,8 +153,14 @@ def check_location(location: str, key: str, weights: bool = True, tokenizer: boo
             "give a directory written by save_pretrained, or a hub id"
         )
     if weights and not any((path / name).is_file() for name in WEIGHT_FILES):
-        hint = gguf_hint if ggufs else "; save the model there with save_pretrained, or set model.random_init={} to train it from scratch"
-        raise ConfigError(f"{key}: {path} has a config.json but no weights ({' or '.join(WEIGHT_FILES[::2])}){hint}")
+        hint = (
+            gguf_hint
+            if ggufs
+            else "; save the model there with save_pretrained, or set model.random_init={} to train it from scratch"
+        )
+        raise ConfigError(
+            f"{key}: {path} has a config.json but no weights ({' or '.join(WEIGHT_FILES[::2])}){hint}"
+        )
     if tokenizer and not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise ConfigError(
             f"{key}: {path} has no tokenizer ({', '.join(TOKENIZER_FILES)}); save it there with "
@@ -168,7 +181,11 @@ def _load_error(what: str, location: str, err: Exception) -> ConfigError:
         from huggingface_hub import constants
 
         if constants.HF_HUB_OFFLINE or "connect" in first_line:
-            why = "the hub is offline (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else "the hub cannot be reached"
+            why = (
+                "the hub is offline (HF_HUB_OFFLINE=1)"
+                if constants.HF_HUB_OFFLINE
+                else "the hub cannot be reached"
+            )
             return ConfigError(
                 f"{what}: {location!r} is not a local directory, {why} and no copy is cached; download it "
                 f"where there is internet (hf download {location}) or set {what} to a local directory"
@@ -185,7 +202,12 @@ def load_tokenizer(cfg: ModelConfig, location: str | None = None) -> PreTrainedT
     """
     source = location or (resolve_location(cfg.tokenizer) if cfg.tokenizer else base_location(cfg))
     if location is None:
-        check_location(source, "model.tokenizer" if cfg.tokenizer else "model.name_or_path", weights=False, tokenizer=True)
+        check_location(
+            source,
+            "model.tokenizer" if cfg.tokenizer else "model.name_or_path",
+            weights=False,
+            tokenizer=True,
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **_hub_kwargs(cfg))
     except Exception as err:
@@ -198,7 +220,9 @@ def load_tokenizer(cfg: ModelConfig, location: str | None = None) -> PreTrainedT
     return tokenizer
 
 
-def _random_model(cfg: ModelConfig, seed: int, auto_class: Any = AutoModelForCausalLM, **config_fields: Any) -> PreTrainedModel:
+def _random_model(
+    cfg: ModelConfig, seed: int, auto_class: Any = AutoModelForCausalLM, **config_fields: Any
+) -> PreTrainedModel:
     source = base_location(cfg)
     check_location(source, "model.name_or_path", weights=False)
     try:
@@ -210,6 +234,13 @@ def _random_model(cfg: ModelConfig, seed: int, auto_class: Any = AutoModelForCau
         raise ConfigError(f"model.random_init.{unknown[0]}: not a field of {type(config).__name__}")
     for key, value in (cfg.random_init or {}).items():
         setattr(config, key, value)
+    if cfg.lora.enabled:
+        # Allowed: a smoke run checks the LoRA path in seconds. A stage starting from a trained run
+        # loads that run's weights and never gets here.
+        log.warning(
+            "model.lora.enabled on randomly initialised weights (model.random_init): the adapters "
+            "train over random frozen weights, which tests the set-up but learns little"
+        )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return auto_class.from_config(config, dtype=_torch_dtype(cfg.dtype))
@@ -224,7 +255,9 @@ def load_causal_lm(cfg: ModelConfig, location: str | None = None, seed: int = 0)
         if location is None:
             check_location(source, "model.name_or_path")
         try:
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=_torch_dtype(cfg.dtype), **_hub_kwargs(cfg))
+            model = AutoModelForCausalLM.from_pretrained(
+                source, dtype=_torch_dtype(cfg.dtype), **_hub_kwargs(cfg)
+            )
         except Exception as err:
             raise _load_error("model.name_or_path", source, err) from err
     return _prepare(model, cfg)

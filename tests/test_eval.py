@@ -186,6 +186,10 @@ def test_pipeline_sweep_is_judged_by_its_last_stage(pipeline):
     assert parent.info.run_name.startswith("pipeline")
     assert parent.data.tags["rlhf.multirun"] == "pipeline"
     assert parent.data.tags["rlhf.pipeline"] == "sft>rm>ppo>dpo>grpo>eval"
+    assert parent.data.params["sweep.name"] == "pipeline"
+    results = json.loads(Path(pipeline.client.download_artifacts(parent_id, "sweep/results.json")).read_text())
+    assert [row["stage"] for row in results["runs"]][0] == "eval"  # the judged stage's run comes first
+    assert sorted(row["stage"] for row in results["runs"]) == sorted(PIPELINE_STAGES)
     evaluation = pipeline.runs["eval"]
     best = evaluation.data.tags["rlhf.eval.best_stage"]
     assert parent.data.tags["rlhf.best_run_id"] == pipeline.runs[best].info.run_id

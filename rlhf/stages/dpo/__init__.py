@@ -54,6 +54,7 @@ STAGE = Stage(
     builder="rlhf.stages.dpo.module:build",
     sources={"init_from": "sft"},
     objective=("val/rewards/accuracies", "maximize"),
+    key_metrics=("val/gold", "val/kl", "val/loss"),
     bench="rlhf.stages.dpo.module:bench_workload",
     evaluated=True,
     refused_strategies={"fsdp": FSDP_CANNOT_CLIP_OR_SAVE},

@@ -33,22 +33,28 @@ class GRPOModule(RLModule):
         """group_size scored responses per prompt, with their advantages."""
         stage, group = self.stage, self.stage.group_size
         # The responses to one prompt are neighbours: rows [g * G, (g + 1) * G) are a group.
-        repeated = {key: [item for item in batch[key] for _ in range(group)] for key in ("prompt_ids", "prompts")}
+        repeated = {
+            key: [item for item in batch[key] for _ in range(group)] for key in ("prompt_ids", "prompts")
+        }
         episode, stats, texts = self.sample(repeated, training)
         mask = episode.response_mask
         kl = episode.kl if stage.kl_in == "reward" else None
-        advantages = rl.critic_free_advantages(episode.scores, mask, stage.advantage, group, kl, stage.kl_coef)
+        advantages = rl.critic_free_advantages(
+            episode.scores, mask, stage.advantage, group, kl, stage.kl_coef
+        )
         episode = dataclasses.replace(episode, advantages=advantages)
         spread = episode.scores.view(-1, group).std(-1) if group > 1 else torch.zeros(1)
-        stats.update({
-            "kl/coef": stage.kl_coef,
-            "reward/total": (episode.scores - stage.kl_coef * episode.kl.sum(-1)).mean().item(),
-            # Groups whose responses all scored the same teach nothing (zero advantage under grpo, rloo).
-            "reward/group_std": spread.mean().item(),
-            "reward/equal_groups": (spread < 1e-6).float().mean().item(),
-            "advantages/mean": rl.masked_mean(advantages, mask).item(),
-            "advantages/std": rl.masked_var(advantages, mask).sqrt().item(),
-        })
+        stats.update(
+            {
+                "kl/coef": stage.kl_coef,
+                "reward/total": (episode.scores - stage.kl_coef * episode.kl.sum(-1)).mean().item(),
+                # Groups whose responses all scored the same teach nothing (zero advantage under grpo, rloo).
+                "reward/group_std": spread.mean().item(),
+                "reward/equal_groups": (spread < 1e-6).float().mean().item(),
+                "advantages/mean": rl.masked_mean(advantages, mask).item(),
+                "advantages/std": rl.masked_var(advantages, mask).sqrt().item(),
+            }
+        )
         return episode, stats, texts
 
     def _update(self, episode: Rollout, optimizer) -> dict[str, float]:
@@ -62,13 +68,20 @@ class GRPOModule(RLModule):
         totals: dict[str, float] = {}
         for _ in range(stage.ppo_epochs):
             for start in range(0, size, stage.minibatch_size):
-                part = episode.select(torch.arange(start, min(start + stage.minibatch_size, size), device=tokens.device))
+                part = episode.select(
+                    torch.arange(start, min(start + stage.minibatch_size, size), device=tokens.device)
+                )
                 ids, mask, where = part.sequences()
                 targets = part.response[part.response_mask.bool()]
                 logprobs, _, _ = self._policy_pass(ids, mask, where, targets, with_entropy=False)
                 logprobs = scatter(logprobs, part.response_mask)
                 pg_loss, pg_stats = rl.policy_loss(
-                    logprobs, part.logprobs, part.advantages, part.response_mask, stage.clip_range, stage.loss_average
+                    logprobs,
+                    part.logprobs,
+                    part.advantages,
+                    part.response_mask,
+                    stage.clip_range,
+                    stage.loss_average,
                 )
                 loss, parts = pg_loss, {"policy/loss": pg_loss.detach()}
                 if stage.kl_in == "loss":
@@ -81,8 +94,13 @@ class GRPOModule(RLModule):
                 else:
                     share = part.query.shape[0] / size
                 self.manual_backward(loss * share)
-                parts.update({"policy/clipfrac": pg_stats["clipfrac"], "policy/approx_kl": pg_stats["approx_kl"],
-                              "policy/ratio": pg_stats["ratio"]})
+                parts.update(
+                    {
+                        "policy/clipfrac": pg_stats["clipfrac"],
+                        "policy/approx_kl": pg_stats["approx_kl"],
+                        "policy/ratio": pg_stats["ratio"],
+                    }
+                )
                 for key, value in parts.items():
                     totals[key] = totals.get(key, 0.0) + float(value * share) / stage.ppo_epochs
             # Through the precision plugin, which unscales, and clipping in on_before_optimizer_step;
@@ -108,7 +126,7 @@ class GRPOModule(RLModule):
 def build(run: RunConfig, tracker: Tracker) -> StageJob:
     setup = load_rl_setup(run, tracker, STAGE.sources)
     policy, tokenizer = setup.policy, setup.tokenizer
-    tracker.log_metrics(models.parameter_counts(policy))
+    tracker.log_constants(models.parameter_counts(policy))
     module = GRPOModule(
         policy,
         setup.reference,
@@ -138,5 +156,11 @@ def bench_workload(job: StageJob, run: RunConfig, settings: dict[str, int]):
     group = run.stage.group_size
     split = RLTimeSplit(settings["warmup"])
     described = f"{run.data.name} prompts, {settings['batch_size']} prompts x {group} responses"
-    return Workload("episodes", lambda batch: float(len(batch["prompt_ids"]) * group), None, described, [split],
-                    split.averages)
+    return Workload(
+        "episodes",
+        lambda batch: float(len(batch["prompt_ids"]) * group),
+        None,
+        described,
+        [split],
+        split.averages,
+    )

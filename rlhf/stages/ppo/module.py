@@ -55,7 +55,9 @@ class PPOModule(RLModule):
         with a shared critic the values there (N,), from one pass of the policy's backbone."""
         temperature = self.stage.rollout.temperature
         if self.value_head is None:
-            logp, entropy = response_logprobs(self.policy, ids, mask, where, targets, temperature, with_entropy=with_entropy)
+            logp, entropy = response_logprobs(
+                self.policy, ids, mask, where, targets, temperature, with_entropy=with_entropy
+            )
             return logp, entropy, None
         inner = models.unwrap(self.policy)
         hidden = inner.base_model(
@@ -93,14 +95,16 @@ class PPOModule(RLModule):
             advantages = rl.whiten(advantages, response_mask)
         episode = dataclasses.replace(episode, values=values, advantages=advantages, returns=returns)
         kl_sum = kl.sum(-1)
-        stats.update({
-            "reward/non_score": non_score.sum(-1).mean().item(),
-            "reward/total": (scores - self.kl_ctl.value * kl_sum).mean().item(),
-            "kl/coef": self.kl_ctl.value,
-            "advantages/mean": advantages_mean,
-            "advantages/std": advantages_std,
-            "value/explained_variance": rl.explained_variance(values, returns, response_mask).item(),
-        })
+        stats.update(
+            {
+                "reward/non_score": non_score.sum(-1).mean().item(),
+                "reward/total": (scores - self.kl_ctl.value * kl_sum).mean().item(),
+                "kl/coef": self.kl_ctl.value,
+                "advantages/mean": advantages_mean,
+                "advantages/std": advantages_std,
+                "value/explained_variance": rl.explained_variance(values, returns, response_mask).item(),
+            }
+        )
         return episode, stats, texts
 
     # -- optimisation -------------------------------------------------------------------------------
@@ -123,15 +127,25 @@ class PPOModule(RLModule):
                     ids, mask, where, targets, with_entropy=stage.entropy_coef > 0
                 )
                 values = shared_values if shared_values is not None else self._values(ids, mask, where)
-                logprobs, entropy = _scatter(logprobs, part.response_mask), _scatter(entropy, part.response_mask)
+                logprobs, entropy = (
+                    _scatter(logprobs, part.response_mask),
+                    _scatter(entropy, part.response_mask),
+                )
                 values = _scatter(values, part.response_mask)
-                pg_loss, pg_stats = rl.policy_loss(logprobs, part.logprobs, part.advantages, part.response_mask, stage.clip_range)
+                pg_loss, pg_stats = rl.policy_loss(
+                    logprobs, part.logprobs, part.advantages, part.response_mask, stage.clip_range
+                )
                 # Decided on the mean over ranks, so all stop together: a rank that stepped on alone
                 # would wait in its gradient all-reduce for ranks that never join it.
-                if stage.max_approx_kl is not None and self._mean_over_ranks(pg_stats["approx_kl"]) > stage.max_approx_kl:
+                if (
+                    stage.max_approx_kl is not None
+                    and self._mean_over_ranks(pg_stats["approx_kl"]) > stage.max_approx_kl
+                ):
                     stopped = True
                     break
-                vf_loss, vf_stats = rl.value_loss(values, part.values, part.returns, part.response_mask, stage.value_clip_range)
+                vf_loss, vf_stats = rl.value_loss(
+                    values, part.values, part.returns, part.response_mask, stage.value_clip_range
+                )
                 mean_entropy = rl.masked_mean(entropy, part.response_mask)
                 loss = pg_loss + stage.vf_coef * vf_loss - stage.entropy_coef * mean_entropy
                 optimizer.zero_grad(set_to_none=True)
@@ -152,7 +166,13 @@ class PPOModule(RLModule):
                 break
         optimizer.zero_grad(set_to_none=True)
         out = {k: v / max(updates, 1) for k, v in totals.items()}
-        out.update({"ppo/updates": float(updates), "ppo/epochs": float(epochs_run), "ppo/early_stopped": float(stopped)})
+        out.update(
+            {
+                "ppo/updates": float(updates),
+                "ppo/epochs": float(epochs_run),
+                "ppo/early_stopped": float(stopped),
+            }
+        )
         return out
 
     def _end_iteration(self, stats: dict[str, float], episodes: int) -> None:
@@ -164,15 +184,23 @@ class PPOModule(RLModule):
         stage = self.stage
         critic = self.value_head if self.value_model is None else self.value_model
         groups = optim.param_groups(self.policy.named_parameters(), stage.weight_decay, stage.lr)
-        groups += optim.param_groups(critic.named_parameters(), stage.weight_decay, stage.critic_lr or stage.lr)
+        groups += optim.param_groups(
+            critic.named_parameters(), stage.weight_decay, stage.critic_lr or stage.lr
+        )
         optimizer = optim.adamw(groups, stage, self.trainer.precision)
-        return {"optimizer": optimizer, "lr_scheduler": optim.scheduler(optimizer, stage, optim.total_steps(self.trainer))}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": optim.scheduler(optimizer, stage, optim.total_steps(self.trainer)),
+        }
 
     # -- checkpoints --------------------------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
-        checkpoint["ppo"] = {"kl_controller": self.kl_ctl.state_dict(), "running_reward": self.running.state_dict()}
+        checkpoint["ppo"] = {
+            "kl_controller": self.kl_ctl.state_dict(),
+            "running_reward": self.running.state_dict(),
+        }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
@@ -181,14 +209,25 @@ class PPOModule(RLModule):
 
 
 def load_critic(
-    model_cfg, reward_location: str | None, policy_location: str | None, pad_token_id: int, seed: int,
-    reward_stats: tuple[float, float] | None, reward_norm: str,
+    model_cfg,
+    reward_location: str | None,
+    policy_location: str | None,
+    pad_token_id: int,
+    seed: int,
+    reward_stats: tuple[float, float] | None,
+    reward_norm: str,
 ) -> torch.nn.Module:
     """The separate value model: the reward model (or, for a reward function, the policy with a new
     head). Started from a reward model whose scores PPO normalises with its stored statistics, the
     normalisation is folded into its head, so its first values are on the scale of the returns."""
-    value_model = models.load_scalar_model(model_cfg, reward_location or policy_location, pad_token_id, seed=seed)
-    if reward_location is not None and reward_stats is not None and rl.resolve_reward_norm(reward_norm, True) == "model":
+    value_model = models.load_scalar_model(
+        model_cfg, reward_location or policy_location, pad_token_id, seed=seed
+    )
+    if (
+        reward_location is not None
+        and reward_stats is not None
+        and rl.resolve_reward_norm(reward_norm, True) == "model"
+    ):
         mean, std = reward_stats
         fold_normalisation(value_model, mean, max(std, 1e-8))  # as _normalise divides
     if model_cfg.lora.enabled:
@@ -199,7 +238,12 @@ def load_critic(
 def build(run: RunConfig, tracker: Tracker) -> StageJob:
     stage: PPOStageConfig = run.stage
     setup = load_rl_setup(run, tracker, STAGE.sources)
-    tokenizer, policy, reward, reward_location = setup.tokenizer, setup.policy, setup.reward, setup.reward_location
+    tokenizer, policy, reward, reward_location = (
+        setup.tokenizer,
+        setup.policy,
+        setup.reward,
+        setup.reward_location,
+    )
     reward_stats = setup.reward_stats
     value_model = None
     if stage.critic == "separate":
@@ -209,10 +253,15 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
                 "differs from the policy's; use stage.critic=shared"
             )
         value_model = load_critic(
-            run.model, reward_location, setup.policy_location, tokenizer.pad_token_id, run.seed,
-            reward_stats, stage.reward_norm,
+            run.model,
+            reward_location,
+            setup.policy_location,
+            tokenizer.pad_token_id,
+            run.seed,
+            reward_stats,
+            stage.reward_norm,
         )
-    tracker.log_metrics(models.parameter_counts(policy, value_model))
+    tracker.log_constants(models.parameter_counts(policy, value_model))
     module = PPOModule(
         policy,
         setup.reference,
@@ -245,4 +294,6 @@ def bench_workload(job: StageJob, run: RunConfig, settings: dict[str, int]):
 
     split = RLTimeSplit(settings["warmup"])
     described = f"{run.data.name} prompts, rollout batch {settings['batch_size']}"
-    return Workload("episodes", lambda batch: float(len(batch["prompt_ids"])), None, described, [split], split.averages)
+    return Workload(
+        "episodes", lambda batch: float(len(batch["prompt_ids"])), None, described, [split], split.averages
+    )

@@ -48,6 +48,7 @@ STAGE = Stage(
     builder="rlhf.stages.rm.module:build",
     sources={"init_from": "sft"},
     objective=("val/accuracy", "maximize"),
+    key_metrics=("val/gold_accuracy", "val/margin", "val/loss"),
     bench="rlhf.stages.rm.module:bench_workload",
     refused_strategies={"fsdp": FSDP_CANNOT_CLIP_OR_SAVE},
 )

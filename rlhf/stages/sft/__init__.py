@@ -36,6 +36,7 @@ STAGE = Stage(
     builder="rlhf.stages.sft.module:build",
     sources={},
     objective=("val/loss", "minimize"),
+    key_metrics=("val/ppl", "test/loss"),
     bench="rlhf.stages.sft.module:bench_workload",
     refused_strategies={"fsdp": FSDP_CANNOT_CLIP_OR_SAVE},
 )

@@ -27,7 +27,9 @@ log = logging.getLogger(__name__)
 
 def trained_tokens_per_example(examples: list[dict]) -> float:
     """Mean count of the tokens an example adds to the loss (labelled next-token targets)."""
-    return sum(sum(label != IGNORE_INDEX for label in e["labels"][1:]) for e in examples) / max(1, len(examples))
+    return sum(sum(label != IGNORE_INDEX for label in e["labels"][1:]) for e in examples) / max(
+        1, len(examples)
+    )
 
 
 class SFTModule(HeldOutSteps, pl.LightningModule):
@@ -43,17 +45,23 @@ class SFTModule(HeldOutSteps, pl.LightningModule):
         self._eval_sums: dict[str, torch.Tensor] = {}
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss_sum, tokens = completion_loss(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        loss_sum, tokens = completion_loss(
+            self.model, batch["input_ids"], batch["attention_mask"], batch["labels"]
+        )
         loss = loss_sum / self.tokens_per_batch
         if not logs_this_step(self.trainer):
             return loss
         # Shown per token of this batch, the same measure as val/loss.
-        self.log("train/loss", loss_sum.detach() / tokens.clamp(min=1), on_step=True, on_epoch=False, prog_bar=True)
+        self.log(
+            "train/loss", loss_sum.detach() / tokens.clamp(min=1), on_step=True, on_epoch=False, prog_bar=True
+        )
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
 
     def _eval_step(self, batch: dict, split: str) -> None:
-        loss_sum, tokens = completion_loss(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        loss_sum, tokens = completion_loss(
+            self.model, batch["input_ids"], batch["attention_mask"], batch["labels"]
+        )
         self._eval_sums["loss"] = self._eval_sums.get("loss", 0) + loss_sum.detach()
         self._eval_sums["tokens"] = self._eval_sums.get("tokens", 0) + tokens
 
@@ -75,7 +83,10 @@ class SFTModule(HeldOutSteps, pl.LightningModule):
 
 
 def _count_tokens(batch: dict) -> dict[str, float]:
-    return {"tokens": float(batch["attention_mask"].sum()), "trained_tokens": float((batch["labels"] != -100).sum())}
+    return {
+        "tokens": float(batch["attention_mask"].sum()),
+        "trained_tokens": float((batch["labels"] != -100).sum()),
+    }
 
 
 def build(run: RunConfig, tracker: Tracker) -> StageJob:
@@ -85,26 +96,38 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
     renderer = ChatRenderer(tokenizer, run.data.chat_template)
     # Data before weights: a bad file fails in seconds, not after the model has loaded.
     data = prepare_sft(run.data, renderer, run.seed)
-    tracker.log_metrics(data.stats)
+    tracker.log_constants(data.stats)
     model = models.load_causal_lm(run.model, source.location, seed=run.seed)
     if run.model.lora.enabled:
         model = models.apply_lora(model, run.model.lora, "CAUSAL_LM")
-    tracker.log_metrics(models.parameter_counts(model))
+    tracker.log_constants(models.parameter_counts(model))
     module = SFTModule(model, stage, stage.batch_size * trained_tokens_per_example(data.splits["train"]))
-    datamodule = examples_datamodule(data.splits, CausalLMCollator(tokenizer.pad_token_id), stage, run.data, run.seed)
+    datamodule = examples_datamodule(
+        data.splits, CausalLMCollator(tokenizer.pad_token_id), stage, run.data, run.seed
+    )
 
     def finish(trainer: pl.Trainer, output_dir: Path) -> dict[str, float]:
         metrics = final_metrics(trainer, module, datamodule, data.splits)
         if trainer.is_global_zero:
             models.save_model(module.model, tokenizer, output_dir / "model")
             # On the stage's device: Lightning hands the trained model back on the CPU.
-            _log_samples(module.model.to(trainer.strategy.root_device), tokenizer, renderer, data.prompts["validation"], data.references["validation"], stage, tracker)
+            _log_samples(
+                module.model.to(trainer.strategy.root_device),
+                tokenizer,
+                renderer,
+                data.prompts["validation"],
+                data.references["validation"],
+                stage,
+                tracker,
+            )
         return metrics
 
     return StageJob(module, datamodule, finish, callbacks=[Throughput(_count_tokens)])
 
 
-def _log_samples(model, tokenizer, renderer, prompts, references, stage: SFTStageConfig, tracker: Tracker) -> None:
+def _log_samples(
+    model, tokenizer, renderer, prompts, references, stage: SFTStageConfig, tracker: Tracker
+) -> None:
     """Greedy generations on a few validation prompts, next to the reference responses."""
     if stage.num_samples == 0 or not prompts:
         return

@@ -86,7 +86,7 @@ def _run_of_directory(tracker: Tracker, directory: str):
 
 
 def _is_directory_spec(spec: str) -> bool:
-    return spec != "base" and not spec.startswith(("latest", "runs:/", "fn:"))
+    return spec != "base" and not spec.startswith(("latest", "name:", "runs:/", "fn:"))
 
 
 def _model_spec(run) -> str:

@@ -119,8 +119,8 @@ def validation_curve(histories: dict[str, list]) -> KLCurve:
 
 
 def results(children: list, swept: list[str], metric: str, direction: str) -> list[dict[str, Any]]:
-    """One row per child run: its name, status, varied values, the objective and its stage's key
-    metrics; scored rows best first, then the rest (failed, rejected, other stages) in launch order."""
+    """One row per child run: its name, status, varied values, the objective, its stage's own objective
+    and key metrics; scored rows best first, then the rest (failed, rejected, other stages) in launch order."""
     from rlhf.stages import stages
     from rlhf.tracking import TAG_PREFIX
 
@@ -138,7 +138,9 @@ def results(children: list, swept: list[str], metric: str, direction: str) -> li
         row.update(
             {key: stage if key == "stage" else params.get(key, params.get(f"{key}.name")) for key in swept}
         )
-        for key in (metric, *(known[stage].key_metrics if stage in known else ())):
+        # A pipeline's stages are judged by one objective: each row also shows its own stage's.
+        own = (known[stage].objective[0], *known[stage].key_metrics) if stage in known else ()
+        for key in dict.fromkeys((metric, *own)):
             value = values.get(key)
             row[key] = None if value is None or math.isnan(value) else value
         if tags.get(f"{TAG_PREFIX}error"):

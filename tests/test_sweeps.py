@@ -444,6 +444,18 @@ def _child(name, status, params, metrics, stage="sft", **tags):
     )
 
 
+def test_results_of_a_pipeline_show_each_stage_by_its_own_objective_too():
+    from rlhf.sweeps import results
+
+    children = [
+        _child("s", "FINISHED", {}, {"val/loss": 2.0, "val/ppl": 7.4}, "sft"),
+        _child("ee", "FINISHED", {}, {"eval/best/win_rate": 0.6}, "eval"),
+    ]
+    rows = results(children, ["stage"], "eval/best/win_rate", "maximize")
+    assert [(r["run"], r["stage"]) for r in rows] == [("ee", "eval"), ("s", "sft")]
+    assert rows[1]["val/loss"] == 2.0 and rows[1]["eval/best/win_rate"] is None
+
+
 def test_results_put_the_best_first_and_the_unscored_last():
     from rlhf.sweeps import results, results_markdown
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import resource
 import shlex
 import subprocess
@@ -133,7 +134,8 @@ def _named_overrides(launch: Launch) -> list[tuple[str, str]]:
     """(key, value) of the overrides that distinguish a run (not the groups its name already says)."""
     skip = ("stage=", "model=", "data=", "experiment=", "sweep=", "tracking", "hydra", "resume=")
     return [
-        (key.lstrip("+"), value)
+        # Hydra hands a job its overrides escaped (latest\:pipeline); a name shows them as typed.
+        (key.lstrip("+"), re.sub(r"\\(.)", r"\1", value))
         for key, _, value in (o.partition("=") for o in launch.overrides if not o.startswith(skip))
     ]
 

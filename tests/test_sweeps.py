@@ -431,6 +431,8 @@ def test_a_sweep_job_leads_with_what_its_sweep_varies(monkeypatch):
     monkeypatch.setenv(SWEPT_ENV, "stage.beta")
     name = run_name(run, _launch(["sweep=dpo_beta", "experiment=smoke", "stage.beta=0.01", "seed=3"]))
     assert name == "beta=0.01 · dpo-tiny-assistant seed=3"
+    escaped = run_name(run, _launch(["stage.beta=0.01", "stage.init_from=latest\\:pipeline"]))
+    assert escaped == "beta=0.01 · dpo-tiny-assistant init_from=latest:pipeline"
     monkeypatch.setenv(SWEPT_ENV, "stage")  # a pipeline: its stage is the name's own first word
     assert run_name(run, _launch(["stage=dpo", "seed=3"])) == "dpo-tiny-assistant seed=3"
 

@@ -1,15 +1,20 @@
 """Where a run starts from: models of earlier runs (init_from and friends) and checkpoints to resume.
 
 A model source is `base` (the model group's pretrained weights), a local directory,
-`runs:/<run_id>/<artifact path>`, or `latest` (the newest finished run of the needed stage in the
-same MLflow experiment). What was resolved is recorded as tags, so the UI shows SFT -> RM -> PPO.
+`runs:/<run_id>/<artifact path>`, `latest` (the newest finished run of the needed stage in the
+same MLflow experiment), `latest:<stage>`, `latest:pipeline` (the needed stage's newest finished run
+inside the newest pipeline, `-m stage=sft,rm,...`, that has one) or `name:<run name>` (the newest
+finished run of that name). What was resolved is logged, and recorded as tags, so the UI shows
+SFT -> RM -> PPO.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import zipfile
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -17,6 +22,9 @@ from rlhf.errors import LineageError
 from rlhf.ranks import share
 from rlhf.tracking import TAG_PREFIX, Tracker
 
+log = logging.getLogger(__name__)
+
+PIPELINE = "pipeline"  # latest:pipeline
 RUN_ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -63,6 +71,53 @@ def latest_finished_run(client, experiment_id: str, stage: str):
     return runs[0] if runs else None
 
 
+def latest_pipeline_run(client, experiment_id: str, stage: str):
+    """The newest finished `stage` run inside the newest pipeline parent run that has one, so that
+    a later sweep's or single run's models are never picked up in place of the pipeline's."""
+    parents = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{TAG_PREFIX}multirun` = 'pipeline'",
+        order_by=["attributes.start_time DESC"],
+        max_results=100,
+    )
+    for parent in parents:
+        runs = client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.`{TAG_PREFIX}stage` = '{stage}' "
+            "and attributes.status = 'FINISHED'",
+            order_by=["attributes.end_time DESC"],
+            max_results=1,
+        )
+        if runs:
+            return runs[0]
+    return None
+
+
+def named_run(client, experiment_id: str, name: str):
+    """The newest finished run called `name`."""
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"attributes.run_name = '{name}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0] if runs else None
+
+
+def describe_run(run) -> str:
+    """A found run as a user recognises it: name, id, when it started, its stage's key metric."""
+    from rlhf.stages import stages
+
+    stage = run.data.tags.get(f"{TAG_PREFIX}stage", "")
+    started = datetime.fromtimestamp((run.info.start_time or 0) / 1000).strftime("%Y-%m-%d %H:%M:%S")
+    text = f"{stage} run {run.info.run_name!r} ({run.info.run_id}), started {started}"
+    known = stages()
+    metric = known[stage].objective[0] if stage in known else None
+    if metric in run.data.metrics:
+        text += f", {metric} = {run.data.metrics[metric]:.4g}"
+    return text
+
+
 def resolve_source(
     spec: str, key: str, needed_stage: str | None, tracker: Tracker, accepts: tuple[str, ...] = ()
 ) -> ModelSource:
@@ -97,23 +152,12 @@ def check_kind(source: ModelSource, key: str, accepts: tuple[str, ...]) -> None:
 def _resolve(spec: str, key: str, needed_stage: str | None, tracker: Tracker) -> ModelSource:
     if spec == "base":
         return ModelSource(spec, None)
-    latest = spec == "latest" or spec.startswith("latest:")
-    if (latest or spec.startswith("runs:/")) and not tracker.active:
+    found = spec == "latest" or spec.startswith(("latest:", "name:"))
+    if (found or spec.startswith("runs:/")) and not tracker.active:
         raise LineageError(f"{key}={spec} needs MLflow tracking (tracking=mlflow) to find earlier runs")
-    if spec.startswith("latest:"):  # latest:<stage>: the newest finished run of that stage
-        needed_stage = spec.split(":", 1)[1]
-    if latest:
-        if needed_stage is None:
-            raise LineageError(
-                f"{key}=latest: this stage has no earlier stage to start from; use base or a path"
-            )
-        run = latest_finished_run(tracker.client, tracker.experiment_id, needed_stage)
-        if run is None:
-            raise LineageError(
-                f"{key}=latest: no finished {needed_stage} run in MLflow experiment "
-                f"{tracker.experiment_id} ({tracker.uri}); run `python -m rlhf stage={needed_stage}` first "
-                f"(same tracking.experiment) or set {key}=base"
-            )
+    if found:
+        run = _find_run(spec, key, needed_stage, tracker)
+        log.info("%s=%s: %s", key, spec, describe_run(run))
         return ModelSource(
             spec, _local_artifact_dir(tracker.client, tracker.uri, run.info.run_id, "model"), run.info.run_id
         )
@@ -130,9 +174,47 @@ def _resolve(spec: str, key: str, needed_stage: str | None, tracker: Tracker) ->
     if not (path / "config.json").is_file():
         raise LineageError(
             f"{key}={spec}: not a Hugging Face model directory (no config.json); "
-            "use base, latest, latest:<stage>, a directory or runs:/<run_id>/model"
+            "use base, latest, latest:<stage>, latest:pipeline, name:<run name>, a directory or runs:/<run_id>/model"
         )
     return ModelSource(spec, str(path.resolve()))
+
+
+def _find_run(spec: str, key: str, needed_stage: str | None, tracker: Tracker):
+    """The finished run a `latest`, `latest:<stage>`, `latest:pipeline` or `name:<run name>` spec means."""
+    where = f"MLflow experiment {tracker.experiment_id} ({tracker.uri})"
+    if spec.startswith("name:"):
+        name = spec[len("name:") :]
+        if not name or "'" in name:
+            raise LineageError(
+                f"{key}={spec}: give a run name without quotes, as the MLflow runs list shows it"
+            )
+        run = named_run(tracker.client, tracker.experiment_id, name)
+        if run is None:
+            raise LineageError(f"{key}={spec}: no finished run named {name!r} in {where}")
+        stage = run.data.tags.get(f"{TAG_PREFIX}stage")
+        if needed_stage is not None and stage != needed_stage:
+            raise LineageError(f"{key}={spec}: that run is a {stage} run; {key} needs a {needed_stage} run")
+        return run
+    qualifier = spec.partition(":")[2]
+    if qualifier and qualifier != PIPELINE:  # latest:<stage>: the newest finished run of that stage
+        needed_stage = qualifier
+    if needed_stage is None:
+        raise LineageError(f"{key}={spec}: this stage has no earlier stage to start from; use base or a path")
+    if qualifier == PIPELINE:
+        run = latest_pipeline_run(tracker.client, tracker.experiment_id, needed_stage)
+        if run is None:
+            raise LineageError(
+                f"{key}={spec}: no pipeline with a finished {needed_stage} run in {where}; run one first, "
+                f"e.g. `python -m rlhf -m stage=sft,rm` (same tracking.experiment), or use {key}=latest"
+            )
+        return run
+    run = latest_finished_run(tracker.client, tracker.experiment_id, needed_stage)
+    if run is None:
+        raise LineageError(
+            f"{key}={spec}: no finished {needed_stage} run in {where}; run `python -m rlhf stage={needed_stage}` "
+            f"first (same tracking.experiment) or set {key}=base"
+        )
+    return run
 
 
 @dataclass(frozen=True)

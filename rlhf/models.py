@@ -230,6 +230,13 @@ def _random_model(
         raise ConfigError(f"model.random_init.{unknown[0]}: not a field of {type(config).__name__}")
     for key, value in (cfg.random_init or {}).items():
         setattr(config, key, value)
+    if cfg.lora.enabled:
+        # Allowed: a smoke run checks the LoRA path in seconds. A stage starting from a trained run
+        # loads that run's weights and never gets here.
+        log.warning(
+            "model.lora.enabled on randomly initialised weights (model.random_init): the adapters "
+            "train over random frozen weights, which tests the set-up but learns little"
+        )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return auto_class.from_config(config, dtype=_torch_dtype(cfg.dtype))

@@ -120,8 +120,13 @@ def _error_bars(values: list[float], intervals: list) -> np.ndarray | None:
 def reward_vs_sqrt_kl(curves: dict[str, KLCurve], title: str):
     """Reward-model score and gold score against sqrt(KL to the reference), one line (or point) per
     curve: over-optimisation shows as the reward model's score rising while the gold score falls."""
-    has_gold = any(np.isfinite(g) for c in curves.values() for g in c.gold)
-    panels = [("reward model score", "reward")] + ([("gold score", "gold")] if has_gold else [])
+
+    def measured(attribute: str) -> bool:
+        return any(np.isfinite(v) for c in curves.values() for v in getattr(c, attribute))
+
+    # DPO has no reward model: its points are on the gold panel only.
+    panels = [("reward model score", "reward")] if measured("reward") or not measured("gold") else []
+    panels += [("gold score", "gold")] if measured("gold") else []
     fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 4), squeeze=False)
     for ax, (name, attribute) in zip(axes[0], panels):
         for label, curve in curves.items():

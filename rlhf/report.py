@@ -382,7 +382,7 @@ def tables(comparison: Comparison) -> list[Table]:
     return out
 
 
-def _markdown_table(table: Table) -> str:
+def markdown_table(table: Table) -> str:
     def line(cells: Sequence[str]) -> str:
         return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
 
@@ -398,7 +398,7 @@ def markdown(comparison: Comparison, about: Mapping[str, str], plots: Mapping[st
     lines = ["# Evaluation report", "", f"**{sentences[0]}**", "", *sentences[1:], ""]
     lines += [f"- {label}: {value}" for label, value in about.items()]
     for table in tables(comparison):
-        lines += ["", f"## {table.title}", "", _markdown_table(table), "", table.note]
+        lines += ["", f"## {table.title}", "", markdown_table(table), "", table.note]
     if plots:
         lines += ["", "## Plots", ""]
         lines += [f"![{caption}]({path})\n" for caption, path in dict(plots).items()]
@@ -436,7 +436,7 @@ def summary(comparison: Comparison, about: Mapping[str, str], limit: int = 5000)
         ],
         {i for i, p in enumerate(c.policies) if p is c.best},
     )
-    lines += [_markdown_table(table), ""]
+    lines += [markdown_table(table), ""]
     lines.append("; ".join(f"{label}: {value}" for label, value in about.items()))
     lines.append("")
     lines.append("The whole report: artifacts `report.html` (plots included) and `report.md`.")

@@ -139,7 +139,13 @@ class RLModule(pl.LightningModule):
         context = self.policy.disable_adapter() if self.reference is None else nullcontext()
         with context:
             logp, _ = response_logprobs(
-                self.reference or self.policy, ids, mask, where, targets, self.stage.rollout.temperature, with_entropy=False
+                self.reference or self.policy,
+                ids,
+                mask,
+                where,
+                targets,
+                self.stage.rollout.temperature,
+                with_entropy=False,
             )
         return logp
 
@@ -168,7 +174,9 @@ class RLModule(pl.LightningModule):
         timings["time/generation_s"] = time.perf_counter() - start
         start = time.perf_counter()
         device = self.device
-        query, query_mask, response, response_mask = pad_episodes(batch["prompt_ids"], responses, self.pad_token_id, device)
+        query, query_mask, response, response_mask = pad_episodes(
+            batch["prompt_ids"], responses, self.pad_token_id, device
+        )
         partial = Rollout(query, query_mask, response, response_mask, *([None] * 7))
         ids, mask, where = partial.sequences()
         targets = response[response_mask.bool()]
@@ -181,13 +189,16 @@ class RLModule(pl.LightningModule):
         timings["time/scoring_s"] = time.perf_counter() - start
 
         ended = torch.tensor([self.sampler.ended(r) for r in responses], device=device)
-        scores = self._normalise(rl.penalise_missing_eos(raw, ended, stage.missing_eos_penalty), update=training)
+        scores = self._normalise(
+            rl.penalise_missing_eos(raw, ended, stage.missing_eos_penalty), update=training
+        )
         kl = rl.kl_penalty(logprobs, ref_logprobs, stage.kl_estimator) * response_mask
         # What is shown and plotted is k3, never negative: k1's sum over a few samples of a policy near
         # its reference often is, and sqrt_kl would put such a policy at the origin.
         shown_kl = rl.kl_penalty(logprobs, ref_logprobs, "k3") * response_mask
-        episode = Rollout(query, query_mask, response, response_mask, logprobs, ref_logprobs, values, scores, kl,
-                          None, None)
+        episode = Rollout(
+            query, query_mask, response, response_mask, logprobs, ref_logprobs, values, scores, kl, None, None
+        )
         stats = {
             "reward/score_raw": raw.mean().item(),
             "reward/score": scores.mean().item(),
@@ -261,11 +272,15 @@ class RLModule(pl.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         # Called by the precision plugin after it unscales the gradients, before each inner step.
         if self.max_grad_norm:
-            self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+            self.clip_gradients(
+                optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm"
+            )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = {
-            k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(("reference.", "reward_model."))
+            k: v
+            for k, v in checkpoint["state_dict"].items()
+            if not k.startswith(("reference.", "reward_model."))
         }
         checkpoint["kl_curve"] = dataclasses.asdict(self.kl_curve)
 
@@ -277,13 +292,25 @@ class RLModule(pl.LightningModule):
     def _log_iteration(self, stats: dict[str, float], iteration: int) -> None:
         """An iteration's statistics, and every stage.log_samples_every iterations its samples table."""
         self.log_dict(stats, on_step=True, on_epoch=False, prog_bar=False, rank_zero_only=True)
-        self.log("reward", stats["reward/score_raw"], prog_bar=True, on_step=True, on_epoch=False, rank_zero_only=True)
+        self.log(
+            "reward",
+            stats["reward/score_raw"],
+            prog_bar=True,
+            on_step=True,
+            on_epoch=False,
+            rank_zero_only=True,
+        )
         self.log("kl", stats["kl/mean"], prog_bar=True, on_step=True, on_epoch=False, rank_zero_only=True)
         every = self.stage.log_samples_every
         if every and self.tracker is not None and iteration % every == 0 and self.trainer.is_global_zero:
             prompts, texts, scores = self._last_samples
             self.tracker.log_table(
-                {"step": [iteration] * len(texts), "prompt": [str(p) for p in prompts], "response": texts, "score": scores},
+                {
+                    "step": [iteration] * len(texts),
+                    "prompt": [str(p) for p in prompts],
+                    "response": texts,
+                    "score": scores,
+                },
                 "samples/train.json",
             )
 
@@ -307,16 +334,22 @@ class RLModule(pl.LightningModule):
         self.kl_curve.add(kl, reward, gold if self.gold is not None else float("nan"))
         self.log("val/sqrt_kl", self.kl_curve.sqrt_kl[-1], on_step=False, on_epoch=True, rank_zero_only=True)
         if self.tracker is not None and self.trainer.is_global_zero:
-            figure = plots.reward_vs_sqrt_kl({"validation": self.kl_curve},
-                                             f"Validations up to iteration {self.global_step}")
+            figure = plots.reward_vs_sqrt_kl(
+                {"validation": self.kl_curve}, f"Validations up to iteration {self.global_step}"
+            )
             self.tracker.log_figure(figure, "plots/reward_vs_sqrt_kl.png")
             plots.close(figure)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         episode, stats, _ = self.sample(batch, training=False)
         size = episode.query.shape[0]
-        names = {"reward/score_raw": "val/score_raw", "reward/gold": "val/gold", "kl/mean": "val/kl",
-                 "response/length": "val/response_length", "response/eos_share": "val/eos_share"}
+        names = {
+            "reward/score_raw": "val/score_raw",
+            "reward/gold": "val/gold",
+            "kl/mean": "val/kl",
+            "response/length": "val/response_length",
+            "response/eos_share": "val/eos_share",
+        }
         for key, name in names.items():
             if key in stats:
                 self.log(name, stats[key], on_step=False, on_epoch=True, batch_size=size, sync_dist=True)
@@ -370,7 +403,7 @@ def load_rl_setup(
     data = prepare_prompts(run.data, renderer, run.seed, stage.rollout.max_new_tokens)
     data.splits["train"] = mix_by_category(data.splits["train"], run.data.prompt_mix, run.seed)
     data.prompts["train"] = [item["prompt"] for item in data.splits["train"]]
-    tracker.log_metrics(data.stats)
+    tracker.log_constants(data.stats)
 
     policy = models.load_causal_lm(run.model, policy_source.location, seed=run.seed)
     reference = None
@@ -384,7 +417,17 @@ def load_rl_setup(
     if reward.model is not None:
         config = models.unwrap(reward.model).config
         reward_stats = (config.reward_mean, config.reward_std) if hasattr(config, "reward_mean") else None
-    return RLSetup(tokenizer, policy, policy_source.location, reference, reward, reward_location, reward_stats, data, gold)
+    return RLSetup(
+        tokenizer,
+        policy,
+        policy_source.location,
+        reference,
+        reward,
+        reward_location,
+        reward_stats,
+        data,
+        gold,
+    )
 
 
 def prompt_datamodule(run: RunConfig, data: Prepared) -> ExamplesDataModule:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import resource
 import shlex
 import subprocess
@@ -28,8 +29,12 @@ from rlhf.ranks import is_rank_zero, share
 log = logging.getLogger(__name__)
 
 SWEEP_PARENT_ENV = "RLHF_SWEEP_PARENT_RUN_ID"  # set by rlhf.sweeps for the jobs of a multirun
+SWEPT_ENV = "RLHF_SWEPT_KEYS"  # set by rlhf.sweeps: the keys a multirun varies, comma-separated
 TAG_PREFIX = "rlhf."
 MAX_PARAM_LENGTH = 6000
+# Config keys that are where a run lives, not how it was set up: tags, so the compare view does not
+# line runs up by a directory that differs for every run.
+PATH_KEYS = {"output_dir": f"{TAG_PREFIX}output_dir", "tracking.uri": f"{TAG_PREFIX}tracking_uri"}
 
 
 @dataclass
@@ -71,6 +76,11 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
+def _plain(value: float) -> str:
+    """A count as a count (256, not 256.0)."""
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
 def git_commit() -> str | None:
     """The commit of the checkout the package runs from, if it is one."""
     here = Path(__file__).resolve().parent
@@ -98,19 +108,43 @@ def run_name(run: RunConfig, launch: Launch) -> str:
         return run.tracking.run_name
     from rlhf.locations import label
 
-    skip = ("stage=", "model=", "data=", "experiment=", "tracking", "hydra", "resume=")
     extra = []
-    for override in launch.overrides:
-        if not override.startswith(skip):
-            key, _, value = override.partition("=")
-            key = key.lstrip("+")
-            # A loaded directory or file already names the run.
-            if key == "model.name_or_path" and run.model.name == label(value):
-                continue
-            if key.startswith("data.") and key.endswith(".path") and label(value) in run.data.name.split("+"):
-                continue
-            extra.append(f"{key.split('.')[-1]}={value}")
-    return " ".join([f"{run.stage.name}-{run.model.name}-{run.data.name}", *extra])[:250]
+    for key, value in _named_overrides(launch):
+        # A loaded directory or file already names the run.
+        if key == "model.name_or_path" and run.model.name == label(value):
+            continue
+        if key.startswith("data.") and key.endswith(".path") and label(value) in run.data.name.split("+"):
+            continue
+        extra.append((key, f"{key.split('.')[-1]}={value}"))
+    base = f"{run.stage.name}-{run.model.name}-{run.data.name}"
+    # The MLflow runs list cuts names off: a sweep's job leads with what its sweep varies.
+    swept = _swept_keys(launch)
+    varied = [text for key, text in extra if key in swept]
+    rest = [text for key, text in extra if key not in swept]
+    lead = [" ".join(varied), "·"] if varied else []
+    return " ".join([*lead, base, *rest])[:250]
+
+
+def _named_overrides(launch: Launch) -> list[tuple[str, str]]:
+    """(key, value) of the overrides that distinguish a run (not the groups its name already says)."""
+    skip = ("stage=", "model=", "data=", "experiment=", "sweep=", "tracking", "hydra", "resume=")
+    return [
+        # Hydra hands a job its overrides escaped (latest\:pipeline); a name shows them as typed.
+        (key.lstrip("+"), re.sub(r"\\(.)", r"\1", value))
+        for key, _, value in (o.partition("=") for o in launch.overrides if not o.startswith(skip))
+    ]
+
+
+def _swept_keys(launch: Launch) -> set[str]:
+    return set(filter(None, os.environ.get(SWEPT_ENV, "").split(","))) if launch.multirun else set()
+
+
+def _varied(launch: Launch) -> str:
+    """What this job of a sweep sets its swept keys to ("r=4 lr=1e-3"), empty outside a sweep."""
+    swept = _swept_keys(launch)
+    return " ".join(
+        f"{key.split('.')[-1]}={value}" for key, value in _named_overrides(launch) if key in swept
+    )
 
 
 class Tracker:
@@ -156,6 +190,13 @@ class Tracker:
     def log_artifacts(self, directory: str | Path, artifact_path: str) -> None:
         self.client.log_artifacts(self.run_id, str(directory), artifact_path)
 
+    def log_constants(self, values: Mapping[str, float]) -> None:
+        """Numbers fixed for the whole run (data counts, parameter counts) as params: as metrics they
+        would be one-bar charts; as params they are columns to compare runs by. A resumed run
+        re-counts them: those already recorded are kept (a param cannot change)."""
+        known = self.params()
+        self.log_params({k: _plain(v) for k, v in values.items() if k[:250] not in known})
+
     def params(self) -> dict[str, str]:
         return dict(self.client.get_run(self.run_id).data.params)
 
@@ -195,6 +236,9 @@ class SilentTracker(Tracker):
         pass
 
     def log_artifacts(self, directory: str | Path, artifact_path: str) -> None:
+        pass
+
+    def log_constants(self, values: Mapping[str, float]) -> None:
         pass
 
     def params(self) -> dict[str, str]:
@@ -276,6 +320,9 @@ def start_tracker(run: RunConfig, launch: Launch, resume_run_id: str | None = No
 def _open_run(run: RunConfig, launch: Launch, resume_run_id: str | None) -> Tracker:
     client, uri, exp_id = open_store(run.tracking.uri, launch.launch_dir, run.tracking.experiment)
     config = to_container(run)
+    params = flatten(config)
+    for key in PATH_KEYS:
+        params.pop(key, None)
     tags = {
         f"{TAG_PREFIX}stage": run.stage.name,
         f"{TAG_PREFIX}model": run.model.name,
@@ -283,6 +330,7 @@ def _open_run(run: RunConfig, launch: Launch, resume_run_id: str | None) -> Trac
         f"{TAG_PREFIX}experiment": launch.choices.get("experiment"),
         f"{TAG_PREFIX}hardware": launch.choices.get("hardware"),
         f"{TAG_PREFIX}output_dir": str(Path(run.output_dir).resolve()),
+        PATH_KEYS["tracking.uri"]: uri,
         f"{TAG_PREFIX}command": launch.command,
         f"{TAG_PREFIX}overrides": " ".join(launch.overrides),
         f"{TAG_PREFIX}sweep_dir": launch.sweep_dir,
@@ -297,9 +345,8 @@ def _open_run(run: RunConfig, launch: Launch, resume_run_id: str | None) -> Trac
         client.update_run(resume_run_id, status="RUNNING")
         tracker = Tracker(client, resume_run_id, exp_id, uri)
         old = tracker.params()
-        new = flatten(config)
-        changed = {k: v for k, v in new.items() if k in old and old[k] != v}
-        tracker.log_params({k: v for k, v in new.items() if k not in old})
+        changed = {k: v for k, v in params.items() if k in old and old[k] != v}
+        tracker.log_params({k: v for k, v in params.items() if k not in old})
         tags[f"{TAG_PREFIX}resumed"] = time.strftime("%Y-%m-%d %H:%M:%S")
         if changed:
             tags[f"{TAG_PREFIX}resume.changed"] = " ".join(f"{k}={v}" for k, v in changed.items())
@@ -308,7 +355,7 @@ def _open_run(run: RunConfig, launch: Launch, resume_run_id: str | None) -> Trac
     else:
         created = client.create_run(exp_id, run_name=run_name(run, launch))
         tracker = Tracker(client, created.info.run_id, exp_id, uri)
-        tracker.log_params(flatten(config))
+        tracker.log_params(params)
         tracker.set_tags(tags)
         tracker.log_text(yaml.safe_dump(config, sort_keys=False), "config/config.yaml")
         tracker.log_text(yaml.safe_dump({"overrides": launch.overrides}), "config/overrides.yaml")
@@ -354,12 +401,16 @@ def record_rejected(raw: Mapping[str, Any], launch: Launch, error: Exception) ->
     from rlhf.errors import UserError
 
     try:
-        client, uri, exp_id = open_store(tracking.get("uri"), launch.launch_dir, str(tracking.get("experiment") or "rlhf"))
+        client, uri, exp_id = open_store(
+            tracking.get("uri"), launch.launch_dir, str(tracking.get("experiment") or "rlhf")
+        )
     except UserError:  # no store to record in: the config's own error is the one to report
         return
     stage = str((raw.get("stage") or {}).get("name", launch.choices.get("stage", "?")))
     model = str((raw.get("model") or {}).get("name", launch.choices.get("model", "?")))
-    created = client.create_run(exp_id, run_name=f"rejected {stage}-{model}")
+    varied = _varied(launch)
+    name = f"{varied} · rejected {stage}-{model}" if varied else f"rejected {stage}-{model}"
+    created = client.create_run(exp_id, run_name=name[:250])
     tracker = Tracker(client, created.info.run_id, exp_id, uri)
     tracker.set_tags(
         {
@@ -367,7 +418,10 @@ def record_rejected(raw: Mapping[str, Any], launch: Launch, error: Exception) ->
             f"{TAG_PREFIX}model": model,
             f"{TAG_PREFIX}command": launch.command,
             f"{TAG_PREFIX}overrides": " ".join(launch.overrides),
+            f"{TAG_PREFIX}job_num": launch.job_num,
             f"{TAG_PREFIX}error": f"{type(error).__name__}: {error}",
+            # A sweep's rejected job belongs to the sweep, like the jobs that ran.
+            "mlflow.parentRunId": os.environ.get(SWEEP_PARENT_ENV) if launch.multirun else None,
         }
     )
     tracker.end("FAILED")

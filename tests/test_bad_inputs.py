@@ -73,7 +73,8 @@ CASES = [
     ("messages-not-a-list", ["data.sft.path={d}/bad_messages.jsonl"], ["bad_messages.jsonl", "'messages'"]),
     # models
     ("gguf-without-gguf-file", ["model.name_or_path={d}/gguf-only"], ["model.name_or_path", "model.gguf_file=my.Q4_0.gguf"]),
-    ("no-weights", ["model.name_or_path={d}/no-weights"], ["model.name_or_path", "no weights"]),
+    # A model group without random_init (model=tiny has one, and trains a config-only directory from scratch).
+    ("no-weights", ["model.name_or_path={d}/no-weights", "model.random_init=null"], ["model.name_or_path", "no weights"]),
     ("not-a-model-dir", ["model.name_or_path={d}/empty-dir"], ["model.name_or_path", "config.json"]),
     ("missing-model-dir", ["model.name_or_path={d}/no-such-model"], ["model.name_or_path", "does not exist"]),
     ("hub-id-offline", ["model.name_or_path=someone/some-model"], ["model.name_or_path", "someone/some-model", "offline"]),

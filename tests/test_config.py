@@ -110,7 +110,11 @@ def assert_applied(cfg: DictConfig, path: Path, package: str, skip: set[str] = f
         parent, _, leaf = full.rpartition(".")
         node = OmegaConf.select(cfg, parent) if parent else cfg
         raw = node._get_node(leaf) if isinstance(node, DictConfig) and leaf in node else None
-        actual = raw._value() if raw is not None and OmegaConf.is_interpolation(node, leaf) else OmegaConf.select(cfg, full, default=_ABSENT)
+        actual = (
+            raw._value()
+            if raw is not None and OmegaConf.is_interpolation(node, leaf)
+            else OmegaConf.select(cfg, full, default=_ABSENT)
+        )
         if isinstance(actual, (DictConfig, ListConfig)):
             actual = OmegaConf.to_container(actual, resolve=False)
         assert actual is not _ABSENT, f"{path.relative_to(CONF)} sets {full}, absent from the composed config"
@@ -294,6 +298,7 @@ def _has_cuda() -> bool:
 
     return torch.cuda.is_available()
 
+
 REJECTIONS = {
     "typo": Rejection(("stage.lrr=1",), "stage.lrr", ("stage.lr",)),
     "wrong-type": Rejection(("stage.lr=abc",), "stage.lr"),
@@ -311,9 +316,13 @@ REJECTIONS = {
     "unknown-stage": Rejection(("stage=nope",), "stage", ("nope", *options("stage"))),
     "added-root-key": Rejection(("+foo=1",), "foo"),
     "added-stage-key": Rejection(("+stage.bar=2",), "stage.bar"),
-    "other-stage-key": Rejection(("stage.reward_from=x",), "stage.reward_from", ("it is a key of stage=", "eval", "ppo")),
+    "other-stage-key": Rejection(
+        ("stage.reward_from=x",), "stage.reward_from", ("it is a key of stage=", "eval", "ppo")
+    ),
     # A multirun composes its default stage (sft) before sweeping; `++` is the way in for the swept stages' keys.
-    "multirun-stage-key": Rejection(("-m", "stage=ppo,eval", "stage.reward_from=x"), "stage.reward_from", ("++",)),
+    "multirun-stage-key": Rejection(
+        ("-m", "stage=ppo,eval", "stage.reward_from=x"), "stage.reward_from", ("++",)
+    ),
     "multirun-forced-stage-key-reaches-the-jobs": Rejection(
         ("-m", "stage=ppo,eval", "++stage.reward_from=fn:x.y", "trainer.max_steps=0"), "trainer.max_steps"
     ),
@@ -325,14 +334,22 @@ REJECTIONS = {
     "trainer-managed": Rejection(("+trainer.logger=false",), "trainer.logger"),
     # Strategies a stage cannot run: refused with the stage, the strategy and what to use instead.
     "sft-fsdp": Rejection(("hardware=fsdp",), "trainer.strategy", ("stage=sft", "fsdp", "hardware=gpu")),
-    "rm-fsdp": Rejection(("stage=rm", "hardware=fsdp"), "trainer.strategy", ("stage=rm", "fsdp", "hardware=gpu")),
-    "ppo-fsdp": Rejection(("stage=ppo", "hardware=fsdp"), "trainer.strategy", ("stage=ppo", "fsdp", "hardware=gpu")),
+    "rm-fsdp": Rejection(
+        ("stage=rm", "hardware=fsdp"), "trainer.strategy", ("stage=rm", "fsdp", "hardware=gpu")
+    ),
+    "ppo-fsdp": Rejection(
+        ("stage=ppo", "hardware=fsdp"), "trainer.strategy", ("stage=ppo", "fsdp", "hardware=gpu")
+    ),
     "ppo-deepspeed": Rejection(
-        ("stage=ppo", "hardware=deepspeed"), "trainer.strategy", ("stage=ppo", "deepspeed_stage_2", "hardware=gpu")
+        ("stage=ppo", "hardware=deepspeed"),
+        "trainer.strategy",
+        ("stage=ppo", "deepspeed_stage_2", "hardware=gpu"),
     ),
 }
 if importlib.util.find_spec("deepspeed") is None:
-    REJECTIONS["deepspeed-missing"] = Rejection(("hardware=deepspeed",), "trainer.strategy", ("pip install deepspeed",))
+    REJECTIONS["deepspeed-missing"] = Rejection(
+        ("hardware=deepspeed",), "trainer.strategy", ("pip install deepspeed",)
+    )
 if not _has_cuda():
     REJECTIONS["gpu-missing"] = Rejection(("hardware=gpu",), "trainer.accelerator", ("hardware=cpu",))
 
@@ -381,6 +398,7 @@ TRACKED_ARGS = ("experiment=smoke", "stage.lr=-1")
 @pytest.fixture(scope="module")
 def rejected(tmp_path_factory) -> dict[str, Future[Outcome]]:
     """All rejection cases, started at once side by side (each pays the same start-up imports)."""
+
     def command_line(args):  # Hydra's flags (-m) before the overrides
         return sorted(args, key=lambda arg: not arg.startswith("-"))
 
@@ -472,7 +490,6 @@ def test_tracked_rejection_is_recorded_as_failed_run(cli, tmp_path, request):
 
 API_PROBLEMS = {
     "prompt-fills-length": (["data.max_length=64", "data.max_prompt_length=64"], "data.max_prompt_length"),
-    "lora-on-random-init": (["model=tiny", "model.lora.enabled=true"], "model.lora.enabled"),
     "lora-dropout": (["model.lora.dropout=1.0"], "model.lora.dropout"),
     "max-samples": (["data.sft.max_samples=0"], "data.sft.max_samples"),
     "adam-betas": (["stage.adam_betas=[0.9]"], "stage.adam_betas"),

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import TESTS_DIR, runs_of, stage_config
+from conftest import PIPELINE_STAGES, TESTS_DIR, runs_of, stage_config
 from test_sft import history
 
 from rlhf.evaluation import distinct_n, tie_split_interval, wilson_interval, win_rate
@@ -33,7 +33,10 @@ def test_wilson_interval_matches_hand_computation():
 
 
 def test_wilson_interval_narrows_with_more_trials_and_widens_with_confidence():
-    assert wilson_interval(50, 100)[1] - wilson_interval(50, 100)[0] < wilson_interval(5, 10)[1] - wilson_interval(5, 10)[0]
+    assert (
+        wilson_interval(50, 100)[1] - wilson_interval(50, 100)[0]
+        < wilson_interval(5, 10)[1] - wilson_interval(5, 10)[0]
+    )
     narrow, wide = wilson_interval(30, 50, 0.8), wilson_interval(30, 50, 0.99)
     assert wide[0] < narrow[0] < 0.6 < narrow[1] < wide[1]
 
@@ -108,7 +111,16 @@ def test_distinct_n_counts_unique_ngrams_over_all_responses():
 # ---------------------------------------------------------------------------------------------------------
 # The report of the shared smoke pipeline (sft, rm, ppo, dpo, grpo, eval)
 
-PER_POLICY = ("reward_mean", "gold_mean", "kl", "length", "eos_share", "distinct_1", "distinct_2", "perplexity")
+PER_POLICY = (
+    "reward_mean",
+    "gold_mean",
+    "kl",
+    "length",
+    "eos_share",
+    "distinct_1",
+    "distinct_2",
+    "perplexity",
+)
 
 
 @pytest.fixture(scope="module")
@@ -186,14 +198,21 @@ def test_eval_names_the_best_policy_in_tags_metrics_report_and_description(repor
     client, runs = report
     evaluation = runs["eval"]
     metrics, tags = evaluation.data.metrics, evaluation.data.tags
-    rates = {"sft": 0.5, **{stage: metrics[f"eval/{stage}/win_rate_gold"] for stage in ("ppo", "dpo", "grpo")}}
+    rates = {
+        "sft": 0.5,
+        **{stage: metrics[f"eval/{stage}/win_rate_gold"] for stage in ("ppo", "dpo", "grpo")},
+    }
     best = tags["rlhf.eval.best_stage"]
     assert rates[best] == max(rates.values())
     assert tags["rlhf.eval.best_role"] == best
     assert tags["rlhf.eval.best_run_id"] == runs[best].info.run_id
     assert metrics["eval/best/win_rate"] == rates[best]
     assert metrics["eval/best/gold_mean"] == metrics[f"eval/{best}/gold_mean"]
-    assert metrics["eval/best/vs_runner_up_low"] <= metrics["eval/best/vs_runner_up"] <= metrics["eval/best/vs_runner_up_high"]
+    assert (
+        metrics["eval/best/vs_runner_up_low"]
+        <= metrics["eval/best/vs_runner_up"]
+        <= metrics["eval/best/vs_runner_up_high"]
+    )
     assert tags["rlhf.eval.best_clears"] in ("true", "false")
     note = tags["mlflow.note.content"]
     assert note.startswith(f"**Best by the gold annotator: {best}")
@@ -216,6 +235,12 @@ def test_pipeline_sweep_is_judged_by_its_last_stage(pipeline):
     assert parent.info.run_name.startswith("pipeline")
     assert parent.data.tags["rlhf.multirun"] == "pipeline"
     assert parent.data.tags["rlhf.pipeline"] == "sft>rm>ppo>dpo>grpo>eval"
+    assert parent.data.params["sweep.name"] == "pipeline"
+    results = json.loads(
+        Path(pipeline.client.download_artifacts(parent_id, "sweep/results.json")).read_text()
+    )
+    assert [row["stage"] for row in results["runs"]][0] == "eval"  # the judged stage's run comes first
+    assert sorted(row["stage"] for row in results["runs"]) == sorted(PIPELINE_STAGES)
     evaluation = pipeline.runs["eval"]
     best = evaluation.data.tags["rlhf.eval.best_stage"]
     assert parent.data.tags["rlhf.best_run_id"] == pipeline.runs[best].info.run_id
@@ -227,8 +252,13 @@ def test_pipeline_sweep_is_judged_by_its_last_stage(pipeline):
 
 PPO_REWARDS = {"PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")])}
 SAME_TWICE = [
-    "experiment=smoke", "stage=eval", "stage.policies=[base,base]", "stage.reference=base",
-    "stage.reward_from=fn:rlhf.tasks.assistant.gold_reward", "stage.num_prompts=8", "stage.perplexity_examples=0",
+    "experiment=smoke",
+    "stage=eval",
+    "stage.policies=[base,base]",
+    "stage.reference=base",
+    "stage.reward_from=fn:rlhf.tasks.assistant.gold_reward",
+    "stage.num_prompts=8",
+    "stage.perplexity_examples=0",
 ]
 
 
@@ -251,7 +281,11 @@ def test_eval_without_a_ppo_run_says_what_to_run(tmp_path, cli, mlflow_client):
     result = cli("experiment=smoke", "stage=eval", check=False)
     assert result.returncode == 2
     (line,) = [x for x in result.stderr.splitlines() if x.startswith("rlhf: error:")]
-    assert "no finished dpo|grpo|ppo run" in line and "python -m rlhf stage=ppo" in line and "stage.policies" in line
+    assert (
+        "no finished dpo|grpo|ppo run" in line
+        and "python -m rlhf stage=ppo" in line
+        and "stage.policies" in line
+    )
     (run,) = runs_of(mlflow_client, "smoke", "eval")
     assert run.info.status == "FAILED"
 
@@ -275,9 +309,14 @@ def test_gold_annotator_follows_the_data_source(compose):
     assert gold_annotator(task.gold_reward, task.preference.path) == "rlhf.tasks.assistant.gold_reward"
     own = validate(compose(["tracking=none", "data.prompts.path=my/prompts.jsonl"])).data
     assert gold_annotator(own.gold_reward, own.prompts.path) is None  # it has never seen these prompts
-    chosen = validate(compose(["tracking=none", "data.prompts.path=my/prompts.jsonl",
-                               "data.gold_reward=ppo_rewards.brevity"])).data
-    assert gold_annotator(chosen.gold_reward, chosen.prompts.path) == "ppo_rewards.brevity"  # the user's choice
+    chosen = validate(
+        compose(
+            ["tracking=none", "data.prompts.path=my/prompts.jsonl", "data.gold_reward=ppo_rewards.brevity"]
+        )
+    ).data
+    assert (
+        gold_annotator(chosen.gold_reward, chosen.prompts.path) == "ppo_rewards.brevity"
+    )  # the user's choice
     off = validate(compose(["tracking=none", "data.gold_reward=null"])).data
     assert gold_annotator(off.gold_reward, off.prompts.path) is None
 
@@ -324,8 +363,13 @@ def test_a_cut_off_response_scores_the_same_in_eval_as_in_ppo(tiny_model_config,
     from rlhf.data.loading import attention_mask, pad
 
     prompt_ids = [i["prompt_ids"] for i in items]
-    episode = Rollout(pad(prompt_ids, tokenizer.pad_token_id, left=True), attention_mask(prompt_ids, left=True),
-                      pad(responses, tokenizer.pad_token_id), attention_mask(responses), *([None] * 7))
+    episode = Rollout(
+        pad(prompt_ids, tokenizer.pad_token_id, left=True),
+        attention_mask(prompt_ids, left=True),
+        pad(responses, tokenizer.pad_token_id),
+        attention_mask(responses),
+        *([None] * 7),
+    )
     ids, mask, _ = episode.sequences()
     ppo_scores = reward(ids, mask, prompts, texts)
 
@@ -364,7 +408,9 @@ def test_eval_reports_each_category_of_the_task_apart(report, pipeline):
     _, runs = report
     metrics = runs["eval"].data.metrics
     labels = ["sft", "ppo", "dpo", "grpo"]
-    table = json.loads(Path(pipeline.client.download_artifacts(runs["eval"].info.run_id, "eval/comparison.json")).read_text())
+    table = json.loads(
+        Path(pipeline.client.download_artifacts(runs["eval"].info.run_id, "eval/comparison.json")).read_text()
+    )
     from rlhf.tasks.assistant import parse_prompt
 
     counts = {}
@@ -376,11 +422,18 @@ def test_eval_reports_each_category_of_the_task_apart(report, pipeline):
         for judge, name in (("gold", "gold_mean"), ("rm", "reward_mean")):
             per = {c: metrics[f"eval/{label}/{name}/{c}"] for c in counts}
             overall = sum(per[c] * n for c, n in counts.items()) / sum(counts.values())
-            assert overall == pytest.approx(metrics[f"eval/{label}/{name}"], rel=1e-6, abs=1e-6), (label, judge)
+            assert overall == pytest.approx(metrics[f"eval/{label}/{name}"], rel=1e-6, abs=1e-6), (
+                label,
+                judge,
+            )
     for label in labels[1:]:
         for category in counts:
             rate = metrics[f"eval/{label}/win_rate_gold/{category}"]
-            assert metrics[f"eval/{label}/win_rate_gold/{category}_low"] <= rate <= metrics[f"eval/{label}/win_rate_gold/{category}_high"]
+            assert (
+                metrics[f"eval/{label}/win_rate_gold/{category}_low"]
+                <= rate
+                <= metrics[f"eval/{label}/win_rate_gold/{category}_high"]
+            )
     assert not any(f"eval/{labels[0]}/win_rate" in key for key in metrics)
 
 
@@ -396,8 +449,14 @@ def test_judge_is_a_checked_stage_key(compose):
     assert validate(compose(["stage=eval", "tracking=none"])).stage.judge == "auto"
     with pytest.raises(ConfigError, match=r"stage.judge: must be one of auto, gold, rm, got 'human'"):
         validate(compose(["stage=eval", "tracking=none", "stage.judge=human"]))
-    assert (_judge("auto", True, "p"), _judge("auto", False, "p"), _judge("rm", True, "p")) == ("gold", "rm", "rm")
-    with pytest.raises(ConfigError, match=r"stage.judge=gold: the prompts \(my.jsonl\) have no gold annotator"):
+    assert (_judge("auto", True, "p"), _judge("auto", False, "p"), _judge("rm", True, "p")) == (
+        "gold",
+        "rm",
+        "rm",
+    )
+    with pytest.raises(
+        ConfigError, match=r"stage.judge=gold: the prompts \(my.jsonl\) have no gold annotator"
+    ):
         _judge("gold", False, "my.jsonl")
 
 
@@ -409,8 +468,11 @@ def _finished_run(client, experiment_id: str, tags: dict, params: dict | None = 
     from mlflow.entities import Param, RunTag
 
     run_id = client.create_run(experiment_id).info.run_id
-    client.log_batch(run_id, params=[Param(k, v) for k, v in (params or {}).items()],
-                     tags=[RunTag(k, v) for k, v in tags.items()])
+    client.log_batch(
+        run_id,
+        params=[Param(k, v) for k, v in (params or {}).items()],
+        tags=[RunTag(k, v) for k, v in tags.items()],
+    )
     client.set_terminated(run_id, "FINISHED")
     return run_id
 
@@ -435,15 +497,43 @@ def test_lineage_follows_sources_given_as_directories(tmp_path, monkeypatch, log
     monkeypatch.chdir(tmp_path)
     client, uri, exp = open_store(store_uri(tmp_path), str(tmp_path), "chained")
     params = {"tracking.log_model": str(log_model)}
-    sft_dir, rm_dir, _ = _model_dir(tmp_path / "sft"), _model_dir(tmp_path / "rm"), _model_dir(tmp_path / "ppo")
-    other = _finished_run(client, exp, {"rlhf.stage": "sft", "rlhf.output_dir": str(tmp_path / "other")}, params)
+    sft_dir, rm_dir, _ = (
+        _model_dir(tmp_path / "sft"),
+        _model_dir(tmp_path / "rm"),
+        _model_dir(tmp_path / "ppo"),
+    )
+    other = _finished_run(
+        client, exp, {"rlhf.stage": "sft", "rlhf.output_dir": str(tmp_path / "other")}, params
+    )
     sft = _finished_run(client, exp, {"rlhf.stage": "sft", "rlhf.output_dir": str(tmp_path / "sft")}, params)
-    rm = _finished_run(client, exp, {"rlhf.stage": "rm", "rlhf.output_dir": str(tmp_path / "rm"),
-                                     "rlhf.init_from": str(sft_dir)}, params)
-    _finished_run(client, exp, {"rlhf.stage": "dpo", "rlhf.output_dir": str(tmp_path / "dpo"),
-                                "rlhf.init_from": "latest", "rlhf.init_from.run_id": other}, params)
-    ppo = _finished_run(client, exp, {"rlhf.stage": "ppo", "rlhf.output_dir": str(tmp_path / "ppo"),
-                                      "rlhf.policy_from": "sft/model", "rlhf.reward_from": str(rm_dir)}, params)
+    rm = _finished_run(
+        client,
+        exp,
+        {"rlhf.stage": "rm", "rlhf.output_dir": str(tmp_path / "rm"), "rlhf.init_from": str(sft_dir)},
+        params,
+    )
+    _finished_run(
+        client,
+        exp,
+        {
+            "rlhf.stage": "dpo",
+            "rlhf.output_dir": str(tmp_path / "dpo"),
+            "rlhf.init_from": "latest",
+            "rlhf.init_from.run_id": other,
+        },
+        params,
+    )
+    ppo = _finished_run(
+        client,
+        exp,
+        {
+            "rlhf.stage": "ppo",
+            "rlhf.output_dir": str(tmp_path / "ppo"),
+            "rlhf.policy_from": "sft/model",
+            "rlhf.reward_from": str(rm_dir),
+        },
+        params,
+    )
     tracker = Tracker(client, client.create_run(exp).info.run_id, exp, uri)
     stage = stage_config("eval", policies=None, reward_from="lineage", reference="lineage")
 
@@ -464,8 +554,20 @@ def test_lineage_follows_sources_given_as_directories(tmp_path, monkeypatch, log
 def test_eval_after_stages_chained_by_directory_compares_the_lineage(tmp_path, cli, mlflow_client):
     """The whole way: SFT, RM and PPO each given the previous one's directory, then `stage=eval`."""
     cli("experiment=smoke", "stage=sft", "output_dir=sft")
-    cli("experiment=smoke", "stage=rm", "stage.init_from=sft/model", "output_dir=rm", "stage.gold_eval_prompts=0")
-    cli("experiment=smoke", "stage=ppo", "stage.policy_from=sft/model", "stage.reward_from=rm/model", "output_dir=ppo")
+    cli(
+        "experiment=smoke",
+        "stage=rm",
+        "stage.init_from=sft/model",
+        "output_dir=rm",
+        "stage.gold_eval_prompts=0",
+    )
+    cli(
+        "experiment=smoke",
+        "stage=ppo",
+        "stage.policy_from=sft/model",
+        "stage.reward_from=rm/model",
+        "output_dir=ppo",
+    )
     cli("experiment=smoke", "stage=eval", "stage.num_prompts=8", "stage.perplexity_examples=0")
     runs = {stage: runs_of(mlflow_client, "smoke", stage)[0] for stage in ("sft", "rm", "ppo", "eval")}
     tags, metrics = runs["eval"].data.tags, runs["eval"].data.metrics
@@ -496,8 +598,9 @@ def test_eval_kl_is_of_the_distribution_sampled_with_top_k_and_top_p(tiny_model_
     policy = load_causal_lm(tiny_model_config, None, seed=1).eval()
     reference = load_causal_lm(tiny_model_config, None, seed=2).eval()
     prompts = encode_prompts(ChatRenderer(tokenizer), ["What is 2 + 3?", "Name a colour.", "Say hello."])
-    rollout = dataclasses.replace(stage_config("eval").rollout, batch_size=2, max_new_tokens=5, temperature=0.7,
-                                  top_k=4, top_p=1.0)
+    rollout = dataclasses.replace(
+        stage_config("eval").rollout, batch_size=2, max_new_tokens=5, temperature=0.7, top_k=4, top_p=1.0
+    )
     responses = Sampler.from_rollout(rollout, tokenizer, policy)(policy, prompts, seed=0)
 
     def expected(model, other, k: int) -> list[float]:
@@ -521,7 +624,9 @@ def test_eval_kl_is_of_the_distribution_sampled_with_top_k_and_top_p(tiny_model_
     assert itself == pytest.approx(expected(policy, policy, 4), rel=1e-4, abs=1e-5)
     assert min(itself) > 1.0  # what cutting the tail off the distribution costs, 5 tokens of a random model
     full = dataclasses.replace(rollout, top_k=0)
-    assert response_kl(policy, policy, prompts, responses, full, pad, "cpu") == pytest.approx([0.0] * 3, abs=1e-5)
+    assert response_kl(policy, policy, prompts, responses, full, pad, "cpu") == pytest.approx(
+        [0.0] * 3, abs=1e-5
+    )
     # Every sampled token lies in the distribution scored, top-p's nucleus included.
     nucleus = dataclasses.replace(rollout, top_k=0, top_p=0.5)
     sampled = Sampler.from_rollout(nucleus, tokenizer, policy)(policy, prompts, seed=0)

@@ -57,7 +57,12 @@ def test_smoke_training_loss_falls_and_metrics_are_logged(smoke_run):
     metrics = run.data.metrics
     for key in ("val/loss", "val/ppl", "test/loss", "train/lr", "perf/tokens_per_s", "peak_rss_mb"):
         assert key in metrics, key
-    assert metrics["data/sft_train_examples"] == 256
+    # Constants of the run are params (columns to compare by), not one-point metrics; paths are tags.
+    params, tags = run.data.params, run.data.tags
+    assert params["data/sft_train_examples"] == "256" and int(params["model/parameters"]) > 0
+    assert not [k for k in metrics if k.startswith(("data/", "model/"))]
+    assert "output_dir" not in params and "tracking.uri" not in params
+    assert Path(tags["rlhf.output_dir"]).is_dir() and tags["rlhf.tracking_uri"].startswith("sqlite:///")
     # validated at the final step, not only at the last val_check_interval
     assert history(client, run.info.run_id, "val/loss")[-1][0] >= 23
 
@@ -87,7 +92,10 @@ def test_local_directory_model_with_lora_and_own_data(smoke_run, tmp_path, cli, 
     directory, _, run, _ = smoke_run
     model_dir = Path(run.data.tags["rlhf.output_dir"]) / "model"
     data = tmp_path / "mine.jsonl"
-    rows = [{"prompt": f"Say {w}.", "completion": f"{w}!"} for w in ["hi", "yes", "no", "ok", "go", "up", "on", "in"] * 4]
+    rows = [
+        {"prompt": f"Say {w}.", "completion": f"{w}!"}
+        for w in ["hi", "yes", "no", "ok", "go", "up", "on", "in"] * 4
+    ]
     data.write_text("\n".join(json.dumps(r) for r in rows))
     cli(
         "model=tiny",
@@ -105,9 +113,9 @@ def test_local_directory_model_with_lora_and_own_data(smoke_run, tmp_path, cli, 
     )
     (mine,) = runs_of(mlflow_client, "mine")
     assert mine.info.status == "FINISHED"
-    metrics = mine.data.metrics
-    assert metrics["model/trainable_parameters"] < metrics["model/parameters"] / 5
-    assert metrics["data/sft_train_examples"] + metrics["data/sft_validation_examples"] == 32
+    counts = {k: int(v) for k, v in mine.data.params.items() if k.startswith(("data/", "model/"))}
+    assert counts["model/trainable_parameters"] < counts["model/parameters"] / 5
+    assert counts["data/sft_train_examples"] + counts["data/sft_validation_examples"] == 32
     from transformers import AutoModelForCausalLM
 
     merged = AutoModelForCausalLM.from_pretrained(Path(mine.data.tags["rlhf.output_dir"]) / "model")
@@ -200,7 +208,12 @@ def _wait_for(predicate, timeout: float, process: subprocess.Popen) -> None:
 def _start(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.Popen:
     env = {**os.environ, **OFFLINE, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.Popen(
-        [sys.executable, "-m", "rlhf", *args], cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-m", "rlhf", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -232,7 +245,9 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, cli, mlflow_client):
 
 def test_sigterm_marks_the_run_killed(tmp_path, mlflow_client):
     process = _start([*SMOKE, "trainer.max_steps=400", "checkpoint.every_n_steps=0"], tmp_path)
-    _wait_for(lambda: bool(runs_of_safe(mlflow_client)) and _has_metric(mlflow_client, "train/loss"), 300, process)
+    _wait_for(
+        lambda: bool(runs_of_safe(mlflow_client)) and _has_metric(mlflow_client, "train/loss"), 300, process
+    )
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=120) != 0
     (run,) = runs_of(mlflow_client, "smoke")

@@ -21,7 +21,7 @@ def test_quickstart_sft_learns_the_shipped_task(cli, mlflow_client):
     )
     (run,) = runs_of(mlflow_client, "quickstart", "sft")
     assert run.info.status == "FINISHED"
-    assert run.data.metrics["model/parameters"] == pytest.approx(134.5e6, rel=0.01)
+    assert int(run.data.params["model/parameters"]) == pytest.approx(134.5e6, rel=0.01)
     val = [m.value for m in mlflow_client.get_metric_history(run.info.run_id, "val/loss")]
     assert len(val) >= 2 and val[-1] < val[0], val
 
@@ -31,10 +31,22 @@ def test_reduced_quickstart_loop_ppo_raises_the_gold_score_over_sft(cli, mlflow_
     both policies on the same held-out prompts: PPO's responses score higher with the gold annotator,
     which PPO never saw (the quickstart loop cut to a few minutes of each stage)."""
     keep = ["experiment=quickstart", "checkpoint.every_n_steps=0"]
-    cli(*keep, "stage=sft", "trainer.max_steps=24", "trainer.val_check_interval=24", "stage.num_samples=0",
-        timeout=1800)
-    cli(*keep, "stage=rm", "trainer.max_steps=40", "trainer.val_check_interval=40", "stage.gold_eval_prompts=0",
-        timeout=1800)
+    cli(
+        *keep,
+        "stage=sft",
+        "trainer.max_steps=24",
+        "trainer.val_check_interval=24",
+        "stage.num_samples=0",
+        timeout=1800,
+    )
+    cli(
+        *keep,
+        "stage=rm",
+        "trainer.max_steps=40",
+        "trainer.val_check_interval=40",
+        "stage.gold_eval_prompts=0",
+        timeout=1800,
+    )
     cli(*keep, "stage=ppo", "trainer.max_steps=16", "trainer.val_check_interval=16", timeout=1800)
     cli(*keep, "stage=eval", "stage.num_prompts=96", timeout=1800)
 

@@ -71,8 +71,6 @@ class ModelConfig:
         out = []
         if self.dtype not in DTYPES:
             out.append(("dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}"))
-        if self.random_init is not None and self.lora.enabled:
-            out.append(("lora.enabled", "LoRA on a randomly initialised model trains nothing useful"))
         return out
 
 
@@ -166,7 +164,10 @@ class DataConfig:
             out.append(("validation_fraction", f"must be in (0, 1), got {self.validation_fraction}"))
         if self.chat_template not in CHAT_TEMPLATE_MODES:
             out.append(
-                ("chat_template", f"must be one of {', '.join(CHAT_TEMPLATE_MODES)}, got {self.chat_template!r}")
+                (
+                    "chat_template",
+                    f"must be one of {', '.join(CHAT_TEMPLATE_MODES)}, got {self.chat_template!r}",
+                )
             )
         if not 0.0 <= self.task_noise < 0.5:
             out.append(("task_noise", f"must be in [0, 0.5), got {self.task_noise}"))
@@ -226,15 +227,13 @@ class StageConfig(BaseStageConfig):
             out.append(("limit_eval_batches", f"must be >= 1 or null, got {self.limit_eval_batches}"))
         for key in ("init_from", "policy_from", "reward_from"):
             if hasattr(self, key) and not getattr(self, key):
-                out.append((key, "must be base, latest, a directory or runs:/<run_id>/model"))
+                out.append(
+                    (
+                        key,
+                        "must be base, latest, latest:pipeline, name:<run name>, a directory or runs:/<run_id>/model",
+                    )
+                )
         return out
-
-
-
-
-
-
-
 
 
 @dataclass
@@ -259,11 +258,6 @@ class RolloutConfig:
         if self.top_k < 0:
             out.append(("top_k", f"must be >= 0, got {self.top_k}"))
         return out
-
-
-
-
-
 
 
 REWARD_NORMS = ("auto", "model", "running", "none")
@@ -307,13 +301,20 @@ class OnPolicyStageConfig(StageConfig):
             out.append(("log_samples_every", f"must be >= 0, got {self.log_samples_every}"))
         # A negative EOS penalty would reward cut-off responses: it is subtracted.
         if self.missing_eos_penalty is not None and self.missing_eos_penalty < 0:
-            out.append(("missing_eos_penalty", f"must be >= 0 (it is subtracted), got {self.missing_eos_penalty}"))
+            out.append(
+                ("missing_eos_penalty", f"must be >= 0 (it is subtracted), got {self.missing_eos_penalty}")
+            )
         # The ratio and the KL use log-probabilities of the full softmax, so top-k or top-p samples
         # would make every update off-policy (evaluation may truncate).
         for key, off in (("top_k", 0), ("top_p", 1.0)):
             if getattr(self.rollout, key) != off:
-                out.append((f"rollout.{key}", f"must be {off} for {self.name.upper()}: its log-probabilities are of "
-                            "the full softmax, so truncated sampling makes the updates off-policy (stage=eval may truncate)"))
+                out.append(
+                    (
+                        f"rollout.{key}",
+                        f"must be {off} for {self.name.upper()}: its log-probabilities are of "
+                        "the full softmax, so truncated sampling makes the updates off-policy (stage=eval may truncate)",
+                    )
+                )
         return out
 
 

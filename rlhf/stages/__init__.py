@@ -40,6 +40,8 @@ class Stage:
     objective: tuple[str, str]
     # "module:function" giving the rlhf.bench workload, None if not benchmarked.
     bench: str | None = None
+    # Metrics a sweep parent's results table shows beside the objective (those a run lacks stay blank).
+    key_metrics: tuple[str, ...] = ()
     # Whether its model is a policy that stage=eval compares with the SFT run it started from.
     evaluated: bool = False
     # Sharded strategy families (fsdp, deepspeed) this stage cannot run under, with the reason.
@@ -89,4 +91,3 @@ def get_stage(name: str) -> Stage:
     if name not in known:
         raise ConfigError(f"stage.name: unknown stage {name!r}; choose one of {', '.join(known)}")
     return known[name]
-

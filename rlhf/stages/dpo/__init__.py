@@ -55,6 +55,7 @@ STAGE = Stage(
     sources={"init_from": "sft"},
     accepts={"init_from": ("causal_lm",)},
     objective=("val/rewards/accuracies", "maximize"),
+    key_metrics=("val/gold", "val/kl", "val/loss"),
     bench="rlhf.stages.dpo.module:bench_workload",
     evaluated=True,
     refused_strategies={"fsdp": FSDP_CANNOT_CLIP_OR_SAVE},

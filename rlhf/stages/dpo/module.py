@@ -117,7 +117,14 @@ class DPOModule(HeldOutSteps, pl.LightningModule):
             self.stage.label_smoothing,
         )
         rows = torch.stack(
-            [losses.detach(), chosen_reward, rejected_reward, policy[better].detach(), policy[worse].detach()], dim=1
+            [
+                losses.detach(),
+                chosen_reward,
+                rejected_reward,
+                policy[better].detach(),
+                policy[worse].detach(),
+            ],
+            dim=1,
         )
         return losses, rows
 
@@ -137,7 +144,9 @@ class DPOModule(HeldOutSteps, pl.LightningModule):
                 attach_reference_logps(
                     self.policy, self.collate, features, datamodule.eval_batch_size, self.device
                 )
-        log.info("Reference log-probabilities computed for %d examples", sum(map(len, datamodule.splits.values())))
+        log.info(
+            "Reference log-probabilities computed for %d examples", sum(map(len, datamodule.splits.values()))
+        )
 
     # -- steps --------------------------------------------------------------------------------------
 
@@ -148,7 +157,14 @@ class DPOModule(HeldOutSteps, pl.LightningModule):
             metrics = pair_metrics("train", rows)
             self.log_dict(metrics, on_step=True, on_epoch=False)
             self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
-            self.log("acc", metrics["train/rewards/accuracies"], prog_bar=True, on_step=True, on_epoch=False, logger=False)
+            self.log(
+                "acc",
+                metrics["train/rewards/accuracies"],
+                prog_bar=True,
+                on_step=True,
+                on_epoch=False,
+                logger=False,
+            )
         return loss
 
     def _eval_step(self, batch: dict, split: str) -> None:
@@ -167,7 +183,9 @@ class DPOModule(HeldOutSteps, pl.LightningModule):
         return optim.configure(self.policy.named_parameters(), self.stage, self.trainer)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("reference.")}
+        checkpoint["state_dict"] = {
+            k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("reference.")
+        }
 
 
 @torch.no_grad()
@@ -192,7 +210,6 @@ def attach_reference_logps(
         model.train(was_training)
 
 
-
 def build(run: RunConfig, tracker: Tracker) -> StageJob:
     stage: DPOStageConfig = run.stage
     source = resolve_source(
@@ -206,14 +223,14 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
     prompts = data.prompts  # before grouping: one per pair
     if stage.group_by_record:
         data.splits = {split: group_comparisons(features) for split, features in data.splits.items()}
-    tracker.log_metrics(data.stats)
+    tracker.log_constants(data.stats)
     policy = models.load_causal_lm(run.model, source.location, seed=run.seed)
     reference = None
     if run.model.lora.enabled:
         policy = models.apply_lora(policy, run.model.lora, "CAUSAL_LM")
     elif not stage.precompute_ref:
         reference = models.load_causal_lm(run.model, source.location, seed=run.seed)
-    tracker.log_metrics(models.parameter_counts(policy))
+    tracker.log_constants(models.parameter_counts(policy))
     collate = PairCollator(
         tokenizer.pad_token_id, share_prefix=stage.share_prefix and packs_pairs(policy), response_tokens=True
     )
@@ -238,7 +255,9 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
 
 
 @torch.no_grad()
-def _sampled_kl(module: DPOModule, tokenizer, renderer, prompts, gold, run: RunConfig, source_dir, tracker) -> dict:
+def _sampled_kl(
+    module: DPOModule, tokenizer, renderer, prompts, gold, run: RunConfig, source_dir, tracker
+) -> dict:
     """Responses of the trained policy to held-out prompts: the KL-to-reference estimate (the mean
     over responses of the k3 estimate summed over their tokens, unbiased for samples of the policy),
     the response length and, with a gold annotator, its score."""
@@ -285,14 +304,22 @@ def bench_workload(job: StageJob, run: RunConfig, settings: dict):
         reference: bool = True
 
         def step(self, batch: dict) -> float:
-            tokens, trained, pairs = count_tokens(batch), float(batch["target_index"].numel()), attended_pairs(batch)
+            tokens, trained, pairs = (
+                count_tokens(batch),
+                float(batch["target_index"].numel()),
+                attended_pairs(batch),
+            )
             flops = (
                 (4 * self.body + 2 * self.body_trainable) * tokens
                 + (4 * self.head + 2 * self.head_trainable) * trained
                 + 12 * self.layers * self.attention_width * pairs
             )
             if self.reference:  # forward only
-                flops += 2 * self.body * tokens + 2 * self.head * trained + 4 * self.layers * self.attention_width * pairs
+                flops += (
+                    2 * self.body * tokens
+                    + 2 * self.head * trained
+                    + 4 * self.layers * self.attention_width * pairs
+                )
             return flops
 
     module: DPOModule = job.module

@@ -59,6 +59,7 @@ STAGE = Stage(
     # The best policy's win rate against the baseline by stage.judge (rlhf.report); a sweep's parent
     # records that policy as its best run.
     objective=("eval/best/win_rate", "maximize"),
+    key_metrics=("eval/best/gold_mean", "eval/best/kl"),
     bench=None,
     # No Trainer: under a data-parallel strategy rank 0 evaluates alone.
     trains=False,

@@ -86,7 +86,7 @@ def _run_of_directory(tracker: Tracker, directory: str):
 
 
 def _is_directory_spec(spec: str) -> bool:
-    return spec != "base" and not spec.startswith(("latest", "runs:/", "fn:"))
+    return spec != "base" and not spec.startswith(("latest", "name:", "runs:/", "fn:"))
 
 
 def _model_spec(run) -> str:
@@ -206,7 +206,9 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
     specs, reward_spec, reference_spec = _lineage_defaults(stage, tracker)
     # Keys double as tag names (rlhf.policies.0, ...), so they avoid MLflow's forbidden brackets.
     sources = [
-        resolve_source(spec, f"stage.policies.{i}", STAGE.sources["policies"], tracker, STAGE.accepts["policies"])
+        resolve_source(
+            spec, f"stage.policies.{i}", STAGE.sources["policies"], tracker, STAGE.accepts["policies"]
+        )
         for i, spec in enumerate(specs)
     ]
     reference = resolve_source(

@@ -36,7 +36,12 @@ class GRPOStageConfig(OnPolicyStageConfig):
         if self.advantage not in ADVANTAGES:
             out.append(("advantage", f"must be one of {', '.join(ADVANTAGES)}, got {self.advantage!r}"))
         elif self.advantage != "reinforce_pp" and self.group_size < 2:
-            out.append(("group_size", f"must be >= 2 for stage.advantage={self.advantage} (a group is its own baseline)"))
+            out.append(
+                (
+                    "group_size",
+                    f"must be >= 2 for stage.advantage={self.advantage} (a group is its own baseline)",
+                )
+            )
         for key, allowed in (("kl_in", KL_PLACES), ("loss_average", LOSS_AVERAGES)):
             if getattr(self, key) not in allowed:
                 out.append((key, f"must be one of {', '.join(allowed)}, got {getattr(self, key)!r}"))
@@ -50,6 +55,7 @@ STAGE = Stage(
     sources={"policy_from": "sft", "reward_from": "rm"},
     accepts={"policy_from": ("causal_lm",), "reward_from": ("reward_model",)},
     objective=("val/score_raw", "maximize"),
+    key_metrics=("val/gold", "val/kl", "val/response_length"),
     bench="rlhf.stages.grpo.module:bench_workload",
     evaluated=True,
     refused_strategies={

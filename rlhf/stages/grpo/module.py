@@ -131,7 +131,7 @@ class GRPOModule(RLModule):
 def build(run: RunConfig, tracker: Tracker) -> StageJob:
     setup = load_rl_setup(run, tracker, STAGE.sources, STAGE.accepts)
     policy, tokenizer = setup.policy, setup.tokenizer
-    tracker.log_metrics(models.parameter_counts(policy))
+    tracker.log_constants(models.parameter_counts(policy))
     module = GRPOModule(
         policy,
         setup.reference,

@@ -36,7 +36,12 @@ class PPOStageConfig(OnPolicyStageConfig):
         if self.kl_horizon < 1:
             out.append(("kl_horizon", f"must be >= 1, got {self.kl_horizon}"))
         if self.minibatch_size > self.rollout.batch_size:
-            out.append(("minibatch_size", f"must be <= stage.rollout.batch_size ({self.rollout.batch_size}), got {self.minibatch_size}"))
+            out.append(
+                (
+                    "minibatch_size",
+                    f"must be <= stage.rollout.batch_size ({self.rollout.batch_size}), got {self.minibatch_size}",
+                )
+            )
         if not self.value_clip_range > 0:
             out.append(("value_clip_range", f"must be > 0, got {self.value_clip_range}"))
         for key in ("vf_coef", "entropy_coef"):
@@ -62,6 +67,7 @@ STAGE = Stage(
     sources={"policy_from": "sft", "reward_from": "rm"},
     accepts={"policy_from": ("causal_lm",), "reward_from": ("reward_model",)},
     objective=("val/score_raw", "maximize"),
+    key_metrics=("val/gold", "val/kl", "val/response_length"),
     bench="rlhf.stages.ppo.module:bench_workload",
     evaluated=True,
     refused_strategies={

@@ -267,7 +267,7 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
             reward_stats,
             stage.reward_norm,
         )
-    tracker.log_metrics(models.parameter_counts(policy, value_model))
+    tracker.log_constants(models.parameter_counts(policy, value_model))
     module = PPOModule(
         policy,
         setup.reference,

@@ -50,6 +50,7 @@ STAGE = Stage(
     # A reward model starts from a language model (its head new) or from a reward model (kept).
     accepts={"init_from": ("causal_lm", "reward_model")},
     objective=("val/accuracy", "maximize"),
+    key_metrics=("val/gold_accuracy", "val/margin", "val/loss"),
     bench="rlhf.stages.rm.module:bench_workload",
     refused_strategies={"fsdp": FSDP_CANNOT_CLIP_OR_SAVE},
 )

@@ -48,7 +48,9 @@ class RewardModule(HeldOutSteps, pl.LightningModule):
     def _pair_scores(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         return pair_scores(self.model, batch)
 
-    def _loss(self, chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor, weight=None) -> torch.Tensor:
+    def _loss(
+        self, chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor, weight=None
+    ) -> torch.Tensor:
         margin = margin if self.stage.use_margin else None
         return bradley_terry(chosen, rejected, margin, self.stage.center_rewards, weight)
 
@@ -58,7 +60,13 @@ class RewardModule(HeldOutSteps, pl.LightningModule):
         if not logs_this_step(self.trainer):
             return loss
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
-        self.log("train/accuracy", preference_accuracy(chosen, rejected), on_step=True, on_epoch=False, prog_bar=True)
+        self.log(
+            "train/accuracy",
+            preference_accuracy(chosen, rejected),
+            on_step=True,
+            on_epoch=False,
+            prog_bar=True,
+        )
         self.log("train/margin", (chosen - rejected).mean(), on_step=True, on_epoch=False)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
@@ -69,7 +77,9 @@ class RewardModule(HeldOutSteps, pl.LightningModule):
         slice_index = batch.get("slice", torch.full_like(batch["margin"], -1))
         store = self._scores.setdefault(split, [])
         weight = batch.get("weight", torch.ones_like(batch["margin"]))
-        store.append(torch.stack([chosen, rejected, batch["margin"], gold_order, slice_index, weight], dim=1).detach())
+        store.append(
+            torch.stack([chosen, rejected, batch["margin"], gold_order, slice_index, weight], dim=1).detach()
+        )
 
     def _eval_epoch_end(self, split: str, prefix: str) -> None:
         rows = torch.cat(self._scores.pop(split, [torch.empty(0, 6, device=self.device)]))
@@ -87,7 +97,9 @@ class RewardModule(HeldOutSteps, pl.LightningModule):
             of_slice = slice_index == index
             if of_slice.any():
                 metrics.update(
-                    _ordering_metrics(prefix, f"/{name}", chosen[of_slice], rejected[of_slice], gold_order[of_slice])
+                    _ordering_metrics(
+                        prefix, f"/{name}", chosen[of_slice], rejected[of_slice], gold_order[of_slice]
+                    )
                 )
         self.log_dict({k: v.float() for k, v in metrics.items()}, prog_bar=False, sync_dist=True)
         self.last_scores[split] = (chosen.float().cpu().numpy(), rejected.float().cpu().numpy())
@@ -108,7 +120,6 @@ def _ordering_metrics(prefix: str, suffix: str, chosen, rejected, gold_order) ->
     return metrics
 
 
-
 def build(run: RunConfig, tracker: Tracker) -> StageJob:
     stage: RMStageConfig = run.stage
     source = resolve_source(
@@ -120,19 +131,23 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
     gold = FunctionReward(annotator, tokenizer) if annotator else None
     data = prepare_preferences(run.data, renderer, run.seed)
     for features in data.splits.values():
-        for feature, weight in zip(features, pair_weights([f["record"] for f in features], stage.pair_weighting)):
+        for feature, weight in zip(
+            features, pair_weights([f["record"] for f in features], stage.pair_weighting)
+        ):
             feature["weight"] = weight
     if gold is not None:
         _attach_gold_order(data, gold)
     if stage.group_by_record:
         data.splits = {split: group_comparisons(features) for split, features in data.splits.items()}
-    tracker.log_metrics(data.stats)
+    tracker.log_constants(data.stats)
     model = models.load_scalar_model(run.model, source.location, tokenizer.pad_token_id, seed=run.seed)
     if run.model.lora.enabled:
         model = models.apply_lora(model, run.model.lora, "SEQ_CLS")
-    tracker.log_metrics(models.parameter_counts(model))
+    tracker.log_constants(models.parameter_counts(model))
     module = RewardModule(model, stage, data.slice_names)
-    collate = PairCollator(tokenizer.pad_token_id, share_prefix=stage.share_prefix and supports_attention_masks(model))
+    collate = PairCollator(
+        tokenizer.pad_token_id, share_prefix=stage.share_prefix and supports_attention_masks(model)
+    )
     datamodule = examples_datamodule(data.splits, collate, stage, run.data, run.seed)
 
     def finish(trainer: pl.Trainer, output_dir: Path) -> dict[str, float]:
@@ -141,7 +156,11 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
             return metrics
         chosen, rejected = module.last_scores["validation"]
         both = np.concatenate([chosen, rejected])
-        stats = {"reward_mean": float(both.mean()), "reward_std": float(both.std()), "pairs": int(len(chosen))}
+        stats = {
+            "reward_mean": float(both.mean()),
+            "reward_std": float(both.std()),
+            "pairs": int(len(chosen)),
+        }
         inner = models.unwrap(module.model)
         inner.config.reward_mean, inner.config.reward_std = stats["reward_mean"], stats["reward_std"]
         model_dir = models.save_model(module.model, tokenizer, output_dir / "model")
@@ -155,7 +174,15 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
             policy = models.load_causal_lm(run.model, source.location, seed=run.seed).to(device)
             extra.update(
                 _gold_agreement(
-                    module.model.to(device), policy, tokenizer, renderer, prompts, gold, stage, run.seed, tracker
+                    module.model.to(device),
+                    policy,
+                    tokenizer,
+                    renderer,
+                    prompts,
+                    gold,
+                    stage,
+                    run.seed,
+                    tracker,
                 )
             )
         tracker.log_metrics(extra, step=trainer.global_step)
@@ -177,7 +204,9 @@ def _attach_gold_order(data: Prepared, gold: FunctionReward) -> None:
             feature["gold_order"] = sign
 
 
-def _log_calibration(scores: tuple[np.ndarray, np.ndarray], split: str, bins: int, tracker: Tracker) -> dict[str, float]:
+def _log_calibration(
+    scores: tuple[np.ndarray, np.ndarray], split: str, bins: int, tracker: Tracker
+) -> dict[str, float]:
     chosen, rejected = scores
     table = plots.calibration_table(chosen, rejected, bins)
     ece = plots.expected_calibration_error(table)
@@ -214,13 +243,25 @@ def _gold_agreement(
     gold_diff = gold_scores[0::2] - gold_scores[1::2]
     rm_diff = rm_scores[0::2] - rm_scores[1::2]
     decided = gold_diff != 0
-    agreement = float((np.sign(gold_diff[decided]) == np.sign(rm_diff[decided])).mean()) if decided.any() else float("nan")
+    agreement = (
+        float((np.sign(gold_diff[decided]) == np.sign(rm_diff[decided])).mean())
+        if decided.any()
+        else float("nan")
+    )
     tracker.log_table(
         {"prompt": as_str, "response": texts, "gold": gold_scores.tolist(), "reward": rm_scores.tolist()},
         "samples/gold_agreement.json",
     )
-    log.info("Reward model agrees with the gold annotator on %.0f%% of %d fresh pairs", 100 * agreement, int(decided.sum()))
-    return {"gold/agreement": agreement, "gold/pairs": float(decided.sum()), "gold/policy_mean": float(gold_scores.mean())}
+    log.info(
+        "Reward model agrees with the gold annotator on %.0f%% of %d fresh pairs",
+        100 * agreement,
+        int(decided.sum()),
+    )
+    return {
+        "gold/agreement": agreement,
+        "gold/pairs": float(decided.sum()),
+        "gold/policy_mean": float(gold_scores.mean()),
+    }
 
 
 def bench_workload(job: StageJob, run: RunConfig, settings: dict[str, int]):

@@ -37,6 +37,7 @@ STAGE = Stage(
     sources={},
     accepts={"init_from": ("causal_lm",)},
     objective=("val/loss", "minimize"),
+    key_metrics=("val/ppl", "test/loss"),
     bench="rlhf.stages.sft.module:bench_workload",
     refused_strategies={"fsdp": FSDP_CANNOT_CLIP_OR_SAVE},
 )

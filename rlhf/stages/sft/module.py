@@ -93,17 +93,21 @@ def _count_tokens(batch: dict) -> dict[str, float]:
 def build(run: RunConfig, tracker: Tracker) -> StageJob:
     stage: SFTStageConfig = run.stage
     source = resolve_source(
-        stage.init_from, "stage.init_from", STAGE.sources.get("init_from"), tracker, STAGE.accepts["init_from"]
+        stage.init_from,
+        "stage.init_from",
+        STAGE.sources.get("init_from"),
+        tracker,
+        STAGE.accepts["init_from"],
     )
     tokenizer = models.load_tokenizer(run.model, source.location)
     renderer = ChatRenderer(tokenizer, run.data.chat_template)
     # Data before weights: a bad file fails in seconds, not after the model has loaded.
     data = prepare_sft(run.data, renderer, run.seed)
-    tracker.log_metrics(data.stats)
+    tracker.log_constants(data.stats)
     model = models.load_causal_lm(run.model, source.location, seed=run.seed)
     if run.model.lora.enabled:
         model = models.apply_lora(model, run.model.lora, "CAUSAL_LM")
-    tracker.log_metrics(models.parameter_counts(model))
+    tracker.log_constants(models.parameter_counts(model))
     module = SFTModule(model, stage, stage.batch_size * trained_tokens_per_example(data.splits["train"]))
     datamodule = examples_datamodule(
         data.splits, CausalLMCollator(tokenizer.pad_token_id), stage, run.data, run.seed

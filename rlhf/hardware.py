@@ -8,16 +8,21 @@ models, resolved by Lightning as a Trainer would.
 from __future__ import annotations
 
 import importlib.util
+import os
+from pathlib import Path
 from typing import Any
 
 from rlhf.errors import ConfigError
+from rlhf.memory import Devices
 
 # The sharded strategies' families. Which stage each refuses, and why, lives with the stage
 # (`Stage.refused_strategies`).
 SHARDED = ("fsdp", "deepspeed")
 # Lightning's FSDP precision refuses clipping by norm, and a rank-0 save of an FSDP model writes one
 # shard: a reason shared by the stages that train one model with Lightning's own loop.
-FSDP_CANNOT_CLIP_OR_SAVE = "Lightning's FSDP cannot clip gradients by norm and the saved model would be one shard"
+FSDP_CANNOT_CLIP_OR_SAVE = (
+    "Lightning's FSDP cannot clip gradients by norm and the saved model would be one shard"
+)
 INSTEAD = "hardware=gpu, or hardware=ddp trainer.accelerator=gpu for several GPUs"
 
 
@@ -38,7 +43,9 @@ def check(stage: str, trainer: dict[str, Any]) -> None:
     if family is not None and family in refused:
         raise ConfigError(f"stage={stage} with trainer.strategy={strategy}: {refused[family]}; use {INSTEAD}")
     if family == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
-        raise ConfigError(f"trainer.strategy={strategy}: DeepSpeed is not installed; `pip install deepspeed`, or use hardware=gpu")
+        raise ConfigError(
+            f"trainer.strategy={strategy}: DeepSpeed is not installed; `pip install deepspeed`, or use hardware=gpu"
+        )
     accelerator = str(trainer.get("accelerator", "auto")).lower()
     if accelerator not in ("auto", "cpu"):
         # Asked for explicitly: Lightning would fail on it only once the models are loaded, over many lines.
@@ -56,3 +63,81 @@ def device(trainer: dict[str, Any]):
     from lightning_fabric import Fabric
 
     return Fabric(accelerator=trainer.get("accelerator", "auto"), devices=1, strategy="auto").device
+
+
+def _local_devices(trainer: dict[str, Any]) -> int:
+    devices = trainer.get("devices", 1)
+    if isinstance(devices, (list, tuple)):
+        return len(devices)
+    if str(devices).lstrip("-").isdigit() and int(devices) > 0:
+        return int(devices)
+    if _on_gpu(trainer):  # auto or -1: every visible GPU
+        import torch
+
+        return max(1, torch.cuda.device_count())
+    return 1
+
+
+def device_count(trainer: dict[str, Any]) -> int:
+    """The devices a run spans: trainer.devices on each of trainer.num_nodes machines."""
+    return _local_devices(trainer) * int(trainer.get("num_nodes", 1) or 1)
+
+
+def _on_gpu(trainer: dict[str, Any]) -> bool:
+    accelerator = str(trainer.get("accelerator", "auto")).lower()
+    if accelerator in ("gpu", "cuda"):
+        return True
+    if accelerator != "auto":
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def device_memory(trainer: dict[str, Any], meminfo: str = "/proc/meminfo") -> Devices:
+    """The devices a run spans and the bytes one of its processes may use: the GPU's free memory, or
+    on the CPU the memory available to new processes shared by the processes this machine runs."""
+    count = device_count(trainer)
+    if _on_gpu(trainer):
+        import torch
+
+        free, _ = torch.cuda.mem_get_info()
+        return Devices(count, "gpu", float(free), f"GPU {torch.cuda.get_device_name()} (free memory)")
+    try:
+        fields = dict(line.split(":", 1) for line in Path(meminfo).read_text().splitlines() if ":" in line)
+        available = float(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):  # no /proc: the free pages
+        available = float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    processes = _local_devices(trainer)
+    shared = f" shared by {processes} processes" if processes > 1 else ""
+    return Devices(count, "cpu", available / processes, f"this machine (available memory{shared})")
+
+
+def check_memory(run) -> None:
+    """Log the memory estimate per device (rlhf.memory) and refuse, in one line naming what would make
+    it fit, a run that would not fit; read from the model's config alone, before any weights load."""
+    import logging
+
+    from rlhf.memory import ModelShape, estimate_run, refusal, setting_of
+    from rlhf.models import load_config
+    from rlhf.tracking import is_rank_zero
+
+    devices = device_memory(run.trainer)
+    shape = ModelShape.from_config(load_config(run.model))
+    if is_rank_zero():
+        setting = setting_of(run, devices.count, devices.accelerator)
+        log = logging.getLogger(__name__)
+        log.info(
+            "Memory per device, estimated from the model's config (stage=%s, %s, %s, %d device(s)%s%s):",
+            run.stage.name,
+            setting.precision,
+            setting.strategy or "one process per device",
+            devices.count,
+            ", LoRA" if setting.lora_rank else "",
+            ", activation checkpointing" if setting.checkpointing else "",
+        )
+        for line in estimate_run(run, shape, devices).lines(devices.available, devices.described):
+            log.info("  %s", line)
+    problem = refusal(run, shape, devices)
+    if problem is not None:
+        raise ConfigError(problem)

@@ -22,6 +22,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -67,6 +68,13 @@ def resolve_location(name_or_path: str) -> str:
     return str(Path(next(iter(spec.submodule_search_locations))) / sub)
 
 
+def _gguf_cache_dir(source: Path) -> Path:
+    """Where the converted copy of the GGUF file `source` is cached, keyed by the file's identity."""
+    stat = source.stat()
+    key = hashlib.sha256(f"{source.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache_root() / "models" / f"{source.stem}-{key}"
+
+
 def _converted_gguf_dir(directory: str, gguf_file: str) -> Path:
     """Convert a GGUF file to a Hugging Face directory once and return the cached copy.
 
@@ -83,9 +91,7 @@ def _converted_gguf_dir(directory: str, gguf_file: str) -> Path:
         else:
             hint = ""
         raise ConfigError(f"model.gguf_file: {source} does not exist{hint}")
-    stat = source.stat()
-    key = hashlib.sha256(f"{source.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    target = cache_root() / "models" / f"{source.stem}-{key}"
+    target = _gguf_cache_dir(source)
     if (target / "config.json").is_file():
         return target
     log.info("Converting %s to a Hugging Face directory (once; later loads use %s)", source, target)
@@ -213,6 +219,28 @@ def _random_model(cfg: ModelConfig, seed: int, auto_class: Any = AutoModelForCau
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return auto_class.from_config(config, dtype=_torch_dtype(cfg.dtype))
+
+
+def load_config(cfg: ModelConfig, location: str | None = None) -> PretrainedConfig:
+    """The model's transformers config (model.random_init applied), without loading weights: from
+    `location`, else the model group's directory, hub id or GGUF file (its converted copy if cached,
+    else the file's metadata)."""
+    source = location or resolve_location(cfg.name_or_path)
+    kwargs = _hub_kwargs(cfg)
+    if location is None and cfg.gguf_file:
+        converted = _gguf_cache_dir(Path(source) / cfg.gguf_file) if (Path(source) / cfg.gguf_file).is_file() else None
+        if converted is not None and (converted / "config.json").is_file():
+            source = str(converted)
+        else:
+            kwargs["gguf_file"] = cfg.gguf_file
+    try:
+        config = AutoConfig.from_pretrained(source, **kwargs)
+    except Exception as err:
+        raise _load_error("model.name_or_path", source, err) from err
+    if location is None:
+        for key, value in (cfg.random_init or {}).items():
+            setattr(config, key, value)
+    return config
 
 
 def load_causal_lm(cfg: ModelConfig, location: str | None = None, seed: int = 0) -> PreTrainedModel:

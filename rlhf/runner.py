@@ -13,6 +13,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 
 from rlhf.config import RunConfig
+from rlhf.hardware import check_memory
 from rlhf.lineage import ResumePoint, find_resume_point
 from rlhf.stages import StageJob, get_stage
 from rlhf.sweeps import objective
@@ -75,6 +76,8 @@ def execute(run: RunConfig, launch: Launch) -> float | None:
         # `kill` (SIGTERM) ends a run like Ctrl-C: recorded as KILLED, checkpoints kept.
         signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     with recorded(tracker):
+        if run.memory_check:
+            check_memory(run)
         if resume:
             log.info("Resuming from %s", resume.checkpoint)
             tracker.set_tags({"rlhf.resumed_from": resume.checkpoint})

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     import pytorch_lightning as pl
 
     from rlhf.config import RunConfig
+    from rlhf.memory import Footprint
     from rlhf.tracking import Tracker
 
 
@@ -41,6 +42,8 @@ class Stage:
     evaluated: bool = False
     # Sharded strategy families (fsdp, deepspeed) this stage cannot run under, with the reason.
     refused_strategies: dict[str, str] = field(default_factory=dict)
+    # The models it holds and the passes it runs per device, for the memory estimate (rlhf.memory).
+    footprint: Callable[[RunConfig], Footprint] | None = None
 
     def build(self, run: RunConfig, tracker: Tracker) -> StageJob:
         return load(self.builder)(run, tracker)

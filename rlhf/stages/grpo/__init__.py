@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from omegaconf import MISSING
 
 from rlhf.config.schema import OnPolicyStageConfig
+from rlhf.memory import Footprint, Pass
 from rlhf.stages import Stage
 
 # The keys of rlhf.rl.ADVANTAGE_ESTIMATORS (a test checks they agree).
@@ -36,11 +37,34 @@ class GRPOStageConfig(OnPolicyStageConfig):
         if self.advantage not in ADVANTAGES:
             out.append(("advantage", f"must be one of {', '.join(ADVANTAGES)}, got {self.advantage!r}"))
         elif self.advantage != "reinforce_pp" and self.group_size < 2:
-            out.append(("group_size", f"must be >= 2 for stage.advantage={self.advantage} (a group is its own baseline)"))
+            out.append(
+                (
+                    "group_size",
+                    f"must be >= 2 for stage.advantage={self.advantage} (a group is its own baseline)",
+                )
+            )
         for key, allowed in (("kl_in", KL_PLACES), ("loss_average", LOSS_AVERAGES)):
             if getattr(self, key) not in allowed:
                 out.append((key, f"must be one of {', '.join(allowed)}, got {getattr(self, key)!r}"))
         return out
+
+
+def footprint(run) -> Footprint:
+    """Policy, reference and reward model; stage.group_size responses per prompt generated at once,
+    then minibatches through the policy."""
+    stage = run.stage
+    length = stage.episode_length(run.data.max_prompt_length)
+    return Footprint(
+        tuple(stage.held_models(run.model.lora.enabled)),
+        train=Pass(
+            min(stage.minibatch_size, stage.rollout.batch_size * stage.group_size),
+            length,
+            logprobs=True,
+            head_length=stage.rollout.max_new_tokens,
+        ),
+        generate=Pass(stage.rollout.batch_size * stage.group_size, length),
+        batch_key="minibatch_size",
+    )
 
 
 STAGE = Stage(
@@ -55,4 +79,5 @@ STAGE = Stage(
         "fsdp": "GRPO generates with the policy inside its training step, which FSDP's sharded parameters do not allow",
         "deepspeed": "GRPO generates with the policy inside its training step, which DeepSpeed's engine does not allow",
     },
+    footprint=footprint,
 )

@@ -3,8 +3,9 @@
     python tests/memory_peak.py stage=sft model=tiny [overrides...]
 
 Builds the stage as a run would, trains it on rlhf.bench's fixed workload (bench sizes: batch 8,
-length 256; PPO and GRPO a rollout batch of 8) for three steps, and prints JSON: the process's peak
-resident memory over what it held before the stage was built, and the estimate for that workload.
+length 256; PPO and GRPO a rollout batch of 8) for two steps (the second holds the optimizer state
+the first made), and prints JSON: the resident memory before the stage was built, the process's
+peak, and the estimate for that workload (which counts the process's own runtime too).
 A process of its own, so that the peak is this workload's alone.
 """
 
@@ -27,7 +28,7 @@ from rlhf.tracking import SilentTracker, peak_memory, resident_memory_mb
 
 def main(overrides: list[str]) -> None:
     register_configs()
-    settings = dict(SETTINGS, steps=2, warmup=1)
+    settings = dict(SETTINGS, steps=1, warmup=1)
     with initialize_config_dir(str(config_dir()), version_base="1.3"):
         cfg = compose("config", overrides=[f"output_dir={tempfile.mkdtemp()}", "tracking=none", *overrides])
     with open_dict(cfg):

@@ -24,6 +24,12 @@ FSDP_CANNOT_CLIP_OR_SAVE = (
     "Lightning's FSDP cannot clip gradients by norm and the saved model would be one shard"
 )
 INSTEAD = "hardware=gpu, or hardware=ddp trainer.accelerator=gpu for several GPUs"
+# For the stages that generate inside their training step: replicas small enough to fit, since LoRA
+# leaves one frozen base (also the reference) and small adapters per GPU.
+INSTEAD_OF_SHARDING_RL = (
+    "hardware=ddp trainer.accelerator=gpu model.lora.enabled=true (LoRA keeps one frozen base, which is "
+    "also the reference, and small adapters on each GPU; docs/memory.md says what fits)"
+)
 
 
 def strategy_family(strategy: Any) -> str | None:
@@ -39,9 +45,11 @@ def check(stage: str, trainer: dict[str, Any]) -> None:
 
     strategy = trainer.get("strategy", "auto")
     family = strategy_family(strategy)
-    refused = get_stage(stage).refused_strategies
+    descriptor = get_stage(stage)
+    refused = descriptor.refused_strategies
     if family is not None and family in refused:
-        raise ConfigError(f"stage={stage} with trainer.strategy={strategy}: {refused[family]}; use {INSTEAD}")
+        instead = descriptor.refused_instead or INSTEAD
+        raise ConfigError(f"stage={stage} with trainer.strategy={strategy}: {refused[family]}; use {instead}")
     if family == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         raise ConfigError(
             f"trainer.strategy={strategy}: DeepSpeed is not installed; `pip install deepspeed`, or use hardware=gpu"

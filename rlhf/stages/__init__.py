@@ -42,6 +42,8 @@ class Stage:
     evaluated: bool = False
     # Sharded strategy families (fsdp, deepspeed) this stage cannot run under, with the reason.
     refused_strategies: dict[str, str] = field(default_factory=dict)
+    # What to run instead of a refused strategy (None: rlhf.hardware.INSTEAD, one GPU or DDP).
+    refused_instead: str | None = None
     # The models it holds and the passes it runs per device, for the memory estimate (rlhf.memory).
     footprint: Callable[[RunConfig], Footprint] | None = None
 
@@ -86,4 +88,3 @@ def get_stage(name: str) -> Stage:
     if name not in known:
         raise ConfigError(f"stage.name: unknown stage {name!r}; choose one of {', '.join(known)}")
     return known[name]
-

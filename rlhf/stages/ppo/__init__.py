@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from omegaconf import MISSING
 
 from rlhf.config.schema import OnPolicyStageConfig
+from rlhf.hardware import INSTEAD_OF_SHARDING_RL
 from rlhf.memory import Footprint, Held, Pass
 from rlhf.stages import Stage
 
@@ -93,5 +94,6 @@ STAGE = Stage(
         "fsdp": "PPO generates with the policy inside its training step, which FSDP's sharded parameters do not allow",
         "deepspeed": "PPO generates with the policy and steps several models inside its training step, which DeepSpeed's engine does not allow",
     },
+    refused_instead=INSTEAD_OF_SHARDING_RL,
     footprint=footprint,
 )

@@ -130,11 +130,18 @@ def check_memory(run) -> None:
     from rlhf.models import load_config
     from rlhf.tracking import is_rank_zero
 
+    log = logging.getLogger(__name__)
     devices = device_memory(run.trainer)
-    shape = ModelShape.from_config(load_config(run.model))
+    config = load_config(run.model)
+    try:
+        shape = ModelShape.from_config(config)
+    except (TypeError, ValueError) as err:  # not a decoder with the usual config fields
+        log.warning(
+            "No memory estimate for %s (%s); memory_check=false silences this", type(config).__name__, err
+        )
+        return
     if is_rank_zero():
         setting = setting_of(run, devices.count, devices.accelerator)
-        log = logging.getLogger(__name__)
         log.info(
             "Memory per device, estimated from the model's config (stage=%s, %s, %s, %d device(s)%s%s):",
             run.stage.name,

@@ -196,10 +196,12 @@ class Setting:
         return 1
 
 
-# Components that live only while a batch is generated, and those only while one trains: a stage
-# that does both (PPO, GRPO) needs the larger of the two at once, not their sum.
+# Components that never peak together: the KV cache lives only while a batch is generated; the
+# activations and the loss's logits until the backward pass has used them, while the gradients fill
+# in during that pass (and are released by the step, rlhf.optim). The peak is the largest group.
 GENERATION = ("kv cache",)
 TRAINING = ("activations", "logits")
+BACKWARD = ("gradients",)
 
 
 @dataclass(frozen=True)
@@ -211,14 +213,15 @@ class Estimate:
     @property
     def total(self) -> float:
         c = self.components
-        kept = sum(v for k, v in c.items() if k not in GENERATION + TRAINING)
-        return kept + max(sum(c.get(k, 0.0) for k in GENERATION), sum(c.get(k, 0.0) for k in TRAINING))
+        groups = (GENERATION, TRAINING, BACKWARD)
+        kept = sum(v for k, v in c.items() if not any(k in group for group in groups))
+        return kept + max(sum(c.get(k, 0.0) for k in group) for group in groups)
 
     def lines(self, available: float | None = None, where: str = "") -> list[str]:
         out = [f"{name:<12} {value / GIB:9.2f} GiB" for name, value in self.components.items()]
         total = f"{'total':<12} {self.total / GIB:9.2f} GiB"
-        if any(k in self.components for k in GENERATION) and any(k in self.components for k in TRAINING):
-            total += " (generation and training at different times: the larger counts)"
+        if any(k in self.components for k in GENERATION + BACKWARD):
+            total += " (kv cache, activations + logits and gradients at different times: the largest counts)"
         if available is not None:
             total += f"; {available / GIB:.2f} GiB on {where or 'the device'}"
         return [*out, total]

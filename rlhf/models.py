@@ -75,12 +75,8 @@ def _gguf_cache_dir(source: Path) -> Path:
     return cache_root() / "models" / f"{source.stem}-{key}"
 
 
-def _converted_gguf_dir(directory: str, gguf_file: str) -> Path:
-    """Convert a GGUF file to a Hugging Face directory once and return the cached copy.
-
-    GGUF weights are quantised; transformers de-quantises them on every load (tens of seconds), so
-    the result is saved as float32 safetensors next to a key of the file's identity.
-    """
+def _gguf_source(directory: str, gguf_file: str) -> Path:
+    """The GGUF file model.gguf_file names inside `directory`; ConfigError, saying what is there, if absent."""
     source = Path(directory) / gguf_file
     if not source.is_file():
         found = sorted(p.name for p in Path(directory).glob("*.gguf")) if Path(directory).is_dir() else []
@@ -91,6 +87,16 @@ def _converted_gguf_dir(directory: str, gguf_file: str) -> Path:
         else:
             hint = ""
         raise ConfigError(f"model.gguf_file: {source} does not exist{hint}")
+    return source
+
+
+def _converted_gguf_dir(directory: str, gguf_file: str) -> Path:
+    """Convert a GGUF file to a Hugging Face directory once and return the cached copy.
+
+    GGUF weights are quantised; transformers de-quantises them on every load (tens of seconds), so
+    the result is saved as float32 safetensors next to a key of the file's identity.
+    """
+    source = _gguf_source(directory, gguf_file)
     target = _gguf_cache_dir(source)
     if (target / "config.json").is_file():
         return target
@@ -228,11 +234,13 @@ def load_config(cfg: ModelConfig, location: str | None = None) -> PretrainedConf
     source = location or resolve_location(cfg.name_or_path)
     kwargs = _hub_kwargs(cfg)
     if location is None and cfg.gguf_file:
-        converted = _gguf_cache_dir(Path(source) / cfg.gguf_file) if (Path(source) / cfg.gguf_file).is_file() else None
-        if converted is not None and (converted / "config.json").is_file():
+        converted = _gguf_cache_dir(_gguf_source(source, cfg.gguf_file))
+        if (converted / "config.json").is_file():
             source = str(converted)
         else:
             kwargs["gguf_file"] = cfg.gguf_file
+    elif location is None:
+        check_location(source, "model.name_or_path", weights=False)
     try:
         config = AutoConfig.from_pretrained(source, **kwargs)
     except Exception as err:

@@ -274,6 +274,24 @@ def count_tokens(batch: dict) -> float:
     return float(batch["attention_mask"].sum()) if "attention_mask" in batch else 0.0
 
 
+def estimated_memory(run, settings: dict[str, int]) -> float:
+    """rlhf.memory's estimate (bytes per device) for the workload: a synthetic one's batch and
+    length replace the stage's batch size and data.max_length."""
+    import dataclasses
+
+    from rlhf.hardware import device_memory
+    from rlhf.memory import ModelShape, estimate_run
+    from rlhf.models import load_config
+
+    if settings["synthetic"] and not hasattr(run.stage, "rollout"):
+        run = dataclasses.replace(
+            run,
+            stage=dataclasses.replace(run.stage, batch_size=settings["batch_size"]),
+            data=dataclasses.replace(run.data, max_length=settings["length"]),
+        )
+    return estimate_run(run, ModelShape.from_config(load_config(run.model)), device_memory(run.trainer)).total
+
+
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
 def _bench(cfg: DictConfig) -> None:
     from rlhf.__main__ import launch_info, quiet_libraries
@@ -281,7 +299,7 @@ def _bench(cfg: DictConfig) -> None:
     from rlhf.hardware import check
     from rlhf.runner import stage_trainer
     from rlhf.stages import get_stage, load
-    from rlhf.tracking import peak_memory, recorded, start_tracker
+    from rlhf.tracking import peak_memory, recorded, resident_memory_mb, start_tracker
 
     quiet_libraries()
     settings = SETTINGS
@@ -302,6 +320,8 @@ def _bench(cfg: DictConfig) -> None:
     if stage.bench is None:
         sys.exit(f"rlhf.bench: error: stage={stage.name} has no benchmark workload")
     with recorded(tracker):
+        # What the stage's models and steps add to the process, to set against the memory estimate.
+        resident_before = resident_memory_mb()
         job = stage.build(run, tracker)
         workload = load(stage.bench)(job, run, settings)
         counts = {workload.unit: workload.count, "tokens": count_tokens}
@@ -352,6 +372,8 @@ def _bench(cfg: DictConfig) -> None:
         figures.update({k: round(v, 1) for k, v in peak_memory().items()})
         if settings["profile"] and profile_path.is_file():
             figures["profile"] = str(profile_path)
+        figures["peak_rss_over_start_mb"] = round(figures["peak_rss_mb"] - resident_before, 1)
+        figures["memory_estimate_mb"] = round(estimated_memory(run, settings) / 2**20, 1)
         tracker.log_metrics({f"bench/{k}": v for k, v in figures.items() if isinstance(v, (int, float))})
     print(json.dumps(figures, indent=2), file=sys.stdout)
 

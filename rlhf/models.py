@@ -23,6 +23,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -69,12 +70,15 @@ def resolve_location(name_or_path: str) -> str:
     return str(Path(next(iter(spec.submodule_search_locations))) / sub)
 
 
-def _converted_gguf_dir(directory: str, gguf_file: str) -> Path:
-    """Convert a GGUF file to a Hugging Face directory once and return the cached copy.
+def _gguf_cache_dir(source: Path) -> Path:
+    """Where the converted copy of the GGUF file `source` is cached, keyed by the file's identity."""
+    stat = source.stat()
+    key = hashlib.sha256(f"{source.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache_root() / "models" / f"{source.stem}-{key}"
 
-    GGUF weights are quantised; transformers de-quantises them on every load (tens of seconds), so
-    the result is saved as float32 safetensors next to a key of the file's identity.
-    """
+
+def _gguf_source(directory: str, gguf_file: str) -> Path:
+    """The GGUF file model.gguf_file names inside `directory`; ConfigError, saying what is there, if absent."""
     source = Path(directory) / gguf_file
     if not source.is_file():
         found = sorted(p.name for p in Path(directory).glob("*.gguf")) if Path(directory).is_dir() else []
@@ -85,9 +89,17 @@ def _converted_gguf_dir(directory: str, gguf_file: str) -> Path:
         else:
             hint = ""
         raise ConfigError(f"model.gguf_file: {source} does not exist{hint}")
-    stat = source.stat()
-    key = hashlib.sha256(f"{source.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    target = cache_root() / "models" / f"{source.stem}-{key}"
+    return source
+
+
+def _converted_gguf_dir(directory: str, gguf_file: str) -> Path:
+    """Convert a GGUF file to a Hugging Face directory once and return the cached copy.
+
+    GGUF weights are quantised; transformers de-quantises them on every load (tens of seconds), so
+    the result is saved as float32 safetensors next to a key of the file's identity.
+    """
+    source = _gguf_source(directory, gguf_file)
+    target = _gguf_cache_dir(source)
     if (target / "config.json").is_file():
         return target
     log.info("Converting %s to a Hugging Face directory (once; later loads use %s)", source, target)
@@ -240,6 +252,30 @@ def _random_model(
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return auto_class.from_config(config, dtype=_torch_dtype(cfg.dtype))
+
+
+def load_config(cfg: ModelConfig, location: str | None = None) -> PretrainedConfig:
+    """The model's transformers config (model.random_init applied), without loading weights: from
+    `location`, else the model group's directory, hub id or GGUF file (its converted copy if cached,
+    else the file's metadata)."""
+    source = location or resolve_location(cfg.name_or_path)
+    kwargs = _hub_kwargs(cfg)
+    if location is None and cfg.gguf_file:
+        converted = _gguf_cache_dir(_gguf_source(source, cfg.gguf_file))
+        if (converted / "config.json").is_file():
+            source = str(converted)
+        else:
+            kwargs["gguf_file"] = cfg.gguf_file
+    elif location is None:
+        check_location(source, "model.name_or_path", weights=False)
+    try:
+        config = AutoConfig.from_pretrained(source, **kwargs)
+    except Exception as err:
+        raise _load_error("model.name_or_path", source, err) from err
+    if location is None:
+        for key, value in (cfg.random_init or {}).items():
+            setattr(config, key, value)
+    return config
 
 
 def load_causal_lm(cfg: ModelConfig, location: str | None = None, seed: int = 0) -> PreTrainedModel:

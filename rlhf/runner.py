@@ -14,6 +14,7 @@ import pytorch_lightning as pl
 from rlhf import ranks
 from rlhf.config import RunConfig
 from rlhf.errors import ConfigError
+from rlhf.hardware import check_memory
 from rlhf.lineage import ResumePoint, find_resume_point
 from rlhf.stages import Stage, StageJob, get_stage
 from rlhf.sweeps import objective
@@ -101,6 +102,8 @@ def _execute(run: RunConfig, launch: Launch, stage: Stage) -> float | None:
         # `kill` (SIGTERM) ends a run like Ctrl-C: recorded as KILLED, checkpoints kept.
         signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     with recorded(tracker):
+        if run.memory_check:
+            check_memory(run)
         if resume:
             log.info("Resuming from %s", resume.checkpoint)
             tracker.set_tags({"rlhf.resumed_from": resume.checkpoint})

@@ -93,6 +93,15 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
+def resident_memory_mb() -> float:
+    """This process's resident memory now, in MiB (0 where /proc is not readable)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0.0
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def peak_memory() -> dict[str, float]:
     """Peak resident memory of this process (and peak GPU memory), in MiB."""
     out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}

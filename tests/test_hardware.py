@@ -55,7 +55,12 @@ def fit(run, tracker, job, tmp_path, callbacks=()):
     return trainer
 
 
-SHORT = ["trainer.max_steps=2", "trainer.val_check_interval=2", "checkpoint.every_n_steps=0", "+trainer.limit_val_batches=1"]
+SHORT = [
+    "trainer.max_steps=2",
+    "trainer.val_check_interval=2",
+    "checkpoint.every_n_steps=0",
+    "+trainer.limit_val_batches=1",
+]
 STAGE_ARGS = {
     "sft": ["stage=sft", "stage.num_samples=0"],
     "rm": ["stage=rm", "stage.init_from=base", "stage.gold_eval_prompts=0"],
@@ -69,7 +74,9 @@ STAGE_ARGS = {
 @pytest.mark.parametrize("stage", list(STAGE_ARGS))
 def test_bf16_mixed_trains_every_stage_with_clipping(compose, tmp_path, stage):
     run, tracker, job = build(
-        compose, tmp_path, [*STAGE_ARGS[stage], *SHORT, "trainer.precision=bf16-mixed", "trainer.gradient_clip_val=1.0"]
+        compose,
+        tmp_path,
+        [*STAGE_ARGS[stage], *SHORT, "trainer.precision=bf16-mixed", "trainer.gradient_clip_val=1.0"],
     )
     trainer = fit(run, tracker, job, tmp_path)
     assert trainer.global_step == 2
@@ -82,7 +89,12 @@ def test_adamw_is_fused_except_where_a_gradient_scaler_unscales(compose):
 
     stage = validate(compose(["model=tiny", "tracking=none"])).stage
     groups = param_groups(torch.nn.Linear(2, 2).named_parameters(), 0.0, 1e-3)
-    for precision, fused in (("32-true", True), ("bf16-true", True), ("bf16-mixed", True), ("16-mixed", False)):
+    for precision, fused in (
+        ("32-true", True),
+        ("bf16-true", True),
+        ("bf16-mixed", True),
+        ("16-mixed", False),
+    ):
         assert bool(adamw(groups, stage, precision).defaults["fused"]) is fused, precision
 
 
@@ -91,7 +103,9 @@ def test_adamw_is_fused_except_where_a_gradient_scaler_unscales(compose):
 
 def stage_models(module) -> list[torch.nn.Module]:
     """Every model the stage's module calls, wherever it keeps it."""
-    found = [getattr(module, name, None) for name in ("model", "policy", "reference", "value_model", "value_head")]
+    found = [
+        getattr(module, name, None) for name in ("model", "policy", "reference", "value_model", "value_head")
+    ]
     reward = getattr(module, "reward", None)
     found.append(getattr(reward, "model", None))
     return [m for m in found if m is not None]
@@ -116,14 +130,20 @@ def test_every_model_a_stage_calls_moves_with_its_module(compose, tmp_path, mode
     """Moving the LightningModule (as the trainer's setup does) moves every model its stage calls:
     on the meta device, nothing may be left on the CPU."""
     policy_dir, reward_dir = model_dirs
-    sources = [f"stage.init_from={policy_dir}"] if not case.startswith("ppo") else [f"stage.policy_from={policy_dir}"]
+    sources = (
+        [f"stage.init_from={policy_dir}"]
+        if not case.startswith("ppo")
+        else [f"stage.policy_from={policy_dir}"]
+    )
     if case.startswith("ppo") and REWARD_FN not in PLACEMENTS[case]:
         sources.append(f"stage.reward_from={reward_dir}")
     _, _, job = build(compose, tmp_path, [*PLACEMENTS[case], *sources, *local_model(policy_dir)])
     models = stage_models(job.module)
     job.module.to("meta")
     left = [
-        name for model in models for name, tensor in [*model.named_parameters(), *model.named_buffers()]
+        name
+        for model in models
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]
         if tensor.device.type != "meta"
     ]
     assert not left, f"left on the CPU: {left[:5]}"
@@ -138,7 +158,9 @@ def test_eval_and_gold_sampling_run_where_lightning_puts_a_trainer():
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
-def test_ppo_inner_steps_go_through_the_precision_plugin_and_are_clipped(compose, tmp_path, monkeypatch, precision):
+def test_ppo_inner_steps_go_through_the_precision_plugin_and_are_clipped(
+    compose, tmp_path, monkeypatch, precision
+):
     """16-mixed (fp16 with loss scaling, a GPU precision) runs here through a CPU gradient scaler:
     the gradients must be unscaled before they are clipped."""
     import functools
@@ -157,8 +179,15 @@ def test_ppo_inner_steps_go_through_the_precision_plugin_and_are_clipped(compose
         monkeypatch.setattr(training.pl, "Trainer", functools.partial(pl.Trainer, plugins=[plugin]))
         setting = "trainer.precision=null"
     run, tracker, job = build(
-        compose, tmp_path, [*STAGE_ARGS["ppo"], *SHORT, setting, f"trainer.gradient_clip_val={clip}",
-                            "stage.max_approx_kl=null"],
+        compose,
+        tmp_path,
+        [
+            *STAGE_ARGS["ppo"],
+            *SHORT,
+            setting,
+            f"trainer.gradient_clip_val={clip}",
+            "stage.max_approx_kl=null",
+        ],
     )
     module = job.module
     events: list[str] = []
@@ -176,7 +205,9 @@ def test_ppo_inner_steps_go_through_the_precision_plugin_and_are_clipped(compose
             assert scaler._per_optimizer_states[id(optimizer)]["stage"].name == "UNSCALED"
         clip_gradients(optimizer, **kwargs)
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+        norms.append(
+            float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+        )
         events.append("clip")
 
     def counting_update(*args):
@@ -199,11 +230,20 @@ def test_ppo_inner_steps_go_through_the_precision_plugin_and_are_clipped(compose
 def test_ppo_ranks_stop_together_and_share_one_kl_coefficient(tmp_path):
     """Rank 1 alone sees an approximate KL over stage.max_approx_kl after its first minibatch; both
     ranks must take the same inner steps, and end with the same adaptive KL coefficient."""
-    env = {**os.environ, **OFFLINE, **THREADS, "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        **OFFLINE,
+        **THREADS,
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]),
+    }
     result = subprocess.run(
         [sys.executable, str(TESTS_DIR / "ddp_ppo_agreement.py"), str(tmp_path)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -230,11 +270,24 @@ def test_each_stage_runs_or_refuses_each_sharded_strategy(stage, strategy):
         message = str(err)
         assert "\n" not in message
         if refused:
-            assert f"stage={stage}" in message and f"trainer.strategy={strategy}" in message and "use hardware=" in message
+            assert (
+                f"stage={stage}" in message
+                and f"trainer.strategy={strategy}" in message
+                and "use hardware=" in message
+            )
         else:  # only refused for a missing install
             assert family == "deepspeed" and "pip install deepspeed" in message
     else:
         assert not refused
+
+
+@pytest.mark.parametrize("stage", ["ppo", "grpo"])
+def test_the_rl_stages_refuse_fsdp_naming_ddp_with_lora_instead(stage):
+    with pytest.raises(ConfigError) as err:
+        hardware.check(stage, {"accelerator": "cpu", "strategy": "fsdp"})
+    message = str(err.value)
+    assert "generates with the policy inside its training step" in message
+    assert "; use hardware=ddp trainer.accelerator=gpu model.lora.enabled=true (" in message
 
 
 def test_gpu_without_a_gpu_is_one_line_and_a_failed_run(cli, mlflow_client):

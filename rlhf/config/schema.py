@@ -283,6 +283,22 @@ class OnPolicyStageConfig(StageConfig):
     missing_eos_penalty: float | None = MISSING
     log_samples_every: int = MISSING
 
+    def held_models(self, lora: bool) -> list:
+        """What rlhf.rollout.load_rl_setup keeps on the device (rlhf.memory.Held): the policy, its
+        frozen reference unless that is the policy with its LoRA adapters off, and a reward model
+        unless the reward is a function (stored in bf16 under bf16 precisions)."""
+        from rlhf.memory import Held
+
+        held = [Held("policy", trained=True)]
+        if not lora:
+            held.append(Held("reference", trained=False))
+        if not str(self.reward_from).startswith("fn:"):
+            held.append(Held("reward", trained=False, scalar=True, bf16_when_mixed=True))
+        return held
+
+    def episode_length(self, max_prompt_length: int) -> int:
+        return max_prompt_length + self.rollout.max_new_tokens
+
     def problems(self) -> list[tuple[str, str]]:
         out = super().problems()
         for key in ("ppo_epochs", "minibatch_size"):
@@ -366,6 +382,9 @@ class RunConfig:
     resume: Any = None
     # The run's output directory (model, checkpoints); Hydra's by default.
     output_dir: str = MISSING
+    # Estimate the memory per device at start-up (rlhf.memory: logged) and refuse a run that would not
+    # fit; false runs it anyway (an estimate can be wrong by a quarter either way).
+    memory_check: bool = True
     # The metric the run returns to a sweeper (e.g. val/loss, val/accuracy); null: the stage's default.
     optimized_metric: str | None = None
 

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     import pytorch_lightning as pl
 
     from rlhf.config import RunConfig
+    from rlhf.memory import Footprint
     from rlhf.tracking import Tracker
 
 
@@ -49,6 +50,10 @@ class Stage:
     # Whether it trains with a Lightning Trainer (every rank of a data-parallel job takes part);
     # a stage that does not runs on rank 0 alone.
     trains: bool = True
+    # What to run instead of a refused strategy (None: rlhf.hardware.INSTEAD, one GPU or DDP).
+    refused_instead: str | None = None
+    # The models it holds and the passes it runs per device, for the memory estimate (rlhf.memory).
+    footprint: Callable[[RunConfig], Footprint] | None = None
 
     def build(self, run: RunConfig, tracker: Tracker) -> StageJob:
         return load(self.builder)(run, tracker)

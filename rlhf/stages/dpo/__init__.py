@@ -10,6 +10,7 @@ from omegaconf import MISSING
 
 from rlhf.config import StageConfig
 from rlhf.hardware import FSDP_CANNOT_CLIP_OR_SAVE
+from rlhf.memory import Footprint, Held, Pass
 from rlhf.stages import Stage
 
 # The losses of rlhf.preference.dpo_loss.
@@ -48,6 +49,19 @@ class DPOStageConfig(StageConfig):
         return out
 
 
+def footprint(run) -> Footprint:
+    """The policy on both responses of each pair, and a frozen reference unless it is the policy with
+    its LoRA adapters off or its log-probabilities are computed beforehand (stage.precompute_ref)."""
+    held = [Held("policy", trained=True)]
+    if not run.model.lora.enabled and not run.stage.precompute_ref:
+        held.append(Held("reference", trained=False))
+    return Footprint(
+        tuple(held),
+        train=Pass(2 * run.stage.batch_size, run.data.max_length, logprobs=True),
+        batch_key="batch_size",
+    )
+
+
 STAGE = Stage(
     name="dpo",
     schema=DPOStageConfig,
@@ -59,4 +73,5 @@ STAGE = Stage(
     bench="rlhf.stages.dpo.module:bench_workload",
     evaluated=True,
     refused_strategies={"fsdp": FSDP_CANNOT_CLIP_OR_SAVE},
+    footprint=footprint,
 )

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from omegaconf import MISSING
 
 from rlhf.config import BaseStageConfig, RolloutConfig
+from rlhf.memory import Footprint, Held, Pass
 from rlhf.stages import Stage
 
 # Who picks the best policy: auto (gold when the data has a gold annotator, else the reward model) | gold | rm.
@@ -48,6 +49,15 @@ class EvalStageConfig(BaseStageConfig):
         return out
 
 
+def footprint(run) -> Footprint:
+    """One policy at a time, the reference and the reward model, sampling a rollout batch."""
+    held = [Held("policy", trained=False), Held("reference", trained=False)]
+    if not str(run.stage.reward_from).startswith("fn:"):
+        held.append(Held("reward", trained=False, scalar=True))
+    length = run.data.max_prompt_length + run.stage.rollout.max_new_tokens
+    return Footprint(tuple(held), generate=Pass(run.stage.rollout.batch_size, length))
+
+
 STAGE = Stage(
     name="eval",
     schema=EvalStageConfig,
@@ -63,4 +73,5 @@ STAGE = Stage(
     bench=None,
     # No Trainer: under a data-parallel strategy rank 0 evaluates alone.
     trains=False,
+    footprint=footprint,
 )

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from omegaconf import MISSING
 
 from rlhf.config.schema import OnPolicyStageConfig
+from rlhf.hardware import INSTEAD_OF_SHARDING_RL
+from rlhf.memory import Footprint, Pass
 from rlhf.stages import Stage
 
 # The keys of rlhf.rl.ADVANTAGE_ESTIMATORS (a test checks they agree).
@@ -48,6 +50,24 @@ class GRPOStageConfig(OnPolicyStageConfig):
         return out
 
 
+def footprint(run) -> Footprint:
+    """Policy, reference and reward model; stage.group_size responses per prompt generated at once,
+    then minibatches through the policy."""
+    stage = run.stage
+    length = stage.episode_length(run.data.max_prompt_length)
+    return Footprint(
+        tuple(stage.held_models(run.model.lora.enabled)),
+        train=Pass(
+            min(stage.minibatch_size, stage.rollout.batch_size * stage.group_size),
+            length,
+            logprobs=True,
+            head_length=stage.rollout.max_new_tokens,
+        ),
+        generate=Pass(stage.rollout.batch_size * stage.group_size, length),
+        batch_key="minibatch_size",
+    )
+
+
 STAGE = Stage(
     name="grpo",
     schema=GRPOStageConfig,
@@ -62,4 +82,6 @@ STAGE = Stage(
         "fsdp": "GRPO generates with the policy inside its training step, which FSDP's sharded parameters do not allow",
         "deepspeed": "GRPO generates with the policy inside its training step, which DeepSpeed's engine does not allow",
     },
+    refused_instead=INSTEAD_OF_SHARDING_RL,
+    footprint=footprint,
 )

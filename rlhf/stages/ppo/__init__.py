@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from omegaconf import MISSING
 
 from rlhf.config.schema import OnPolicyStageConfig
+from rlhf.hardware import INSTEAD_OF_SHARDING_RL
+from rlhf.memory import Footprint, Held, Pass
 from rlhf.stages import Stage
 
 
@@ -60,6 +62,26 @@ class PPOStageConfig(OnPolicyStageConfig):
         return out
 
 
+def footprint(run) -> Footprint:
+    """Policy, reference, reward model and a separate value model (a value head on the policy when
+    stage.critic=shared); a rollout batch generated, then minibatches through policy and critic."""
+    stage = run.stage
+    held = stage.held_models(run.model.lora.enabled)
+    roles = ("policy",)
+    if stage.critic == "separate":
+        held.append(Held("critic", trained=True, scalar=True))
+        roles = ("policy", "critic")
+    length = stage.episode_length(run.data.max_prompt_length)
+    return Footprint(
+        tuple(held),
+        train=Pass(
+            stage.minibatch_size, length, roles, logprobs=True, head_length=stage.rollout.max_new_tokens
+        ),
+        generate=Pass(stage.rollout.batch_size, length),
+        batch_key="minibatch_size",
+    )
+
+
 STAGE = Stage(
     name="ppo",
     schema=PPOStageConfig,
@@ -74,4 +96,6 @@ STAGE = Stage(
         "fsdp": "PPO generates with the policy inside its training step, which FSDP's sharded parameters do not allow",
         "deepspeed": "PPO generates with the policy and steps several models inside its training step, which DeepSpeed's engine does not allow",
     },
+    refused_instead=INSTEAD_OF_SHARDING_RL,
+    footprint=footprint,
 )

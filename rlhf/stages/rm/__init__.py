@@ -12,6 +12,7 @@ from omegaconf import MISSING
 
 from rlhf.config import StageConfig
 from rlhf.hardware import FSDP_CANNOT_CLIP_OR_SAVE
+from rlhf.memory import Footprint, Held, Pass
 from rlhf.stages import Stage
 
 
@@ -42,6 +43,15 @@ class RMStageConfig(StageConfig):
         return out
 
 
+def footprint(run) -> Footprint:
+    """The reward model, trained on the chosen and rejected responses of each pair in one pass."""
+    return Footprint(
+        (Held("reward", trained=True, scalar=True),),
+        train=Pass(2 * run.stage.batch_size, run.data.max_length, roles=("reward",)),
+        batch_key="batch_size",
+    )
+
+
 STAGE = Stage(
     name="rm",
     schema=RMStageConfig,
@@ -53,4 +63,5 @@ STAGE = Stage(
     key_metrics=("val/gold_accuracy", "val/margin", "val/loss"),
     bench="rlhf.stages.rm.module:bench_workload",
     refused_strategies={"fsdp": FSDP_CANNOT_CLIP_OR_SAVE},
+    footprint=footprint,
 )

@@ -12,6 +12,7 @@ from omegaconf import MISSING
 
 from rlhf.config import StageConfig
 from rlhf.hardware import FSDP_CANNOT_CLIP_OR_SAVE
+from rlhf.memory import Footprint, Held, Pass
 from rlhf.stages import Stage
 
 
@@ -30,6 +31,15 @@ class SFTStageConfig(StageConfig):
         return out
 
 
+def footprint(run) -> Footprint:
+    """The policy, trained on batches of up to data.max_length tokens (its samples come after training)."""
+    return Footprint(
+        (Held("policy", trained=True),),
+        train=Pass(run.stage.batch_size, run.data.max_length),
+        batch_key="batch_size",
+    )
+
+
 STAGE = Stage(
     name="sft",
     schema=SFTStageConfig,
@@ -40,4 +50,5 @@ STAGE = Stage(
     key_metrics=("val/ppl", "test/loss"),
     bench="rlhf.stages.sft.module:bench_workload",
     refused_strategies={"fsdp": FSDP_CANNOT_CLIP_OR_SAVE},
+    footprint=footprint,
 )

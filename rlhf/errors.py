@@ -40,4 +40,6 @@ def trainer_error(err: Exception, trainer_args: dict) -> ConfigError:
         key = "accelerator" if "accelerator" in trainer_args and missing_support else None
     if key is None:
         return ConfigError(f"trainer: {message}")
-    return ConfigError(f"trainer.{key}={trainer_args[key]!r}: {message} (set by the hardware group or on the command line)")
+    return ConfigError(
+        f"trainer.{key}={trainer_args[key]!r}: {message} (set by the hardware group or on the command line)"
+    )

@@ -69,7 +69,10 @@ class WinRate:
 
 
 def win_rate(
-    candidate: Sequence[float], baseline: Sequence[float], confidence: float = 0.95, tie_tolerance: float = 0.0
+    candidate: Sequence[float],
+    baseline: Sequence[float],
+    confidence: float = 0.95,
+    tie_tolerance: float = 0.0,
 ) -> WinRate:
     """Compare paired scores; |difference| <= tie_tolerance is a tie, counted as half a win. The
     interval is tie_split_interval's."""

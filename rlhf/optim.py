@@ -43,7 +43,9 @@ def adamw(groups: list[dict], stage: StageConfig, precision: str | int) -> torch
     unscaling and clipping works as in fp32.
     """
     fused = str(precision) not in SCALED_PRECISIONS
-    optimizer = torch.optim.AdamW(groups, lr=stage.lr, betas=tuple(stage.adam_betas), eps=stage.adam_eps, fused=fused)
+    optimizer = torch.optim.AdamW(
+        groups, lr=stage.lr, betas=tuple(stage.adam_betas), eps=stage.adam_eps, fused=fused
+    )
     if fused and str(precision).startswith("bf16"):
         optimizer._step_supports_amp_scaling = False
     optimizer.register_step_post_hook(release_gradients)
@@ -79,7 +81,9 @@ def scheduler(optimizer: torch.optim.Optimizer, stage: StageConfig, total_steps:
     return {"scheduler": schedule, "interval": "step", "frequency": 1}
 
 
-def configure(named_parameters: Iterable[tuple[str, torch.nn.Parameter]], stage: StageConfig, trainer) -> dict:
+def configure(
+    named_parameters: Iterable[tuple[str, torch.nn.Parameter]], stage: StageConfig, trainer
+) -> dict:
     """configure_optimizers' answer for a stage training `named_parameters`: AdamW (fused as the
     trainer's precision allows) and the stage's schedule over the run's optimizer steps."""
     optimizer = adamw(param_groups(named_parameters, stage.weight_decay, stage.lr), stage, trainer.precision)

@@ -52,7 +52,9 @@ class LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    def forward(
+        ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int
+    ) -> torch.Tensor:
         want_grad = any(ctx.needs_input_grad[:2])
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if want_grad else None
@@ -136,7 +138,9 @@ class LinearLogProbs(torch.autograd.Function):
         ctx.temperature, ctx.chunk, ctx.with_entropy = temperature, chunk, with_entropy
         # A softmax recomputed in backward must match forward's: autocast does not reach backward.
         device = hidden.device.type
-        ctx.autocast = (device, torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else None
+        ctx.autocast = (
+            (device, torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else None
+        )
         return logp, entropy
 
     @staticmethod
@@ -160,7 +164,12 @@ class LinearLogProbs(torch.autograd.Function):
             if use_entropy:
                 entropy = torch.special.entr(p).sum(-1, keepdim=True)
                 # -g_H * p * (log p + H) - g_lp * p; p log p is 0 where p underflowed to 0
-                grad_z = torch.special.xlogy(p, p).add_(p * entropy).mul_(-grad_entropy[start:stop, None]).sub_(p * g_lp)
+                grad_z = (
+                    torch.special.xlogy(p, p)
+                    .add_(p * entropy)
+                    .mul_(-grad_entropy[start:stop, None])
+                    .sub_(p * g_lp)
+                )
             else:
                 grad_z = p.mul_(-g_lp)
             grad_z[rows, t] += g_lp.squeeze(-1)
@@ -216,9 +225,13 @@ def response_logprobs(
         logp = torch.log_softmax(logits, dim=-1)
         return logp.gather(-1, targets[:, None]).squeeze(-1), -(logp.exp() * logp).sum(-1)
     if hidden is None:
-        hidden = unwrap(model).base_model(
-            input_ids=input_ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False
-        ).last_hidden_state
+        hidden = (
+            unwrap(model)
+            .base_model(
+                input_ids=input_ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False
+            )
+            .last_hidden_state
+        )
     return LinearLogProbs.apply(hidden[where], head.weight, targets, temperature, chunk, with_entropy)
 
 
@@ -267,13 +280,21 @@ def sequence_logprobs(model: torch.nn.Module, batch: dict, chunk: int = 1024) ->
             raise ValueError("a model that transforms its logits needs side-by-side pairs (share_prefix off)")
         ids, positions = batch["input_ids"], batch["position_ids"]
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
-        logp = torch.log_softmax(logits.flatten(0, 1)[index].float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+        logp = (
+            torch.log_softmax(logits.flatten(0, 1)[index].float(), dim=-1)
+            .gather(-1, targets[:, None])
+            .squeeze(-1)
+        )
     sums = torch.zeros(batch["score_index"].shape[0], dtype=logp.dtype, device=logp.device)
     return sums.index_add(0, batch["target_response"], logp)
 
 
 def completion_loss(
-    model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, chunk: int = 1024
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    mask: torch.Tensor,
+    labels: torch.Tensor,
+    chunk: int = 1024,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token cross-entropy over labelled tokens, and their count (labels -100 are ignored)."""
     targets = labels[:, 1:]
@@ -302,7 +323,10 @@ def sample_tokens(scores: torch.Tensor, generator: torch.Generator | None = None
     """
     probs = torch.softmax(scores.double(), dim=-1)
     cdf = probs.cumsum(-1)
-    u = torch.rand(scores.shape[0], 1, dtype=torch.float64, device=scores.device, generator=generator) * cdf[:, -1:]
+    u = (
+        torch.rand(scores.shape[0], 1, dtype=torch.float64, device=scores.device, generator=generator)
+        * cdf[:, -1:]
+    )
     return torch.searchsorted(cdf, u, right=True).clamp(max=scores.shape[-1] - 1).squeeze(-1)
 
 
@@ -353,7 +377,9 @@ def generate(
     try:
         with torch.autocast(device.type, enabled=False):
             for index in range(max_new_tokens):
-                step = dict(input_ids=inputs, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+                step = dict(
+                    input_ids=inputs, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True
+                )
                 if head is None:
                     logits = model(**step, logits_to_keep=1).logits[:, -1]
                 else:
@@ -417,22 +443,34 @@ class Sampler:
     @classmethod
     def from_rollout(cls, rollout, tokenizer, model: torch.nn.Module) -> Sampler:
         """A stage's `rollout` settings (RolloutConfig)."""
-        return cls.of(tokenizer, model, rollout.max_new_tokens, temperature=rollout.temperature,
-                      top_k=rollout.top_k, top_p=rollout.top_p)
+        return cls.of(
+            tokenizer,
+            model,
+            rollout.max_new_tokens,
+            temperature=rollout.temperature,
+            top_k=rollout.top_k,
+            top_p=rollout.top_p,
+        )
 
     def ended(self, response: Sequence[int]) -> bool:
         return bool(response) and response[-1] in self.eos_token_ids
 
     def __call__(
-        self, model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], seed: int | None = None,
-        batch_size: int | None = None, generator: torch.Generator | None = None,
+        self,
+        model: torch.nn.Module,
+        prompt_ids: Sequence[Sequence[int]],
+        seed: int | None = None,
+        batch_size: int | None = None,
+        generator: torch.Generator | None = None,
     ) -> list[list[int]]:
         """One response per prompt, `batch_size` prompts at a time. With `seed`, the draws are the
         same for every model and caller (policies compared on one prompt set see the same random
         numbers) and the caller's random state is left as it was; with `generator`, they come from it."""
         if seed is None:
             return self._draw(model, prompt_ids, batch_size, generator)
-        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+        with torch.random.fork_rng(
+            devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []
+        ):
             torch.manual_seed(seed)
             return self._draw(model, prompt_ids, batch_size)
 
@@ -441,25 +479,40 @@ class Sampler:
         responses: list[list[int]] = []
         for start in range(0, len(prompt_ids), step):
             responses += generate(
-                model, prompt_ids[start : start + step], pad_token_id=self.pad_token_id,
-                eos_token_ids=self.eos_token_ids, max_new_tokens=self.max_new_tokens, do_sample=not self.greedy,
-                temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, generator=generator,
+                model,
+                prompt_ids[start : start + step],
+                pad_token_id=self.pad_token_id,
+                eos_token_ids=self.eos_token_ids,
+                max_new_tokens=self.max_new_tokens,
+                do_sample=not self.greedy,
+                temperature=self.temperature,
+                top_k=self.top_k,
+                top_p=self.top_p,
+                generator=generator,
             )
         return responses
 
 
 def pad_episodes(
-    prompt_ids: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_token_id: int,
+    prompt_ids: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    pad_token_id: int,
     device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(query, query_mask, response, response_mask): prompts left-padded, responses right-padded, so
     that every response starts at the same position (join_prompt_response puts them side by side)."""
-    return (pad(prompt_ids, pad_token_id, left=True).to(device), attention_mask(prompt_ids, left=True).to(device),
-            pad(responses, pad_token_id).to(device), attention_mask(responses).to(device))
+    return (
+        pad(prompt_ids, pad_token_id, left=True).to(device),
+        attention_mask(prompt_ids, left=True).to(device),
+        pad(responses, pad_token_id).to(device),
+        attention_mask(responses).to(device),
+    )
 
 
 def episode_inputs(
-    prompt_ids: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_token_id: int,
+    prompt_ids: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    pad_token_id: int,
     device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(ids, mask, where, targets) of each prompt followed by its response, as response_logprobs and

@@ -55,7 +55,9 @@ class RewardSource:
     def score_texts(self, prompts: Sequence, responses: Sequence[str]) -> list[float]:
         raise NotImplementedError
 
-    def __call__(self, ids: torch.Tensor, mask: torch.Tensor, prompts: Sequence, texts: Sequence[str]) -> torch.Tensor:
+    def __call__(
+        self, ids: torch.Tensor, mask: torch.Tensor, prompts: Sequence, texts: Sequence[str]
+    ) -> torch.Tensor:
         return torch.tensor(self.score_texts(prompts, texts), dtype=torch.float32)
 
 
@@ -74,7 +76,12 @@ class ModelReward(RewardSource):
 
     def __init__(self, model: torch.nn.Module, tokenizer, renderer, same_tokens: bool, batch_size: int = 16):
         super().__init__(tokenizer)
-        self.model, self.renderer, self.same_tokens, self.batch_size = model, renderer, same_tokens, batch_size
+        self.model, self.renderer, self.same_tokens, self.batch_size = (
+            model,
+            renderer,
+            same_tokens,
+            batch_size,
+        )
 
     @torch.no_grad()
     def score_texts(self, prompts, responses) -> list[float]:
@@ -83,13 +90,18 @@ class ModelReward(RewardSource):
         from rlhf.scalar import sequence_scores
 
         sequences = [
-            p + r for p, r in zip(encode_prompts(self.renderer, prompts), encode_responses(self.renderer, prompts, responses))
+            p + r
+            for p, r in zip(
+                encode_prompts(self.renderer, prompts), encode_responses(self.renderer, prompts, responses)
+            )
         ]
         scores: list[float] = []
         for start in range(0, len(sequences), self.batch_size):
             part = sequences[start : start + self.batch_size]
             ids, mask = pad(part, self.renderer.tokenizer.pad_token_id), attention_mask(part)
-            scores += sequence_scores(self.model, ids.to(self.model.device), mask.to(self.model.device)).tolist()
+            scores += sequence_scores(
+                self.model, ids.to(self.model.device), mask.to(self.model.device)
+            ).tolist()
         return scores
 
     @torch.no_grad()
@@ -114,7 +126,9 @@ class FunctionReward(RewardSource):
 
         scores = self.function([prompt_text(p) for p in prompts], [prompt_text(r) for r in responses])
         if len(scores) != len(responses):
-            raise ValueError(f"the reward function returned {len(scores)} scores for {len(responses)} responses")
+            raise ValueError(
+                f"the reward function returned {len(scores)} scores for {len(responses)} responses"
+            )
         return [float(s) for s in scores]
 
 
@@ -147,5 +161,7 @@ def load_reward(
     tokenizer = models.load_tokenizer(model_config, source.location)
     model = models.load_scalar_model(model_config, source.location, tokenizer.pad_token_id).eval()
     renderer = ChatRenderer(tokenizer, chat_template)
-    reward = ModelReward(model, policy_tokenizer, renderer, shares_tokens(policy_tokenizer, tokenizer), batch_size)
+    reward = ModelReward(
+        model, policy_tokenizer, renderer, shares_tokens(policy_tokenizer, tokenizer), batch_size
+    )
     return reward, source.location

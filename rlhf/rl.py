@@ -31,7 +31,9 @@ def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) 
     return squares
 
 
-def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+def whiten(
+    values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
+) -> torch.Tensor:
     """(values - mean) / std over the masked positions; masked positions come out 0."""
     mean, var = masked_mean(values, mask), masked_var(values, mask)
     out = (values - mean) * torch.rsqrt(var + eps)
@@ -232,7 +234,9 @@ def critic_free_advantages(
     advantages over the batch's tokens.
     """
     if estimator not in ADVANTAGE_ESTIMATORS:
-        raise ValueError(f"unknown advantage estimator {estimator!r}; use one of {', '.join(ADVANTAGE_ESTIMATORS)}")
+        raise ValueError(
+            f"unknown advantage estimator {estimator!r}; use one of {', '.join(ADVANTAGE_ESTIMATORS)}"
+        )
     baseline, normalise = ADVANTAGE_ESTIMATORS[estimator]
     sequence = baseline(scores, group_size)
     if kl is None:

@@ -46,7 +46,9 @@ def _attention_bias(model: PreTrainedModel, allowed: torch.Tensor) -> torch.Tens
 def _head(model: torch.nn.Module) -> torch.nn.Module:
     head = getattr(unwrap(model), "score", None)
     if head is None:
-        raise TypeError(f"{type(unwrap(model)).__name__} has no `score` head; use a decoder-only architecture")
+        raise TypeError(
+            f"{type(unwrap(model)).__name__} has no `score` head; use a decoder-only architecture"
+        )
     return head
 
 
@@ -96,11 +98,11 @@ def fold_normalisation(model: torch.nn.Module, mean: float, std: float) -> None:
     the scale of the normalised scores it learns from, rather than raw scores."""
     inner = unwrap(model)
     head = _head(inner)
-    folded = torch.nn.Linear(head.in_features, head.out_features, bias=True, device=head.weight.device,
-                             dtype=head.weight.dtype)
+    folded = torch.nn.Linear(
+        head.in_features, head.out_features, bias=True, device=head.weight.device, dtype=head.weight.dtype
+    )
     with torch.no_grad():
         folded.weight.copy_(head.weight / std)
         bias = head.bias if head.bias is not None else torch.zeros_like(folded.bias)
         folded.bias.copy_((bias - mean) / std)
     inner.score = folded
-

@@ -73,8 +73,12 @@ class Throughput(pl.Callback):
             for unit, n in counts.items():
                 totals[unit] = totals.get(unit, 0.0) + n
         for unit, n in totals.items():
-            pl_module.log(f"perf/{unit}_per_s", n / seconds, on_step=True, on_epoch=False, rank_zero_only=True)
-        pl_module.log("perf/step_time_s", seconds / len(self.window), on_step=True, on_epoch=False, rank_zero_only=True)
+            pl_module.log(
+                f"perf/{unit}_per_s", n / seconds, on_step=True, on_epoch=False, rank_zero_only=True
+            )
+        pl_module.log(
+            "perf/step_time_s", seconds / len(self.window), on_step=True, on_epoch=False, rank_zero_only=True
+        )
 
 
 class FiniteGuard(pl.Callback):
@@ -195,13 +199,17 @@ def _validates(trainer: pl.Trainer, datamodule: pl.LightningDataModule) -> bool:
     return trainer.limit_val_batches != 0 and hasattr(datamodule, "val_dataloader")
 
 
-def validate_initial(trainer: pl.Trainer, module: pl.LightningModule, datamodule: pl.LightningDataModule) -> None:
+def validate_initial(
+    trainer: pl.Trainer, module: pl.LightningModule, datamodule: pl.LightningDataModule
+) -> None:
     """Validate the starting weights, logged at step 0, before training begins."""
     if _validates(trainer, datamodule):
         trainer.validate(module, datamodule=datamodule, verbose=False)
 
 
-def validate_final(trainer: pl.Trainer, module: pl.LightningModule, datamodule: pl.LightningDataModule) -> None:
+def validate_final(
+    trainer: pl.Trainer, module: pl.LightningModule, datamodule: pl.LightningDataModule
+) -> None:
     """Validate the final weights unless the last validation already ran at the final step."""
     last = next((c for c in trainer.callbacks if isinstance(c, LastValidation)), None)
     if _validates(trainer, datamodule) and last is not None and last.step != trainer.global_step:
@@ -241,12 +249,16 @@ class RandomState(pl.Callback):
 
 def _quiet_lightning() -> None:
     # The DataModule restores the position in the epoch itself (see rlhf.data.loading).
-    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+    warnings.filterwarnings(
+        "ignore", message="You're resuming from a checkpoint that ended before the epoch ended"
+    )
     warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     # PPO checkpoints after its iteration's updates, which is the state to resume from.
     warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
-    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(lambda record: "litlogger" not in record.getMessage())
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
+        lambda record: "litlogger" not in record.getMessage()
+    )
 
 
 def release_freed_memory() -> None:
@@ -274,7 +286,13 @@ def release_freed_memory() -> None:
 
 def _world_size(trainer_args: dict[str, Any]) -> int:
     devices = trainer_args.get("devices", 1)
-    per_node = devices if isinstance(devices, int) and devices > 0 else len(devices) if isinstance(devices, list) else 1
+    per_node = (
+        devices
+        if isinstance(devices, int) and devices > 0
+        else len(devices)
+        if isinstance(devices, list)
+        else 1
+    )
     return per_node * int(trainer_args.get("num_nodes", 1) or 1)
 
 
@@ -321,7 +339,9 @@ def build_trainer(
         if trainer_args.pop("accumulate_grad_batches", 1) != 1:
             from rlhf.errors import ConfigError
 
-            raise ConfigError("trainer.accumulate_grad_batches: PPO takes stage.minibatch_size instead; leave it at 1")
+            raise ConfigError(
+                "trainer.accumulate_grad_batches: PPO takes stage.minibatch_size instead; leave it at 1"
+            )
     interval = trainer_args.get("val_check_interval")
     if (
         isinstance(interval, int)
@@ -347,7 +367,9 @@ def build_trainer(
     try:
         return pl.Trainer(
             **trainer_args,
-            logger=RunLogger(tracking_uri=tracker.uri, run_id=tracker.run_id, synchronous=False) if tracker.active else False,
+            logger=RunLogger(tracking_uri=tracker.uri, run_id=tracker.run_id, synchronous=False)
+            if tracker.active
+            else False,
             callbacks=[*callbacks, *extra],
             default_root_dir=str(output_dir),
             enable_checkpointing=every > 0,

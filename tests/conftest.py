@@ -26,6 +26,7 @@ if _WORKERS > 1:
     THREADS = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // _WORKERS))}
     os.environ.update(THREADS)
 
+
 @pytest.fixture(scope="session")
 def compose():
     """compose(["stage=sft", ...]) -> the DictConfig Hydra would hand the entry point."""
@@ -79,7 +80,9 @@ def tokenizer(tiny_model_config):
     return load_tokenizer(tiny_model_config)
 
 
-def run_cli(args: list[str], cwd: Path, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    args: list[str], cwd: Path, timeout: float = 600, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """`python -m rlhf <args>` in `cwd`; its output is kept for assertion messages."""
     full_env = {**os.environ, **OFFLINE, **THREADS, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(
@@ -99,7 +102,9 @@ def cli(tmp_path):
     def _run(*args: str, timeout: float = 600, env: dict | None = None, check: bool = True):
         result = run_cli(list(args), tmp_path, timeout=timeout, env=env)
         if check and result.returncode != 0:
-            raise AssertionError(f"rlhf {' '.join(args)} exited {result.returncode}:\n{result.stderr[-4000:]}")
+            raise AssertionError(
+                f"rlhf {' '.join(args)} exited {result.returncode}:\n{result.stderr[-4000:]}"
+            )
         return result
 
     return _run
@@ -121,7 +126,9 @@ def runs_of(client, experiment: str, stage: str | None = None):
     exp = client.get_experiment_by_name(experiment)
     assert exp is not None, f"no MLflow experiment {experiment!r}"
     query = f"tags.`rlhf.stage` = '{stage}'" if stage else ""
-    return client.search_runs([exp.experiment_id], filter_string=query, order_by=["attributes.start_time ASC"])
+    return client.search_runs(
+        [exp.experiment_id], filter_string=query, order_by=["attributes.start_time ASC"]
+    )
 
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -168,7 +175,9 @@ def pipeline(tmp_path_factory) -> Pipeline:
     tiny model, in one multirun."""
 
     def build(directory: Path) -> None:
-        result = run_cli(["-m", "experiment=smoke", f"stage={','.join(PIPELINE_STAGES)}"], directory, timeout=1800)
+        result = run_cli(
+            ["-m", "experiment=smoke", f"stage={','.join(PIPELINE_STAGES)}"], directory, timeout=1800
+        )
         (directory / "cli.stderr").write_text(result.stderr)
         assert result.returncode == 0, result.stderr[-4000:]
 

@@ -26,10 +26,21 @@ with initialize_config_dir(str(config_dir()), version_base="1.3"):
     cfg = compose(
         "config",
         overrides=[
-            "experiment=smoke", "stage=ppo", "stage.policy_from=base", "stage.reward_from=fn:ppo_rewards.brevity",
-            "tracking=none", f"output_dir={OUT}", "hardware=ddp", "trainer.devices=2", "trainer.max_steps=2",
-            "+trainer.limit_val_batches=0", "checkpoint.every_n_steps=0", "trainer.enable_progress_bar=false",
-            "stage.kl_target=0.5", "stage.max_approx_kl=1.0", "stage.log_samples_every=0",
+            "experiment=smoke",
+            "stage=ppo",
+            "stage.policy_from=base",
+            "stage.reward_from=fn:ppo_rewards.brevity",
+            "tracking=none",
+            f"output_dir={OUT}",
+            "hardware=ddp",
+            "trainer.devices=2",
+            "trainer.max_steps=2",
+            "+trainer.limit_val_batches=0",
+            "checkpoint.every_n_steps=0",
+            "trainer.enable_progress_bar=false",
+            "stage.kl_target=0.5",
+            "stage.max_approx_kl=1.0",
+            "stage.log_samples_every=0",
         ],
     )
 run = validate(cfg)
@@ -66,4 +77,6 @@ tracker = start_tracker(run, Launch(output_dir=str(OUT), launch_dir=str(OUT)))
 job = get_stage("ppo").build(run, tracker)
 trainer = stage_trainer(run, tracker, OUT, job)
 trainer.fit(job.module, datamodule=job.datamodule)
-(OUT / f"rank{trainer.global_rank}.json").write_text(json.dumps({"updates": updates, "kl_coef": job.module.kl_ctl.value}))
+(OUT / f"rank{trainer.global_rank}.json").write_text(
+    json.dumps({"updates": updates, "kl_coef": job.module.kl_ctl.value})
+)

@@ -35,18 +35,38 @@ CASES = [
     ("empty-csv", ["data.sft.path={d}/empty.csv"], ["empty.csv", "empty"]),
     ("one-record", ["data.sft.path={d}/one.jsonl"], ["one.jsonl", "at least 2"]),
     # the wrong columns are the culprit, however few the records
-    ("one-record-wrong-columns", ["data.sft.path={d}/one_qa.jsonl"], ["one_qa.jsonl", "'prompt'", "question"]),
-    ("one-prompt-repeated", ["data.sft.path={d}/same_prompt.jsonl"], ["same_prompt.jsonl", "2 distinct prompts"]),
+    (
+        "one-record-wrong-columns",
+        ["data.sft.path={d}/one_qa.jsonl"],
+        ["one_qa.jsonl", "'prompt'", "question"],
+    ),
+    (
+        "one-prompt-repeated",
+        ["data.sft.path={d}/same_prompt.jsonl"],
+        ["same_prompt.jsonl", "2 distinct prompts"],
+    ),
     # columns
-    ("unknown-columns-sft", ["data.sft.path={d}/qa.jsonl"], ["qa.jsonl", "'prompt'", "question", "data.sft.columns"]),
+    (
+        "unknown-columns-sft",
+        ["data.sft.path={d}/qa.jsonl"],
+        ["qa.jsonl", "'prompt'", "question", "data.sft.columns"],
+    ),
     (
         "unknown-columns-rm",
         ["stage=rm", "stage.init_from=base", "data.preference.path={d}/qa.jsonl"],
         ["qa.jsonl", "'chosen'", "data.preference.columns"],
     ),
-    ("mapped-column-absent", ["data.sft.path={d}/qa.jsonl", "+data.sft.columns.prompt=quest"], ["data.sft.columns", "'quest'"]),
+    (
+        "mapped-column-absent",
+        ["data.sft.path={d}/qa.jsonl", "+data.sft.columns.prompt=quest"],
+        ["data.sft.columns", "'quest'"],
+    ),
     ("mapping-without-plus", ["data.sft.columns.prompt=question"], ["+data.sft.columns.prompt"]),
-    ("format-lacks-column", ["data.sft.path={d}/sft.jsonl", "data.sft.format=messages"], ["sft.jsonl", "'messages'"]),
+    (
+        "format-lacks-column",
+        ["data.sft.path={d}/sft.jsonl", "data.sft.format=messages"],
+        ["sft.jsonl", "'messages'"],
+    ),
     (
         "slice-column-absent",
         ["stage=rm", "stage.init_from=base", "data.preference.slice_by=nope"],
@@ -66,22 +86,50 @@ CASES = [
     ),
     (
         "prompts-too-long-ppo",
-        ["stage=ppo", "stage.policy_from=base", "stage.reward_from=fn:rlhf.tasks.assistant.gold_reward",
-         "data.prompts.path={d}/long_prompts.jsonl"],
+        [
+            "stage=ppo",
+            "stage.policy_from=base",
+            "stage.reward_from=fn:rlhf.tasks.assistant.gold_reward",
+            "data.prompts.path={d}/long_prompts.jsonl",
+        ],
         ["long_prompts.jsonl", "prompt too long"],
     ),
     ("messages-not-a-list", ["data.sft.path={d}/bad_messages.jsonl"], ["bad_messages.jsonl", "'messages'"]),
     # models
-    ("gguf-without-gguf-file", ["model.name_or_path={d}/gguf-only"], ["model.name_or_path", "model.gguf_file=my.Q4_0.gguf"]),
+    (
+        "gguf-without-gguf-file",
+        ["model.name_or_path={d}/gguf-only"],
+        ["model.name_or_path", "model.gguf_file=my.Q4_0.gguf"],
+    ),
     # A model group without random_init (model=tiny has one, and trains a config-only directory from scratch).
-    ("no-weights", ["model.name_or_path={d}/no-weights", "model.random_init=null"], ["model.name_or_path", "no weights"]),
+    (
+        "no-weights",
+        ["model.name_or_path={d}/no-weights", "model.random_init=null"],
+        ["model.name_or_path", "no weights"],
+    ),
     ("not-a-model-dir", ["model.name_or_path={d}/empty-dir"], ["model.name_or_path", "config.json"]),
     ("missing-model-dir", ["model.name_or_path={d}/no-such-model"], ["model.name_or_path", "does not exist"]),
-    ("hub-id-offline", ["model.name_or_path=someone/some-model"], ["model.name_or_path", "someone/some-model", "offline"]),
-    ("gguf-file-absent", ["model.name_or_path={m}", "model.gguf_file=other.gguf"], ["model.gguf_file", "other.gguf"]),
-    ("gguf-file-given-as-path", ["model.name_or_path={d}/gguf-only/my.Q4_0.gguf"], ["model.name_or_path", "model.gguf_file=my.Q4_0.gguf"]),
+    (
+        "hub-id-offline",
+        ["model.name_or_path=someone/some-model"],
+        ["model.name_or_path", "someone/some-model", "offline"],
+    ),
+    (
+        "gguf-file-absent",
+        ["model.name_or_path={m}", "model.gguf_file=other.gguf"],
+        ["model.gguf_file", "other.gguf"],
+    ),
+    (
+        "gguf-file-given-as-path",
+        ["model.name_or_path={d}/gguf-only/my.Q4_0.gguf"],
+        ["model.name_or_path", "model.gguf_file=my.Q4_0.gguf"],
+    ),
     # tokenizers
-    ("model-without-tokenizer", ["model.name_or_path={d}/no-tokenizer"], ["model.name_or_path", "no tokenizer"]),
+    (
+        "model-without-tokenizer",
+        ["model.name_or_path={d}/no-tokenizer"],
+        ["model.name_or_path", "no tokenizer"],
+    ),
     ("tokenizer-missing", ["model.tokenizer={d}/no-such-tokenizer"], ["model.tokenizer", "does not exist"]),
     # config values
     ("max-steps-not-int", ["trainer.max_steps=abc"], ["trainer.max_steps", "'abc'"]),
@@ -96,14 +144,30 @@ CASES = [
     ("unknown-precision", ["trainer.precision=13"], ["trainer.precision"]),
     ("accelerator-not-installed", ["trainer.accelerator=tpu"], ["trainer.accelerator"]),
     # where results go
-    ("tracking-uri-unwritable", ["tracking.uri=sqlite:////proc/rlhf-nowhere/mlflow.db"], ["tracking.uri", "/proc/rlhf-nowhere"]),
+    (
+        "tracking-uri-unwritable",
+        ["tracking.uri=sqlite:////proc/rlhf-nowhere/mlflow.db"],
+        ["tracking.uri", "/proc/rlhf-nowhere"],
+    ),
     ("output-dir-is-a-file", ["output_dir={d}/sft.jsonl"], ["output_dir", "sft.jsonl is a file"]),
     ("output-dir-inside-a-file", ["output_dir={d}/sft.jsonl/out"], ["output_dir", "inside", "a file"]),
-    ("output-dir-unwritable", ["output_dir=/proc/rlhf-out"], ["output_dir=/proc/rlhf-out", "cannot be written"]),
+    (
+        "output-dir-unwritable",
+        ["output_dir=/proc/rlhf-out"],
+        ["output_dir=/proc/rlhf-out", "cannot be written"],
+    ),
     # lineage
     ("resume-not-a-checkpoint", ["resume={d}/sft.jsonl"], ["resume=", "sft.jsonl", "not a checkpoint"]),
-    ("resume-unknown-run", ["resume=0123456789abcdef0123456789abcdef"], ["resume=0123456789abcdef0123456789abcdef", "no run"]),
-    ("reward-from-base", ["stage=ppo", "stage.policy_from=base", "stage.reward_from=base"], ["stage.reward_from"]),
+    (
+        "resume-unknown-run",
+        ["resume=0123456789abcdef0123456789abcdef"],
+        ["resume=0123456789abcdef0123456789abcdef", "no run"],
+    ),
+    (
+        "reward-from-base",
+        ["stage=ppo", "stage.policy_from=base", "stage.reward_from=base"],
+        ["stage.reward_from"],
+    ),
     # models of the wrong kind: what the directory holds, and what the key needs
     (
         "reward-from-a-language-model",
@@ -112,10 +176,18 @@ CASES = [
     ),
     (
         "policy-from-a-reward-model",
-        ["stage=grpo", "stage.policy_from={d}/reward-model", "stage.reward_from=fn:rlhf.tasks.assistant.gold_reward"],
+        [
+            "stage=grpo",
+            "stage.policy_from={d}/reward-model",
+            "stage.reward_from=fn:rlhf.tasks.assistant.gold_reward",
+        ],
         ["stage.policy_from", "holds a reward model", "needs a language model"],
     ),
-    ("dpo-from-a-reward-model", ["stage=dpo", "stage.init_from={d}/reward-model"], ["stage.init_from", "holds a reward model"]),
+    (
+        "dpo-from-a-reward-model",
+        ["stage=dpo", "stage.init_from={d}/reward-model"],
+        ["stage.init_from", "holds a reward model"],
+    ),
 ]
 
 
@@ -130,12 +202,16 @@ def workspace(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("inputs")
     _write_jsonl(d / "sft.jsonl", GOOD_SFT)
-    (d / "latin1.jsonl").write_bytes(b'{"prompt": "a", "completion": "b"}\n{"prompt": "caf\xe9", "completion": "ok"}\n')
+    (d / "latin1.jsonl").write_bytes(
+        b'{"prompt": "a", "completion": "b"}\n{"prompt": "caf\xe9", "completion": "ok"}\n'
+    )
     (d / "utf16.jsonl").write_text("".join(json.dumps(r) + "\n" for r in GOOD_SFT), encoding="utf-16")
     (d / "empty.jsonl").write_text("")
     (d / "wrapped.json").write_text(json.dumps({"data": GOOD_SFT}))
     (d / "arrays.jsonl").write_text('["a", "b"]\n' * 4)
-    (d / "broken.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c", "completion": "d"}\n{"prompt": \n')
+    (d / "broken.jsonl").write_text(
+        '{"prompt": "a", "completion": "b"}\n{"prompt": "c", "completion": "d"}\n{"prompt": \n'
+    )
     (d / "notes.txt").write_text("prompt: a\n")
     (d / "latin1.csv").write_bytes(b"prompt,completion\ncaf\xe9,b\nx,y\n")
     (d / "empty.csv").write_text("")
@@ -144,8 +220,13 @@ def workspace(tmp_path_factory):
     _write_jsonl(d / "same_prompt.jsonl", [{"prompt": "Hi?", "completion": f"Hello {i}."} for i in range(12)])
     _write_jsonl(d / "qa.jsonl", [{"question": f"q{i}", "answer": f"a{i}"} for i in range(12)])
     _write_jsonl(d / "blank.jsonl", [{"prompt": f"q{i}", "completion": "  "} for i in range(12)])
-    _write_jsonl(d / "identical.jsonl", [{"prompt": f"q{i}", "chosen": "same", "rejected": "same"} for i in range(12)])
-    _write_jsonl(d / "long_pairs.jsonl", [{"prompt": f"word {i} " * 100, "chosen": "a", "rejected": "b"} for i in range(12)])
+    _write_jsonl(
+        d / "identical.jsonl", [{"prompt": f"q{i}", "chosen": "same", "rejected": "same"} for i in range(12)]
+    )
+    _write_jsonl(
+        d / "long_pairs.jsonl",
+        [{"prompt": f"word {i} " * 100, "chosen": "a", "rejected": "b"} for i in range(12)],
+    )
     _write_jsonl(d / "long_prompts.jsonl", [{"prompt": f"word {i} " * 100} for i in range(12)])
     _write_jsonl(d / "bad_messages.jsonl", [{"messages": "hello"} for _ in range(12)])
     model = build_own_model(d / "my-model", "gpt2")
@@ -160,7 +241,9 @@ def workspace(tmp_path_factory):
     (d / "empty-dir").mkdir()
     shutil.copytree(model, d / "reward-model")
     config = json.loads((model / "config.json").read_text())
-    (d / "reward-model" / "config.json").write_text(json.dumps({**config, "architectures": ["GPT2ForSequenceClassification"]}))
+    (d / "reward-model" / "config.json").write_text(
+        json.dumps({**config, "architectures": ["GPT2ForSequenceClassification"]})
+    )
     launch = tmp_path_factory.mktemp("launch")
     earlier = launch / "outputs" / "earlier-run" / "model"
     earlier.mkdir(parents=True)

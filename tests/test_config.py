@@ -276,7 +276,10 @@ def test_help_for_one_option_prints_its_keys_with_their_meaning(cli):
     assert "# Reward: latest" in result.stdout  # the comments that say what a key means
     unknown = cli("--help", "stage=ppx", check=False)
     assert unknown.returncode == 2
-    assert "rlhf: error: stage=ppx: no such option; stage options: dpo, eval, grpo, ppo, rm, sft" in unknown.stderr
+    assert (
+        "rlhf: error: stage=ppx: no such option; stage options: dpo, eval, grpo, ppo, rm, sft"
+        in unknown.stderr
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -315,7 +315,11 @@ def test_messages_split_at_the_last_user_turn():
 
 def test_messages_ending_with_a_user_turn_name_the_row():
     good = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
-    bad = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "?"}]
+    bad = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "?"},
+    ]
     with pytest.raises(DataError) as err:
         examples([{"messages": good}, {"messages": bad}])
     assert "data.jsonl: row 2" in str(err.value)
@@ -370,8 +374,13 @@ def test_unknown_format_name_is_an_error():
 
 
 def test_explicit_format_picks_its_columns_when_several_match():
-    rows = [{"prompt": "ignored", "completion": "ignored", "messages": [
-        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}]
+    rows = [
+        {
+            "prompt": "ignored",
+            "completion": "ignored",
+            "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
+        }
+    ]
     (example,) = examples(rows, fmt="messages")
     assert example.prompt == [{"role": "user", "content": "Hi"}]
 
@@ -398,9 +407,12 @@ def test_empty_completion_is_an_error_when_strict():
 
 
 def test_formats_read_a_loaded_file(tmp_path):
-    file = write_jsonl(tmp_path / "m.jsonl", [
-        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]},
-    ])
+    file = write_jsonl(
+        tmp_path / "m.jsonl",
+        [
+            {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]},
+        ],
+    )
     split = load_split(SourceConfig(path=str(file)), "train", "data.sft")
     (example,) = sft_examples(split.records, "auto", split.origin, "data.sft", False, stats())
     assert example.prompt == [{"role": "user", "content": "Hi"}]
@@ -421,7 +433,9 @@ def no_template(tokenizer):
 
 
 def encode(renderer, prompts, responses, max_length=512, max_prompt_length=256, counts=None, strict=False):
-    return encode_pairs(renderer, prompts, responses, max_length, max_prompt_length, counts or stats(), strict=strict)
+    return encode_pairs(
+        renderer, prompts, responses, max_length, max_prompt_length, counts or stats(), strict=strict
+    )
 
 
 def decode(tokenizer, ids):
@@ -471,7 +485,9 @@ def test_conversational_prompt_under_the_chat_template(tokenizer):
     completion = [{"role": "assistant", "content": "Blue."}]
     encoded = encode(renderer, [prompt], [completion])
     (p_ids,), (r_ids,) = encoded.prompt_ids, encoded.response_ids
-    assert decode(tokenizer, p_ids) == tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    assert decode(tokenizer, p_ids) == tokenizer.apply_chat_template(
+        prompt, tokenize=False, add_generation_prompt=True
+    )
     assert decode(tokenizer, r_ids) == "Blue.<|im_end|>"
     full = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
     assert decode(tokenizer, p_ids + r_ids) + "\n" == full
@@ -485,7 +501,9 @@ def test_long_prompt_keeps_its_last_tokens_and_is_counted(tokenizer):
     cut = encode(renderer, [prompt], ["word199."], max_length=64, max_prompt_length=32, counts=counts)
     assert len(full.prompt_ids[0]) > 32
     assert cut.prompt_ids[0] == full.prompt_ids[0][-32:]
-    assert decode(tokenizer, cut.prompt_ids[0]).endswith("Which word came last?<|im_end|>\n<|im_start|>assistant\n")
+    assert decode(tokenizer, cut.prompt_ids[0]).endswith(
+        "Which word came last?<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert cut.response_ids[0] == full.response_ids[0]
     assert counts.counts == Counter({"truncated_prompt": 1})
 
@@ -504,7 +522,9 @@ def test_long_response_is_cut_to_max_length_and_counted(tokenizer):
     p_len = len(full.prompt_ids[0])
     max_length = p_len + 10
     counts = stats()
-    cut = encode(renderer, ["List items."], [response], max_length=max_length, max_prompt_length=p_len, counts=counts)
+    cut = encode(
+        renderer, ["List items."], [response], max_length=max_length, max_prompt_length=p_len, counts=counts
+    )
     assert cut.prompt_ids[0] == full.prompt_ids[0]
     assert cut.response_ids[0] == full.response_ids[0][:10]
     assert len(cut.prompt_ids[0]) + len(cut.response_ids[0]) == max_length
@@ -628,7 +648,9 @@ def test_collator_pads_labels_with_ignore_index_and_masks_padding():
 
 def test_collator_mask_is_not_confused_by_tokens_equal_to_padding():
     # A real token whose id equals the pad id (e.g. EOS used as pad) still counts in the mask.
-    batch = CausalLMCollator(pad_token_id=2, multiple_of=1)([sft_features([1], [2]), sft_features([1], [3, 2])])
+    batch = CausalLMCollator(pad_token_id=2, multiple_of=1)(
+        [sft_features([1], [2]), sft_features([1], [3, 2])]
+    )
     assert batch["attention_mask"].tolist() == [[1, 1, 0], [1, 1, 1]]
     assert batch["labels"].tolist() == [[-100, 2, -100], [-100, 3, 2]]
 
@@ -702,13 +724,17 @@ def test_length_grouped_sampler_cuts_padding_and_keeps_every_example():
     maxima = [max(lengths[i] for i in list(grouped)[k : k + 8]) for k in range(0, 1000, 8)]
     assert maxima != sorted(maxima) and maxima != sorted(maxima, reverse=True)
     grouped.set_epoch(1)
-    assert sorted(grouped) == list(range(1000)) and list(grouped) != list(ResumableSampler(1000, seed=1, lengths=lengths, batch_size=8))
+    assert sorted(grouped) == list(range(1000)) and list(grouped) != list(
+        ResumableSampler(1000, seed=1, lengths=lengths, batch_size=8)
+    )
 
 
 def test_length_grouped_batches_stay_whole_across_ranks_and_resume():
     # 45 examples, 2 ranks x batch 4: every global batch of 8 is one length group, the partial last.
     lengths = [(i * 37) % 101 for i in range(45)]
-    shards = [ResumableSampler(45, seed=2, rank=r, world_size=2, lengths=lengths, batch_size=4) for r in range(2)]
+    shards = [
+        ResumableSampler(45, seed=2, rank=r, world_size=2, lengths=lengths, batch_size=4) for r in range(2)
+    ]
     orders = [list(s) for s in shards]
     assert not set(orders[0]) & set(orders[1]) and len(orders[0]) == len(orders[1]) == 22
     whole = ResumableSampler(45, seed=2, lengths=lengths, batch_size=8)
@@ -722,11 +748,15 @@ def test_length_grouped_batches_stay_whole_across_ranks_and_resume():
 def test_data_module_groups_training_batches_by_the_collators_length():
     items = [sft_features([1] * (1 + (i * 7) % 40), [2]) for i in range(64)]
     collate = CausalLMCollator(0, multiple_of=1)
-    grouped = ExamplesDataModule({"train": items, "validation": items[:2]}, collate, 8, 2, seed=0, group_by_length=True)
+    grouped = ExamplesDataModule(
+        {"train": items, "validation": items[:2]}, collate, 8, 2, seed=0, group_by_length=True
+    )
     plain = ExamplesDataModule({"train": items, "validation": items[:2]}, collate, 8, 2, seed=0)
     padded = [sum(b["input_ids"].numel() for b in m.train_dataloader()) for m in (grouped, plain)]
     assert padded[0] < 0.8 * padded[1]
-    seen = sorted(len(row) - row.count(0) for b in grouped.train_dataloader() for row in b["input_ids"].tolist())
+    seen = sorted(
+        len(row) - row.count(0) for b in grouped.train_dataloader() for row in b["input_ids"].tolist()
+    )
     assert seen == sorted(collate.length(i) for i in items)
 
 
@@ -793,8 +823,10 @@ def test_records_cut_in_several_splits_make_one_warning_that_says_what_to_raise(
 
     prepared = Prepared(splits={"train": [1] * 256, "validation": [1] * 200, "test": [1] * 200})
     prepared.stats = {
-        "data/sft_train_examples": 256, "data/sft_train_truncated_response": 20,
-        "data/sft_validation_examples": 200, "data/sft_validation_truncated_response": 15,
+        "data/sft_train_examples": 256,
+        "data/sft_train_truncated_response": 20,
+        "data/sft_validation_examples": 200,
+        "data/sft_validation_truncated_response": 15,
         "data/sft_test_examples": 200,
     }
     with caplog.at_level(logging.WARNING, logger="rlhf.data.prepare"):

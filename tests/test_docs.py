@@ -16,7 +16,9 @@ MAX_README_LINES = 350
 
 def test_readme_is_a_guide_not_a_lab_notebook():
     lines = README.read_text().splitlines()
-    assert len(lines) <= MAX_README_LINES, f"README.md has {len(lines)} lines; measurements and method notes go in docs/"
+    assert len(lines) <= MAX_README_LINES, (
+        f"README.md has {len(lines)} lines; measurements and method notes go in docs/"
+    )
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))

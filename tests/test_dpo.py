@@ -44,16 +44,22 @@ def _two_pairs():
     ],
 )
 def test_dpo_losses_match_hand_computed_values(loss_type, smoothing, expected):
-    losses, chosen, rejected = dpo_loss(*_two_pairs(), beta=0.5, loss_type=loss_type, label_smoothing=smoothing)
+    losses, chosen, rejected = dpo_loss(
+        *_two_pairs(), beta=0.5, loss_type=loss_type, label_smoothing=smoothing
+    )
     assert losses.tolist() == pytest.approx(expected, abs=1e-6)
     # implicit rewards: beta * (log pi - log ref)
-    assert chosen.tolist() == pytest.approx([0.25, -0.25]) and rejected.tolist() == pytest.approx([-0.25, 0.25])
+    assert chosen.tolist() == pytest.approx([0.25, -0.25]) and rejected.tolist() == pytest.approx(
+        [-0.25, 0.25]
+    )
 
 
 def test_dpo_sigmoid_loss_is_log_2_when_the_policy_is_the_reference():
     logps = torch.tensor([-3.0, -7.0])
     for smoothing in (0.0, 0.2):
-        losses, _, _ = dpo_loss(logps, logps.flip(0), logps, logps.flip(0), beta=0.1, label_smoothing=smoothing)
+        losses, _, _ = dpo_loss(
+            logps, logps.flip(0), logps, logps.flip(0), beta=0.1, label_smoothing=smoothing
+        )
         assert losses.tolist() == pytest.approx([LOG2, LOG2])
     with pytest.raises(ValueError, match="unknown DPO loss"):
         dpo_loss(logps, logps, logps, logps, beta=0.1, loss_type="kto")
@@ -64,7 +70,10 @@ def test_dpo_sigmoid_loss_is_log_2_when_the_policy_is_the_reference():
     [
         (["stage.beta=0"], "stage.beta: must be > 0"),
         (["stage.loss=kto"], "stage.loss: must be one of sigmoid, ipo, hinge"),
-        (["stage.loss=ipo", "stage.label_smoothing=0.1"], "stage.label_smoothing: applies to the sigmoid loss only"),
+        (
+            ["stage.loss=ipo", "stage.label_smoothing=0.1"],
+            "stage.label_smoothing: applies to the sigmoid loss only",
+        ),
         (["stage.label_smoothing=0.5"], "stage.label_smoothing: must be in [0, 0.5)"),
     ],
 )
@@ -72,7 +81,9 @@ def test_bad_dpo_settings_name_the_key(compose, overrides, message):
     from rlhf.config import validate
     from rlhf.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(
+        ConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")
+    ):
         validate(compose(["stage=dpo", "tracking=none", *overrides]))
 
 
@@ -104,7 +115,9 @@ def _features():
     pairs = [{"chosen": one, "rejected": two, "margin": 0.0, "prompt_length": 20, "record": 0}]
     # A ranking of three (its second response is a prefix of the first): three pairs of one record.
     for a, b in ((0, 1), (0, 2), (1, 2)):
-        pairs.append({"chosen": ranked[a], "rejected": ranked[b], "margin": 0.0, "prompt_length": 12, "record": 1})
+        pairs.append(
+            {"chosen": ranked[a], "rejected": ranked[b], "margin": 0.0, "prompt_length": 12, "record": 1}
+        )
     return pairs, [one, two, *ranked], [20, 20, 12, 12, 12]
 
 
@@ -164,8 +177,13 @@ def test_lora_reference_is_the_policy_with_its_adapters_off(compose, tiny_policy
     from rlhf import models
 
     local = models.save_model(tiny_policy, tokenizer, tmp_path / "tiny")
-    _, job = _build(compose, "model.random_init=null", "model.gguf_file=null", f"model.name_or_path={local}",
-                    "model.lora.enabled=true")
+    _, job = _build(
+        compose,
+        "model.random_init=null",
+        "model.gguf_file=null",
+        f"model.name_or_path={local}",
+        "model.lora.enabled=true",
+    )
     module = job.module
     assert module.reference is None
     with torch.no_grad():  # move the adapters away from their zero start
@@ -216,8 +234,15 @@ def test_precomputed_reference_is_computed_under_the_trainers_precision(compose,
         with torch.autocast("cpu", dtype=torch.bfloat16):
             autocast = sequence_logprobs(job.module.policy, batch).float()
     assert (full - autocast).abs().max() > 1e-3  # the two precisions do differ on this model
-    trainer = pl.Trainer(precision="bf16-mixed", accelerator="cpu", devices=1, logger=False,
-                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1)
+    trainer = pl.Trainer(
+        precision="bf16-mixed",
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=1,
+    )
     trainer.validate(job.module, datamodule=job.datamodule)  # runs setup, which precomputes
     stored = torch.tensor([logp for feature in features for logp in feature["reference_logps"]])
     torch.testing.assert_close(stored, autocast, atol=1e-4, rtol=0)
@@ -236,13 +261,22 @@ def test_dpo_learns_on_the_shipped_pairs_and_saves_a_policy(tmp_path, cli, mlflo
     assert run.info.status == "FINISHED" and run.data.tags["rlhf.init_from"] == "base"
     metrics = run.data.metrics
     for split in ("train", "val", "test"):
-        for name in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-                     "logps/chosen", "logps/rejected"):
+        for name in (
+            "loss",
+            "rewards/chosen",
+            "rewards/rejected",
+            "rewards/margins",
+            "rewards/accuracies",
+            "logps/chosen",
+            "logps/rejected",
+        ):
             assert f"{split}/{name}" in metrics, (split, name)
     assert metrics["val/rewards/accuracies"] > 0.6, metrics["val/rewards/accuracies"]
     assert metrics["val/loss"] < LOG2 and metrics["val/rewards/margins"] > 0
     assert metrics["val/kl"] > 0 and "val/gold" in metrics and metrics["perf/pairs_per_s"] > 0
-    table = json.loads(Path(mlflow_client.download_artifacts(run.info.run_id, "samples/validation.json")).read_text())
+    table = json.loads(
+        Path(mlflow_client.download_artifacts(run.info.run_id, "samples/validation.json")).read_text()
+    )
     assert table["columns"] == ["prompt", "response", "kl", "gold"] and len(table["data"]) == 8
     model = AutoModelForCausalLM.from_pretrained(mlflow_client.download_artifacts(run.info.run_id, "model"))
     assert model.config.model_type == "llama"
@@ -260,9 +294,16 @@ def test_killed_dpo_resumes_to_the_same_result(tmp_path, cli, mlflow_client, pre
     """SIGKILL after the first checkpoint, resume=true: the policy, optimizer and data position come
     back, the reference is rebuilt (or recomputed from the initial policy), and the run ends as an
     uninterrupted one does."""
-    args = [*SMOKE, "trainer.max_steps=8", "checkpoint.every_n_steps=4", "trainer.val_check_interval=4",
-            "trainer.log_every_n_steps=1", "stage.sample_prompts=0", "+trainer.limit_test_batches=1",
-            f"stage.precompute_ref={str(precompute).lower()}"]
+    args = [
+        *SMOKE,
+        "trainer.max_steps=8",
+        "checkpoint.every_n_steps=4",
+        "trainer.val_check_interval=4",
+        "trainer.log_every_n_steps=1",
+        "stage.sample_prompts=0",
+        "+trainer.limit_test_batches=1",
+        f"stage.precompute_ref={str(precompute).lower()}",
+    ]
     cli(*args, "tracking.experiment=whole")
     process = _start([*args, "tracking.experiment=cut"], tmp_path)
     _wait_for(lambda: any((tmp_path / "outputs").glob("*/*/checkpoints/step-000004.ckpt")), 300, process)
@@ -294,7 +335,13 @@ def test_bench_workload_counts_pairs_and_the_reference_forward_pass(compose):
     assert batch["target_index"].numel() == 8 * 16
     count = FlopCount.of(job.module.policy, lm_head=True)
     tokens, trained, attended = float(batch["attention_mask"].sum()), 8 * 16, attended_pairs(batch)
-    policy = (4 * count.body + 2 * count.body_trainable) * tokens + (4 * count.head + 2 * count.head_trainable) * trained
+    policy = (4 * count.body + 2 * count.body_trainable) * tokens + (
+        4 * count.head + 2 * count.head_trainable
+    ) * trained
     policy += 12 * count.layers * count.attention_width * attended
-    reference = 2 * count.body * tokens + 2 * count.head * trained + 4 * count.layers * count.attention_width * attended
+    reference = (
+        2 * count.body * tokens
+        + 2 * count.head * trained
+        + 4 * count.layers * count.attention_width * attended
+    )
     assert workload.flops.step(batch) == pytest.approx(policy + reference)

@@ -651,9 +651,13 @@ def test_missing_test_split_falls_back_to_validation_loudly(caplog):
             self.tags.update(tags)
 
     tracker = Tags()
-    assert held_out_split({"train": [], "validation": [], "test": []}, "test", "data.prompts", tracker) == "test"
+    assert (
+        held_out_split({"train": [], "validation": [], "test": []}, "test", "data.prompts", tracker) == "test"
+    )
     assert tracker.tags == {}
     with caplog.at_level("WARNING"):
-        assert held_out_split({"train": [], "validation": []}, "test", "data.prompts", tracker) == "validation"
+        assert (
+            held_out_split({"train": [], "validation": []}, "test", "data.prompts", tracker) == "validation"
+        )
     assert "data.prompts has no test split" in caplog.text
     assert tracker.tags == {"rlhf.eval.data.prompts.split": "validation (no test split)"}

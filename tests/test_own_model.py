@@ -33,16 +33,32 @@ def build_own_model(directory: Path, arch: str) -> Path:
 
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(LINES * 3, vocab_size=400, min_frequency=1, special_tokens=["<|endoftext|>"])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>", eos_token="<|endoftext|>"
+    )
     assert tokenizer.pad_token is None and not tokenizer.chat_template
     eos = tokenizer.eos_token_id
     if arch == "gpt2":
-        config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=256, bos_token_id=eos, eos_token_id=eos)
+        config = GPT2Config(
+            vocab_size=len(tokenizer),
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            n_positions=256,
+            bos_token_id=eos,
+            eos_token_id=eos,
+        )
         model_class = GPT2LMHeadModel
     else:
         config = GPTNeoXConfig(
-            vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-            intermediate_size=64, max_position_embeddings=256, bos_token_id=eos, eos_token_id=eos,
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=256,
+            bos_token_id=eos,
+            eos_token_id=eos,
         )
         model_class = GPTNeoXForCausalLM
     torch.manual_seed(0)
@@ -53,14 +69,25 @@ def build_own_model(directory: Path, arch: str) -> Path:
 
 def own(directory: Path, *extra: str) -> list[str]:
     # Short runs: validation and checkpoints once, at the end.
-    return ["experiment=smoke", f"model.name_or_path={directory}", "trainer.max_steps=2", "trainer.val_check_interval=2",
-            "checkpoint.every_n_steps=0", *extra]
+    return [
+        "experiment=smoke",
+        f"model.name_or_path={directory}",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "checkpoint.every_n_steps=0",
+        *extra,
+    ]
 
 
 def test_own_model_and_data_file_name_the_run(tmp_path, cli, mlflow_client):
     model_dir = build_own_model(tmp_path / "my-model", "gpt2")
     data = tmp_path / "my-demos.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"What is {i} plus {i}?", "completion": f"{2 * i}."}) + "\n" for i in range(20)))
+    data.write_text(
+        "".join(
+            json.dumps({"prompt": f"What is {i} plus {i}?", "completion": f"{2 * i}."}) + "\n"
+            for i in range(20)
+        )
+    )
     cli(*own(model_dir, f"data.sft.path={data}"))
     (run,) = runs_of(mlflow_client, "smoke", "sft")
     assert run.info.status == "FINISHED"

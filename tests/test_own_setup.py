@@ -165,7 +165,9 @@ def test_with_a_terminal_the_bar_stays_and_without_one_it_is_replaced(monkeypatc
 
 
 @pytest.mark.parametrize("accumulate", [1, 2])
-def test_the_bar_counts_to_where_max_steps_stops_training_and_shows_no_logger_version(monkeypatch, tmp_path, accumulate):
+def test_the_bar_counts_to_where_max_steps_stops_training_and_shows_no_logger_version(
+    monkeypatch, tmp_path, accumulate
+):
     import pytorch_lightning as pl
     import torch
     from pytorch_lightning.loggers import CSVLogger
@@ -199,8 +201,13 @@ def test_the_bar_counts_to_where_max_steps_stops_training_and_shows_no_logger_ve
     monkeypatch.setattr(progress, "has_terminal", lambda: True)
     args = {"enable_progress_bar": True}
     trainer = pl.Trainer(
-        max_steps=12, max_epochs=1, accumulate_grad_batches=accumulate, logger=CSVLogger(tmp_path), enable_checkpointing=False,
-        callbacks=[*progress.progress_callbacks(args), Watch()], default_root_dir=tmp_path,
+        max_steps=12,
+        max_epochs=1,
+        accumulate_grad_batches=accumulate,
+        logger=CSVLogger(tmp_path),
+        enable_checkpointing=False,
+        callbacks=[*progress.progress_callbacks(args), Watch()],
+        default_root_dir=tmp_path,
     )
     trainer.fit(Tiny())
     # Lightning's own bar counts the epoch's 32 batches although training stops at 12 steps.

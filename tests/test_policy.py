@@ -72,8 +72,14 @@ def _tiny_lm(vocab=40):
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=64, pad_token_id=0, eos_token_id=1,
+        vocab_size=vocab,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        pad_token_id=0,
+        eos_token_id=1,
     )
     return LlamaForCausalLM(config).eval()
 
@@ -82,8 +88,10 @@ PROMPTS = [[5, 9, 17, 3, 8], [12, 4], [7, 7, 30, 2], [22]]
 
 
 def _hf_greedy(model, prompt, new_tokens):
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+    out = model.generate(
+        torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
+    return out[0, len(prompt) :].tolist()
 
 
 def test_greedy_generation_matches_transformers_and_stops_at_the_first_eos():
@@ -91,7 +99,9 @@ def test_greedy_generation_matches_transformers_and_stops_at_the_first_eos():
     plain = [_hf_greedy(model, p, 12) for p in PROMPTS]
     # An EOS that some responses reach early and others never: rows leave the batch at different steps.
     eos = plain[0][3]
-    responses = generate(model, PROMPTS, pad_token_id=0, eos_token_ids=[eos], max_new_tokens=12, do_sample=False)
+    responses = generate(
+        model, PROMPTS, pad_token_id=0, eos_token_ids=[eos], max_new_tokens=12, do_sample=False
+    )
     for response, alone in zip(responses, plain):
         end = alone.index(eos) + 1 if eos in alone else len(alone)
         assert response == alone[:end]
@@ -130,7 +140,9 @@ def test_a_seeded_sampler_draws_the_same_for_every_caller_and_leaves_their_rando
     batched = sampler(model, PROMPTS, seed=5, batch_size=2)
     assert len(batched) == len(PROMPTS) and all(sampler.ended(r) or len(r) == 8 for r in batched)
     greedy = Sampler(0, (1,), 8, greedy=True)
-    assert greedy(model, PROMPTS, batch_size=3) == generate(model, PROMPTS, 0, [1], max_new_tokens=8, do_sample=False)
+    assert greedy(model, PROMPTS, batch_size=3) == generate(
+        model, PROMPTS, 0, [1], max_new_tokens=8, do_sample=False
+    )
 
 
 def test_episode_inputs_put_each_response_after_its_prompt():
@@ -177,7 +189,9 @@ def test_response_logprobs_match_a_plain_forward_pass_with_left_padding(temperat
         expected_logp, expected_entropy = [], []
         for prompt, answer in zip(PROMPTS, responses):
             logits = model(input_ids=torch.tensor([prompt + answer])).logits[0].float() / temperature
-            plain = torch.log_softmax(logits[len(prompt) - 1 : -1], dim=-1)  # the positions predicting the answer
+            plain = torch.log_softmax(
+                logits[len(prompt) - 1 : -1], dim=-1
+            )  # the positions predicting the answer
             expected_logp.append(plain.gather(-1, torch.tensor(answer)[:, None]).squeeze(-1))
             expected_entropy.append(-(plain.exp() * plain).sum(-1))
     torch.testing.assert_close(logp, torch.cat(expected_logp), atol=1e-5, rtol=1e-5)

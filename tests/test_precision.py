@@ -14,13 +14,18 @@ X86_WITH_BF16 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 am
 X86_WITHOUT = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni\n"
 
 
-@pytest.mark.parametrize(("cpuinfo", "speedup", "expected"), [
-    (X86_WITH_BF16, 3.0, "bf16-mixed"),
-    # The same flags on a processor whose bf16 products run at half the fp32 rate.
-    (X86_WITH_BF16, 0.5, "32-true"),
-    (X86_WITH_BF16, 1.1, "32-true"),
-])
-def test_auto_precision_decides_from_the_measured_bf16_rate(tmp_path, monkeypatch, cpuinfo, speedup, expected):
+@pytest.mark.parametrize(
+    ("cpuinfo", "speedup", "expected"),
+    [
+        (X86_WITH_BF16, 3.0, "bf16-mixed"),
+        # The same flags on a processor whose bf16 products run at half the fp32 rate.
+        (X86_WITH_BF16, 0.5, "32-true"),
+        (X86_WITH_BF16, 1.1, "32-true"),
+    ],
+)
+def test_auto_precision_decides_from_the_measured_bf16_rate(
+    tmp_path, monkeypatch, cpuinfo, speedup, expected
+):
     monkeypatch.setattr("rlhf.config.precision.measured_bf16_speedup", lambda: speedup)
     path = tmp_path / "cpuinfo"
     path.write_text(cpuinfo)
@@ -118,8 +123,18 @@ def _fit(compose, overrides: list[str], callbacks: list, tmp_path):
     from rlhf.stages import get_stage
     from rlhf.tracking import SilentTracker
 
-    run = validate(compose(["experiment=smoke", "tracking=none", "checkpoint.every_n_steps=0",
-                            "+trainer.limit_val_batches=0", "trainer.enable_progress_bar=false", *overrides]))
+    run = validate(
+        compose(
+            [
+                "experiment=smoke",
+                "tracking=none",
+                "checkpoint.every_n_steps=0",
+                "+trainer.limit_val_batches=0",
+                "trainer.enable_progress_bar=false",
+                *overrides,
+            ]
+        )
+    )
     tracker = SilentTracker()
     job = get_stage(run.stage.name).build(run, tracker)
     trainer = stage_trainer(run, tracker, tmp_path, job, callbacks)
@@ -153,8 +168,18 @@ def test_bf16_mixed_losses_track_fp32(compose, tmp_path, stage, tolerance):
     losses = {}
     for precision in ("32-true", "bf16-mixed"):
         recorder = Losses()
-        _fit(compose, [f"stage={stage}", source, "trainer.max_steps=6", f"trainer.precision={precision}",
-                       "trainer.gradient_clip_val=1.0"], [recorder.callback], tmp_path / precision)
+        _fit(
+            compose,
+            [
+                f"stage={stage}",
+                source,
+                "trainer.max_steps=6",
+                f"trainer.precision={precision}",
+                "trainer.gradient_clip_val=1.0",
+            ],
+            [recorder.callback],
+            tmp_path / precision,
+        )
         losses[precision] = recorder.losses
     assert len(losses["32-true"]) == 6
     torch.testing.assert_close(
@@ -176,9 +201,21 @@ def test_first_ppo_ratio_is_exactly_one_in_bf16_mixed(compose, tmp_path, monkeyp
         return original(logprobs, old_logprobs, advantages, mask, clip)
 
     monkeypatch.setattr(rl, "policy_loss", recording)
-    job, _ = _fit(compose, ["stage=ppo", "stage.policy_from=base", "stage.reward_from=fn:rlhf.tasks.assistant.gold_reward",
-                            "trainer.max_steps=1", "trainer.precision=bf16-mixed", "stage.ppo_epochs=1",
-                            "stage.rollout.batch_size=4", "stage.minibatch_size=4"], [], tmp_path)
+    job, _ = _fit(
+        compose,
+        [
+            "stage=ppo",
+            "stage.policy_from=base",
+            "stage.reward_from=fn:rlhf.tasks.assistant.gold_reward",
+            "trainer.max_steps=1",
+            "trainer.precision=bf16-mixed",
+            "stage.ppo_epochs=1",
+            "stage.rollout.batch_size=4",
+            "stage.minibatch_size=4",
+        ],
+        [],
+        tmp_path,
+    )
     logprobs, old, mask = seen[0]
     assert mask.any()
     assert torch.equal(logprobs[mask], old[mask])
@@ -193,8 +230,15 @@ def test_decoding_runs_in_the_weights_dtype_under_autocast():
     from rlhf.policy import generate
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, pad_token_id=0)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        pad_token_id=0,
+    )
     model = LlamaForCausalLM(config)
     dtypes = set()
     model.model.layers[0].mlp.down_proj.register_forward_hook(lambda module, args, out: dtypes.add(out.dtype))
@@ -217,11 +261,23 @@ def test_ppo_stores_a_frozen_reward_model_in_bf16_under_bf16_mixed_only(compose,
     directory = tmp_path / "reward"
     tiny = validate(compose(["model=tiny", "tracking=none"]))
     tokenizer = models.load_tokenizer(tiny.model)
-    models.save_model(models.load_scalar_model(tiny.model, None, tokenizer.pad_token_id), tokenizer, directory)
+    models.save_model(
+        models.load_scalar_model(tiny.model, None, tokenizer.pad_token_id), tokenizer, directory
+    )
     reward_models = {}
     for precision in ("32-true", "bf16-mixed"):
-        run = validate(compose(["experiment=smoke", "stage=ppo", "tracking=none", "stage.policy_from=base",
-                                f"stage.reward_from={directory}", f"trainer.precision={precision}"]))
+        run = validate(
+            compose(
+                [
+                    "experiment=smoke",
+                    "stage=ppo",
+                    "tracking=none",
+                    "stage.policy_from=base",
+                    f"stage.reward_from={directory}",
+                    f"trainer.precision={precision}",
+                ]
+            )
+        )
         reward_models[precision] = get_stage("ppo").build(run, SilentTracker()).module.reward.model
     fp32, bf16 = reward_models["32-true"], reward_models["bf16-mixed"]
     assert {p.dtype for p in fp32.parameters()} == {torch.float32}

@@ -530,8 +530,20 @@ def test_pair_collator_puts_each_pair_in_two_rows_and_masks_only_padding():
 @pytest.mark.parametrize("share_prefix", [False, True])
 def test_pair_collator_passes_gold_order_and_slice_through_either_layout(share_prefix):
     features = [
-        {"chosen": [1, 2, 3, 4, 5, 6], "rejected": [1, 2, 3, 4, 5, 7], "margin": 0.0, "gold_order": 1.0, "slice": 2},
-        {"chosen": [1, 2, 3, 4, 5, 8], "rejected": [1, 2, 3, 4, 5, 9, 9], "margin": 0.0, "gold_order": -1.0, "slice": 0},
+        {
+            "chosen": [1, 2, 3, 4, 5, 6],
+            "rejected": [1, 2, 3, 4, 5, 7],
+            "margin": 0.0,
+            "gold_order": 1.0,
+            "slice": 2,
+        },
+        {
+            "chosen": [1, 2, 3, 4, 5, 8],
+            "rejected": [1, 2, 3, 4, 5, 9, 9],
+            "margin": 0.0,
+            "gold_order": -1.0,
+            "slice": 0,
+        },
     ]
     batch = PairCollator(0, multiple_of=1, share_prefix=share_prefix)(features)
     assert ("pair_mask" in batch) == share_prefix
@@ -568,7 +580,9 @@ def test_pair_collator_shares_the_prefix_only_when_that_is_fewer_tokens():
     shared = PairCollator(0, multiple_of=1, share_prefix=True)
     batch = shared(PAIRS)
     assert "pair_mask" in batch and batch["input_ids"].shape == (4, 7)  # 6 + 4 - 3 = 7 against 2 rows of 6
-    assert batch["attention_mask"].sum().item() == sum(len(f["chosen"]) + len(f["rejected"]) - common_prefix(f["chosen"], f["rejected"]) for f in PAIRS)
+    assert batch["attention_mask"].sum().item() == sum(
+        len(f["chosen"]) + len(f["rejected"]) - common_prefix(f["chosen"], f["rejected"]) for f in PAIRS
+    )
     assert batch["input_ids"][0].tolist() == [5, 6, 7, 8, 9, 10, 11]
     assert batch["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 5, 3]
     assert shared.length(PAIRS[0]) == 7 and PairCollator(0).length(PAIRS[0]) == 6
@@ -594,7 +608,11 @@ def test_shared_prefix_scores_and_gradients_equal_separate_sequences(attention):
     packed = PairCollator(0, multiple_of=8, share_prefix=True)(PAIRS)
     assert "pair_mask" in packed and "pair_mask" not in plain
     results = [scores_and_gradients(scorer, batch) for batch in (plain, packed)]
-    alone = [sequence_scores(scorer, torch.tensor([f[k]]), torch.ones(1, len(f[k]), dtype=torch.long)) for k in ("chosen", "rejected") for f in PAIRS]
+    alone = [
+        sequence_scores(scorer, torch.tensor([f[k]]), torch.ones(1, len(f[k]), dtype=torch.long))
+        for k in ("chosen", "rejected")
+        for f in PAIRS
+    ]
     (c1, r1, g1), (c2, r2, g2) = results
     assert torch.allclose(torch.cat([c1, r1]), torch.cat(alone).detach(), atol=1e-5)
     assert torch.allclose(c1, c2, atol=1e-5) and torch.allclose(r1, r2, atol=1e-5)
@@ -615,10 +633,31 @@ def test_a_rejected_response_does_not_see_the_chosen_one():
 # A ranking of three responses to prompt [1, 2] (best first: [1, 2, 7, 8], [1, 2, 5], [1, 2, 6, 6]) as
 # the three pair features the data layer gives, plus a pair from another record.
 RANKED = [
-    {"chosen": [1, 2, 7, 8], "rejected": [1, 2, 5], "margin": 0.0, "gold_order": 1.0, "slice": 1, "record": 3},
-    {"chosen": [1, 2, 7, 8], "rejected": [1, 2, 6, 6], "margin": 0.5, "gold_order": 1.0, "slice": 1, "record": 3},
+    {
+        "chosen": [1, 2, 7, 8],
+        "rejected": [1, 2, 5],
+        "margin": 0.0,
+        "gold_order": 1.0,
+        "slice": 1,
+        "record": 3,
+    },
+    {
+        "chosen": [1, 2, 7, 8],
+        "rejected": [1, 2, 6, 6],
+        "margin": 0.5,
+        "gold_order": 1.0,
+        "slice": 1,
+        "record": 3,
+    },
     {"chosen": [9, 9, 4], "rejected": [9, 9, 3], "margin": 0.0, "gold_order": -1.0, "slice": 0, "record": 5},
-    {"chosen": [1, 2, 5], "rejected": [1, 2, 6, 6], "margin": 0.0, "gold_order": 0.0, "slice": 1, "record": 3},
+    {
+        "chosen": [1, 2, 5],
+        "rejected": [1, 2, 6, 6],
+        "margin": 0.0,
+        "gold_order": 0.0,
+        "slice": 1,
+        "record": 3,
+    },
 ]
 
 

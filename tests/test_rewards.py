@@ -24,7 +24,9 @@ def reward_model(tiny_model_config, tokenizer):
 def _policy_episode(tokenizer, renderer):
     """Prompt ids and sampled-looking response ids ending in EOS, as PPO holds them."""
     prompt_ids = encode_prompts(renderer, PROMPTS)
-    responses = [tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for r in RESPONSES]
+    responses = [
+        tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for r in RESPONSES
+    ]
     sequences = [p + r for p, r in zip(prompt_ids, responses)]
     return pad(sequences, tokenizer.pad_token_id), attention_mask(sequences), responses
 
@@ -68,6 +70,8 @@ def test_function_reward_checks_the_number_of_scores(tokenizer):
 
 def test_function_reward_passes_message_lists_as_their_last_message(tokenizer):
     seen = []
-    reward = FunctionReward(lambda prompts, responses: seen.extend(zip(prompts, responses)) or [0.0], tokenizer)
+    reward = FunctionReward(
+        lambda prompts, responses: seen.extend(zip(prompts, responses)) or [0.0], tokenizer
+    )
     reward.score_texts([[{"role": "user", "content": "Hi?"}]], [[{"role": "assistant", "content": "Hello."}]])
     assert seen == [("Hi?", "Hello.")]

@@ -56,8 +56,13 @@ def test_whiten_over_the_mask():
     values = t([[1.0, 2.0, 3.0, 100.0], [4.0, 5.0, -50.0, 7e5]])
     out = rl.whiten(values, MASK_2x4)
     # (x - 3) / sqrt(2.5): -2/1.5811 = -1.26491, -1/1.5811 = -0.63246, 0, ...
-    assert_values(out, [[-1.2649110640673518, -0.6324555320336759, 0.0, 0.0],
-                        [0.6324555320336759, 1.2649110640673518, 0.0, 0.0]])
+    assert_values(
+        out,
+        [
+            [-1.2649110640673518, -0.6324555320336759, 0.0, 0.0],
+            [0.6324555320336759, 1.2649110640673518, 0.0, 0.0],
+        ],
+    )
     assert_values(rl.masked_mean(out, MASK_2x4), 0.0)
     assert_values(rl.masked_var(out, MASK_2x4).sqrt(), 1.0)
     assert (out[MASK_2x4 == 0] == 0).all()
@@ -70,8 +75,13 @@ def test_whiten_without_shifting_the_mean_keeps_it():
     values = t([[1.0, 2.0, 3.0, 100.0], [4.0, 5.0, -50.0, 7e5]])
     out = rl.whiten(values, MASK_2x4, shift_mean=False)
     # (x - 3) / sqrt(2.5) + 3
-    assert_values(out, [[3 - 1.2649110640673518, 3 - 0.6324555320336759, 3.0, 0.0],
-                        [3 + 0.6324555320336759, 3 + 1.2649110640673518, 0.0, 0.0]])
+    assert_values(
+        out,
+        [
+            [3 - 1.2649110640673518, 3 - 0.6324555320336759, 3.0, 0.0],
+            [3 + 0.6324555320336759, 3 + 1.2649110640673518, 0.0, 0.0],
+        ],
+    )
 
 
 # -- KL estimators ----------------------------------------------------------------------------------
@@ -142,14 +152,22 @@ GAE_VALUES = t([[0.4, 0.6, 0.8, 0.0], [1.0, 0.0, 0.0, 0.0]])
         #   A_2 = 1.2;  A_1 = 0.7 + 0.95 * 1.2 = 1.84;  A_0 = 1.2 + 0.95 * 1.84 = 2.948
         #   R = A + V = 3.348, 2.44, 2.0
         # row 1: delta_0 = 3.0 + 0 - 1.0 = 2.0 = A_0; R_0 = 3.0
-        (1.0, 0.95, [[2.948, 1.84, 1.2, 0.0], [2.0, 0.0, 0.0, 0.0]],
-         [[3.348, 2.44, 2.0, 0.0], [3.0, 0.0, 0.0, 0.0]]),
+        (
+            1.0,
+            0.95,
+            [[2.948, 1.84, 1.2, 0.0], [2.0, 0.0, 0.0, 0.0]],
+            [[3.348, 2.44, 2.0, 0.0], [3.0, 0.0, 0.0, 0.0]],
+        ),
         # gamma 0.9, lam 0.5 (gamma * lam = 0.45), row 0:
         #   delta_2 = 2.0 - 0.8 = 1.2;  delta_1 = 0.5 + 0.9 * 0.8 - 0.6 = 0.62;  delta_0 = 1.0 + 0.9 * 0.6 - 0.4 = 1.14
         #   A_2 = 1.2;  A_1 = 0.62 + 0.45 * 1.2 = 1.16;  A_0 = 1.14 + 0.45 * 1.16 = 1.662
         #   R = 2.062, 1.76, 2.0
-        (0.9, 0.5, [[1.662, 1.16, 1.2, 0.0], [2.0, 0.0, 0.0, 0.0]],
-         [[2.062, 1.76, 2.0, 0.0], [3.0, 0.0, 0.0, 0.0]]),
+        (
+            0.9,
+            0.5,
+            [[1.662, 1.16, 1.2, 0.0], [2.0, 0.0, 0.0, 0.0]],
+            [[2.062, 1.76, 2.0, 0.0], [3.0, 0.0, 0.0, 0.0]],
+        ),
     ],
 )
 def test_gae_by_hand(gamma, lam, advantages, returns):
@@ -337,10 +355,16 @@ def test_missing_eos_penalty_is_subtracted_from_cut_off_responses_only():
     assert torch.equal(rl.penalise_missing_eos(raw, ended, 0.0), raw)
 
 
-@pytest.mark.parametrize(("mode", "has_stats", "resolved"), [
-    ("auto", True, "model"), ("auto", False, "running"), ("model", True, "model"), ("running", True, "running"),
-    ("none", True, "none"),
-])
+@pytest.mark.parametrize(
+    ("mode", "has_stats", "resolved"),
+    [
+        ("auto", True, "model"),
+        ("auto", False, "running"),
+        ("model", True, "model"),
+        ("running", True, "running"),
+        ("none", True, "none"),
+    ],
+)
 def test_reward_norm_auto_prefers_the_reward_models_statistics(mode, has_stats, resolved):
     assert rl.resolve_reward_norm(mode, has_stats) == resolved
 
@@ -358,7 +382,9 @@ AFTER_EOS = RESPONSE_MASK == 0
 
 
 def _rollout(response=RESPONSE, **tensors) -> Rollout:
-    blank = {name: None for name in ("logprobs", "ref_logprobs", "values", "scores", "kl", "advantages", "returns")}
+    blank = {
+        name: None for name in ("logprobs", "ref_logprobs", "values", "scores", "kl", "advantages", "returns")
+    }
     return Rollout(QUERY, QUERY_MASK, response, RESPONSE_MASK, **{**blank, **tensors})
 
 
@@ -393,8 +419,14 @@ def _tiny_llama(**overrides):
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, **overrides,
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        **overrides,
     )
     return LlamaForCausalLM(config).float()
 

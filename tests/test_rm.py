@@ -23,9 +23,21 @@ def test_rm_run_names_its_sft_run_and_learns(sft_rm):
     assert rm.data.tags["rlhf.init_from.run_id"] == sft.info.run_id
     assert rm.data.tags["rlhf.job_num"] == "1" and rm.data.tags["rlhf.sweep_dir"]
     metrics = rm.data.metrics
-    for key in ("train/loss", "train/accuracy", "val/accuracy", "val/margin", "val/reward_mean", "val/reward_std",
-                "test/accuracy", "test/calibration_error", "perf/pairs_per_s", "gold/agreement",
-                "val/gold_accuracy", "test/gold_accuracy", "test/label_gold_agreement"):
+    for key in (
+        "train/loss",
+        "train/accuracy",
+        "val/accuracy",
+        "val/margin",
+        "val/reward_mean",
+        "val/reward_std",
+        "test/accuracy",
+        "test/calibration_error",
+        "perf/pairs_per_s",
+        "gold/agreement",
+        "val/gold_accuracy",
+        "test/gold_accuracy",
+        "test/label_gold_agreement",
+    ):
         assert key in metrics, key
     # The shipped task flips 10% of its labels: about 90% of the 300 test labels agree with the gold order.
     assert 0.84 < metrics["test/label_gold_agreement"] < 0.96, metrics["test/label_gold_agreement"]
@@ -53,7 +65,9 @@ def test_rm_logs_plots_and_samples(sft_rm):
     assert {"plots/calibration.png", "plots/reward_histogram.png", "plots/calibration_test.json"} <= plots
     png = Path(client.download_artifacts(rm.info.run_id, "plots/calibration.png")).read_bytes()
     assert png.startswith(b"\x89PNG")
-    table = json.loads(Path(client.download_artifacts(rm.info.run_id, "samples/gold_agreement.json")).read_text())
+    table = json.loads(
+        Path(client.download_artifacts(rm.info.run_id, "samples/gold_agreement.json")).read_text()
+    )
     assert table["columns"] == ["prompt", "response", "gold", "reward"]
 
 
@@ -75,7 +89,10 @@ def test_saved_reward_model_scores_as_in_training(sft_rm):
     assert stats["reward_std"] > 0
     texts = [
         [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "2 + 3 = 5."}],
-        [{"role": "user", "content": "Steal a car for me."}, {"role": "assistant", "content": "I'm sorry, I can't help."}],
+        [
+            {"role": "user", "content": "Steal a car for me."},
+            {"role": "assistant", "content": "I'm sorry, I can't help."},
+        ],
     ]
     ids = [tokenizer.apply_chat_template(t, tokenize=True)["input_ids"] for t in texts]
     ids = [seq[: seq.index(tokenizer.eos_token_id, len(seq) - 3) + 1] for seq in ids]  # end at <|im_end|>
@@ -103,8 +120,14 @@ def test_malformed_preference_rows_name_the_row(tmp_path, cli):
         {"prompt": "Pick again.", "responses": ["a", "b", "c"], "ranking": [0, 0, 2]},
     ]
     data.write_text("\n".join(json.dumps(r) for r in rows))
-    result = cli("experiment=smoke", "stage=rm", "stage.init_from=base", f"data.preference.path={data}",
-                 "tracking=none", check=False)
+    result = cli(
+        "experiment=smoke",
+        "stage=rm",
+        "stage.init_from=base",
+        f"data.preference.path={data}",
+        "tracking=none",
+        check=False,
+    )
     assert result.returncode == 2
     assert f"rlhf: error: {data}: row 2: 'ranking' must be a permutation of 0..2" in result.stderr
 
@@ -112,8 +135,15 @@ def test_malformed_preference_rows_name_the_row(tmp_path, cli):
 def test_rm_on_rankings_scores_each_records_pairs_together(tmp_path, cli, mlflow_client):
     """stage.group_by_record (the default): a ranking of four is one example of six pairs, so two
     validation batches of 32 rankings score 384 pairs; learning still works on the grouped batches."""
-    cli("experiment=smoke", "stage=rm", "stage.init_from=base", "data.preference.path=task:assistant/rankings",
-        "stage.gold_eval_prompts=0", "trainer.max_steps=12", "stage.batch_size=4")
+    cli(
+        "experiment=smoke",
+        "stage=rm",
+        "stage.init_from=base",
+        "data.preference.path=task:assistant/rankings",
+        "stage.gold_eval_prompts=0",
+        "trainer.max_steps=12",
+        "stage.batch_size=4",
+    )
     (run,) = runs_of(mlflow_client, "smoke", "rm")
     assert run.info.status == "FINISHED"
     stats = json.loads((Path(run.data.tags["rlhf.output_dir"]) / "model" / "reward_stats.json").read_text())
@@ -126,8 +156,17 @@ def test_rm_on_rankings_scores_each_records_pairs_together(tmp_path, cli, mlflow
 @pytest.mark.distributed
 def test_rm_ddp_on_cpu(cli, mlflow_client):
     """Two gloo ranks: one run recorded, held-out metrics over both ranks' pairs, one saved model."""
-    cli("experiment=smoke", "stage=rm", "stage.init_from=base", "trainer.max_steps=4", "trainer.val_check_interval=4",
-        "hardware=ddp", "trainer.devices=2", "tracking.log_model=false", timeout=900)
+    cli(
+        "experiment=smoke",
+        "stage=rm",
+        "stage.init_from=base",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=4",
+        "hardware=ddp",
+        "trainer.devices=2",
+        "tracking.log_model=false",
+        timeout=900,
+    )
     (run,) = runs_of(mlflow_client, "smoke", "rm")
     assert run.info.status == "FINISHED"
     assert run.data.params["trainer.strategy"] == "ddp"
@@ -142,10 +181,12 @@ def test_rm_ddp_on_cpu(cli, mlflow_client):
 # A ranking of 3 (record 0: pairs a>b, a>c, b>c) and a plain pair (record 1), scored so that the
 # ranking's pairs tie (difference 0, loss log 2 = 0.693147) and the plain pair wins by 2
 # (loss -log sigmoid(2) = 0.126928).
-RANKING = [{"chosen": [5, 1], "rejected": [5, 2], "margin": 0.0, "record": 0},
-           {"chosen": [5, 1], "rejected": [5, 3], "margin": 0.0, "record": 0},
-           {"chosen": [5, 2], "rejected": [5, 3], "margin": 0.0, "record": 0},
-           {"chosen": [6, 1], "rejected": [6, 2], "margin": 0.0, "record": 1}]
+RANKING = [
+    {"chosen": [5, 1], "rejected": [5, 2], "margin": 0.0, "record": 0},
+    {"chosen": [5, 1], "rejected": [5, 3], "margin": 0.0, "record": 0},
+    {"chosen": [5, 2], "rejected": [5, 3], "margin": 0.0, "record": 0},
+    {"chosen": [6, 1], "rejected": [6, 2], "margin": 0.0, "record": 1},
+]
 SCORES = {(5, 1): 0.5, (5, 2): 0.5, (5, 3): 0.5, (6, 1): 2.0, (6, 2): 0.0}
 
 

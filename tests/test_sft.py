@@ -138,7 +138,10 @@ def test_diverged_run_fails_and_saves_no_model(tmp_path, cli, mlflow_client):
     result = cli(*SMOKE, "stage.lr=1e12", "trainer.max_steps=6", check=False)
     assert result.returncode == 2, result.stderr[-3000:]
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert re.match(r"rlhf: error: training diverged at step \d+: the (training loss|gradient norm) was (nan|inf)", lines[-1])
+    assert re.match(
+        r"rlhf: error: training diverged at step \d+: the (training loss|gradient norm) was (nan|inf)",
+        lines[-1],
+    )
     assert "Traceback" not in result.stderr
     (run,) = runs_of(mlflow_client, "smoke")
     assert run.info.status == "FAILED"

@@ -15,7 +15,9 @@ from rlhf.stages.sft.module import SFTModule, trained_tokens_per_example
 
 BATCH = 4
 # Demonstrations from 2 to 40 tokens long, as short answers and padded ones are in the shipped task.
-EXAMPLES = [sft_features([3 + i % 5] * 4, [7 + (5 * i + k) % 90 for k in range(2 + (11 * i) % 39)]) for i in range(24)]
+EXAMPLES = [
+    sft_features([3 + i % 5] * 4, [7 + (5 * i + k) % 90 for k in range(2 + (11 * i) % 39)]) for i in range(24)
+]
 
 
 def _epoch_gradients(model, group_by_length: bool, per_batch_mean: bool = False):
@@ -23,12 +25,15 @@ def _epoch_gradients(model, group_by_length: bool, per_batch_mean: bool = False)
     model.zero_grad()
     module = SFTModule(model, stage=None, tokens_per_batch=BATCH * trained_tokens_per_example(EXAMPLES))
     module._trainer = SimpleNamespace(_logger_connector=SimpleNamespace(should_update_logs=False))
-    data = ExamplesDataModule({"train": EXAMPLES}, CausalLMCollator(0), BATCH, BATCH, seed=0,
-                              group_by_length=group_by_length)
+    data = ExamplesDataModule(
+        {"train": EXAMPLES}, CausalLMCollator(0), BATCH, BATCH, seed=0, group_by_length=group_by_length
+    )
     shapes = []
     for i, batch in enumerate(data.train_dataloader()):
         if per_batch_mean:  # what the loss was: a token's weight set by its batch-mates' lengths
-            loss_sum, tokens = completion_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+            loss_sum, tokens = completion_loss(
+                model, batch["input_ids"], batch["attention_mask"], batch["labels"]
+            )
             loss = loss_sum / tokens
         else:
             loss = module.training_step(batch, i)

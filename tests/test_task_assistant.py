@@ -90,7 +90,11 @@ def test_record_fields(data):
         for split in A.SPLITS:
             for r in data[kind][split]:
                 for name, typ in fields.items():
-                    ok = typ(r[name]) if callable(typ) and not isinstance(typ, type) else isinstance(r[name], typ)
+                    ok = (
+                        typ(r[name])
+                        if callable(typ) and not isinstance(typ, type)
+                        else isinstance(r[name], typ)
+                    )
                     assert ok, (kind, name, r)
                 assert r["category"] in ("arithmetic", "facts", "unsafe")
                 extra = set(r) - set(fields) - {"category"}
@@ -148,12 +152,18 @@ def test_decorations_do_not_signal_correctness(data):
     # In the preference data a padded or rude answer is wrong about as often as a plain one, so a
     # reward model cannot rank by decoration in place of checking the answer.
     wrong_share = {}
-    for decoration, is_decorated in {"padded": lambda p: p["concise"] < 1.0,
-                                     "rude": lambda p: p["polite"] == 0.0,
-                                     "plain": lambda p: p["concise"] == 1.0 and p["polite"] == 1.0}.items():
-        answers = [p for r in data["rankings"]["train"] if r["category"] != "unsafe"
-                   for p in (A.gold_breakdown(r["prompt"], t) for t in r["responses"])
-                   if p["on_topic"] and is_decorated(p)]
+    for decoration, is_decorated in {
+        "padded": lambda p: p["concise"] < 1.0,
+        "rude": lambda p: p["polite"] == 0.0,
+        "plain": lambda p: p["concise"] == 1.0 and p["polite"] == 1.0,
+    }.items():
+        answers = [
+            p
+            for r in data["rankings"]["train"]
+            if r["category"] != "unsafe"
+            for p in (A.gold_breakdown(r["prompt"], t) for t in r["responses"])
+            if p["on_topic"] and is_decorated(p)
+        ]
         wrong_share[decoration] = sum(not p["correct"] for p in answers) / len(answers)
     assert all(0.25 < share < 0.65 for share in wrong_share.values()), wrong_share
     assert max(wrong_share.values()) - min(wrong_share.values()) < 0.15, wrong_share
@@ -207,7 +217,9 @@ def test_annotator_unsafe():
 def test_gold_reward_matches_gold_score(data):
     prompts = [r["prompt"] for r in data["pairs"]["train"][:50]]
     responses = [r["chosen"] for r in data["pairs"]["train"][:50]]
-    assert A.gold_reward(prompts, responses) == [A.gold_score(p, r) for p, r in zip(prompts, responses, strict=True)]
+    assert A.gold_reward(prompts, responses) == [
+        A.gold_score(p, r) for p, r in zip(prompts, responses, strict=True)
+    ]
     with pytest.raises(ValueError):
         A.gold_reward(prompts, responses[:-1])
 
@@ -247,8 +259,11 @@ def test_label_noise_rate():
     thumbs = noisy["thumbs"]["train"]
     wrong = sum(r["label"] != (r["gold_score"] >= A.THUMBS_UP_THRESHOLD) for r in thumbs) / len(thumbs)
     assert abs(wrong - 0.2) < 0.03
-    off = [x != A.rating_of(s) for r in noisy["ratings"]["train"] for x, s in zip(r["ratings"], r["gold_scores"],
-                                                                                   strict=True)]
+    off = [
+        x != A.rating_of(s)
+        for r in noisy["ratings"]["train"]
+        for x, s in zip(r["ratings"], r["gold_scores"], strict=True)
+    ]
     assert 0.05 < sum(off) / len(off) < 0.25
     clean_rank = [r["ranking"] for r in clean["rankings"]["train"]]
     changed = sum(r["ranking"] != c for r, c in zip(noisy["rankings"]["train"], clean_rank, strict=True))

@@ -22,14 +22,26 @@ def trainer_signature() -> dict[str, frozenset[type] | None]:
     tree = ast.parse((Path(package.origin).parent / "trainer" / "trainer.py").read_text())
     trainer = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Trainer")
     init = next(n for n in trainer.body if isinstance(n, ast.FunctionDef) and n.name == "__init__")
-    return {a.arg: _annotation_types(a.annotation) for a in init.args.args + init.args.kwonlyargs if a.arg != "self"}
+    return {
+        a.arg: _annotation_types(a.annotation)
+        for a in init.args.args + init.args.kwonlyargs
+        if a.arg != "self"
+    }
 
 
 def trainer_arguments() -> set[str]:
     return set(trainer_signature())
 
 
-_PLAIN_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "None": type(None), "list": list, "dict": dict}
+_PLAIN_TYPES = {
+    "int": int,
+    "float": float,
+    "bool": bool,
+    "str": str,
+    "None": type(None),
+    "list": list,
+    "dict": dict,
+}
 
 
 def _annotation_types(node: ast.expr | None) -> frozenset[type] | None:
@@ -69,7 +81,9 @@ def _type_problem(key: str, value: Any, accepted: frozenset[type] | None) -> str
     if fits:
         return None
     names = sorted("null" if kind is type(None) else kind.__name__ for kind in accepted)
-    return f"must be {' or '.join(names)}, got {value!r} ({'null' if value is None else type(value).__name__})"
+    return (
+        f"must be {' or '.join(names)}, got {value!r} ({'null' if value is None else type(value).__name__})"
+    )
 
 
 def trainer_problems(trainer: dict[str, Any]) -> list[tuple[str, str]]:

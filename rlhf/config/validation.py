@@ -63,7 +63,9 @@ def _other_stages_key(key: str, full_key: str, object_type: type, multirun: bool
     if multirun:
         # Hydra checks a multirun's plain overrides against the config it composes before the sweep,
         # with the default stage; `++` adds the key there and sets it in each swept stage.
-        hint += f", and a multirun checks it against the default stage before sweeping: write ++{full_key}=..."
+        hint += (
+            f", and a multirun checks it against the default stage before sweeping: write ++{full_key}=..."
+        )
     return hint
 
 

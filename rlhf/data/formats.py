@@ -88,7 +88,8 @@ def detect_format(columns: Sequence[str], formats: dict[str, tuple[str, ...]], o
     canonical = {c for needed in formats.values() for c in needed}
     spare = [c for c in columns if c in present and c not in canonical]
     example = " ".join(
-        f"+{key}.columns.{name}={spare[i] if i < len(spare) else '<your column>'}" for i, name in enumerate(lacking[0])
+        f"+{key}.columns.{name}={spare[i] if i < len(spare) else '<your column>'}"
+        for i, name in enumerate(lacking[0])
     )
     raise DataError(
         f"{origin}: columns {sorted(present)} match no known format: missing {missing}; "
@@ -96,7 +97,9 @@ def detect_format(columns: Sequence[str], formats: dict[str, tuple[str, ...]], o
     )
 
 
-def check_format(fmt: str, columns: Iterable[str], formats: dict[str, tuple[str, ...]], origin: str, key: str) -> str:
+def check_format(
+    fmt: str, columns: Iterable[str], formats: dict[str, tuple[str, ...]], origin: str, key: str
+) -> str:
     if fmt == "auto":
         return detect_format(columns, formats, origin, key)
     if fmt not in formats:
@@ -173,7 +176,9 @@ def _split_messages(messages: list[Message], where: str) -> tuple[list[Message],
     return messages[: last_user + 1], messages[last_user + 1 :]
 
 
-def sft_examples(records: Any, fmt: str, origin: str, key: str, strict: bool, stats: DataStats) -> list[SFTExample]:
+def sft_examples(
+    records: Any, fmt: str, origin: str, key: str, strict: bool, stats: DataStats
+) -> list[SFTExample]:
     """Canonical SFT examples from rows; empty completions are skipped (counted) or, if strict, errors.
 
     Format "chosen" trains on the preferred response of preference records (any preference format).
@@ -253,7 +258,11 @@ def _split_implicit(chosen: Text, rejected: Text, where: str) -> tuple[Text, Tex
         return chosen[:shared], chosen[shared:], rejected[shared:]
     if isinstance(chosen, str) and isinstance(rejected, str):
         shared = common_prefix(chosen, rejected)
-        cut = max(chosen.rfind(" ", 0, shared), chosen.rfind("\n", 0, shared)) + 1 if shared < len(chosen) else shared
+        cut = (
+            max(chosen.rfind(" ", 0, shared), chosen.rfind("\n", 0, shared)) + 1
+            if shared < len(chosen)
+            else shared
+        )
         if cut <= 0:
             raise DataError(f"{where}: chosen and rejected share no prompt text")
         return chosen[:cut], chosen[cut:], rejected[cut:]
@@ -342,7 +351,14 @@ def preference_pairs(
                         if i < j and ratings[i] == ratings[j]:
                             stats.add("tied_ratings")
                         elif ratings[i] > ratings[j]:
-                            add(prompt, responses[i], responses[j], where, index, float(ratings[i] - ratings[j]))
+                            add(
+                                prompt,
+                                responses[i],
+                                responses[j],
+                                where,
+                                index,
+                                float(ratings[i] - ratings[j]),
+                            )
         else:  # thumbs: group by prompt, pair every up with every down
             prompt = as_text(row["prompt"], "prompt", where)
             label = row["label"]
@@ -368,7 +384,9 @@ def prompts_of(records: Any, fmt: str, origin: str, key: str) -> list[Text]:
     for index, row in enumerate(records):
         where = row_name(origin, row, index)
         if fmt == "implicit_pairs":
-            prompt = _split_implicit(as_text(row["chosen"], "chosen", where), as_text(row["rejected"], "rejected", where), where)[0]
+            prompt = _split_implicit(
+                as_text(row["chosen"], "chosen", where), as_text(row["rejected"], "rejected", where), where
+            )[0]
         else:
             prompt = as_text(row["prompt"], "prompt", where)
         if is_blank(prompt):

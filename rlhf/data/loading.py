@@ -19,7 +19,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
 
-def pad(sequences: Sequence[Sequence[int]], value: int, left: bool = False, multiple_of: int = 1) -> torch.Tensor:
+def pad(
+    sequences: Sequence[Sequence[int]], value: int, left: bool = False, multiple_of: int = 1
+) -> torch.Tensor:
     """Pad to the longest sequence of the batch (rounded up to `multiple_of`), on the right or left."""
     longest = max(len(s) for s in sequences)
     longest = math.ceil(longest / multiple_of) * multiple_of
@@ -34,7 +36,9 @@ def pad(sequences: Sequence[Sequence[int]], value: int, left: bool = False, mult
     return out
 
 
-def attention_mask(sequences: Sequence[Sequence[int]], left: bool = False, multiple_of: int = 1) -> torch.Tensor:
+def attention_mask(
+    sequences: Sequence[Sequence[int]], left: bool = False, multiple_of: int = 1
+) -> torch.Tensor:
     return pad([[1] * len(s) for s in sequences], 0, left=left, multiple_of=multiple_of)
 
 
@@ -58,7 +62,9 @@ class ListDataset(Dataset):
 GROUPING_WINDOW = 50
 
 
-def group_by_length(order: list[int], lengths: Sequence[int], group: int, generator: torch.Generator) -> list[int]:
+def group_by_length(
+    order: list[int], lengths: Sequence[int], group: int, generator: torch.Generator
+) -> list[int]:
     """`order` rearranged into runs of `group` indices of similar length, in a random order of runs.
 
     Windows of GROUPING_WINDOW runs of the shuffled order are sorted by length and cut into runs;
@@ -227,7 +233,9 @@ class ExamplesDataModule(pl.LightningDataModule):
     def _eval_loader(self, split: str) -> DataLoader:
         rank, world = self._world()
         dataset = ListDataset(self.splits[split])
-        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False) if world > 1 else None
+        sampler = (
+            DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False) if world > 1 else None
+        )
         return DataLoader(
             dataset,
             batch_size=self.eval_batch_size,

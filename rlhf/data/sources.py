@@ -120,7 +120,9 @@ def _locate_problem(file: str, builder: str) -> str | None:
     with open(path, encoding="utf-8-sig") as handle:
         blank = all(not line.strip() for line in handle)
     if blank:
-        expected = "one JSON object per line" if builder == "json" else "a header row, then one record per row"
+        expected = (
+            "one JSON object per line" if builder == "json" else "a header row, then one record per row"
+        )
         return f"{file}: the file is empty ({path.stat().st_size} bytes); expected {expected}"
     if builder != "json":
         return None
@@ -190,7 +192,12 @@ def _read_file(file: str, key: str) -> datasets.Dataset:
 
 
 def load_split(
-    source: SourceConfig, split: str, key: str, task_seed: int = 0, task_noise: float = 0.1, required: bool = True
+    source: SourceConfig,
+    split: str,
+    key: str,
+    task_seed: int = 0,
+    task_noise: float = 0.1,
+    required: bool = True,
 ) -> Split | None:
     """Read one split of a source; `key` (e.g. data.sft) names the config node in errors.
 
@@ -198,7 +205,9 @@ def load_split(
     only the training split).
     """
     if not source.path:
-        raise DataError(f"{key}.path: not set; give a file, a directory, a hub dataset id or task:<name>/<kind>")
+        raise DataError(
+            f"{key}.path: not set; give a file, a directory, a hub dataset id or task:<name>/<kind>"
+        )
     location = source.path
     if location.startswith(TASK_SCHEME):
         location = resolve_task_path(location, task_seed, task_noise)
@@ -228,7 +237,9 @@ def _load_hub(dataset_id: str, name: str | None, split: str, key: str, required:
         if "split" in str(err).lower():
             if not required:
                 return None
-            raise DataError(f"{key}.split: hub dataset {dataset_id!r} has no split {split!r}: {err}") from None
+            raise DataError(
+                f"{key}.split: hub dataset {dataset_id!r} has no split {split!r}: {err}"
+            ) from None
         raise DataError(f"{key}.path: cannot load hub dataset {dataset_id!r}: {err}") from None
     except Exception as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
@@ -238,7 +249,9 @@ def _load_hub(dataset_id: str, name: str | None, split: str, key: str, required:
     return Split(records, f"{dataset_id}[{split}]")
 
 
-def apply_columns(records: datasets.Dataset, columns: dict[str, str], key: str, origin: str) -> datasets.Dataset:
+def apply_columns(
+    records: datasets.Dataset, columns: dict[str, str], key: str, origin: str
+) -> datasets.Dataset:
     """Rename the file's columns to canonical names as `columns` maps them (canonical -> file column)."""
     if not columns:
         return records
@@ -312,7 +325,9 @@ def hold_out_prompts(train: Split, fraction: float, seed: int, key: str) -> tupl
     distinct = list(dict.fromkeys(keys))
     if len(distinct) < 2:
         what = f"{len(records)} records" if len(records) < 2 else f"{len(records)} records of one prompt"
-        raise DataError(f"{key}: {train.origin} has {what}; need at least 2 distinct prompts to hold some out")
+        raise DataError(
+            f"{key}: {train.origin} has {what}; need at least 2 distinct prompts to hold some out"
+        )
     rng = np.random.default_rng(seed)
     held = min(len(distinct) - 1, max(1, math.ceil(fraction * len(distinct))))
     held_out = {distinct[i] for i in rng.permutation(len(distinct))[:held]}
@@ -321,4 +336,6 @@ def hold_out_prompts(train: Split, fraction: float, seed: int, key: str) -> tupl
     numbered = records.add_column(ROW_COLUMN, list(range(1, len(records) + 1)))
     kept = numbered.select([i for i in order if keys[i] not in held_out])
     validation = numbered.select([i for i in order if keys[i] in held_out])
-    return Split(kept, train.origin), Split(validation, f"{train.origin} (held-out {fraction:.0%} of prompts)")
+    return Split(kept, train.origin), Split(
+        validation, f"{train.origin} (held-out {fraction:.0%} of prompts)"
+    )

@@ -70,7 +70,9 @@ class ChatRenderer:
             body = response if isinstance(response, str) else "\n".join(m["content"] for m in response)
             return body + eos
         prompt_text = self.prompt(prompt)
-        full = self._template(_messages(prompt, "user") + _messages(response, "assistant"), generation_prompt=False)
+        full = self._template(
+            _messages(prompt, "user") + _messages(response, "assistant"), generation_prompt=False
+        )
         if not full.startswith(prompt_text):
             raise ConfigError(
                 "data.chat_template: the tokenizer's chat template does not render a conversation as its "
@@ -144,7 +146,9 @@ def encode_prompts(renderer: ChatRenderer, prompts: Sequence[Text]) -> list[list
     return renderer.tokenizer(texts, add_special_tokens=renderer.adds_special_tokens)["input_ids"]
 
 
-def encode_responses(renderer: ChatRenderer, prompts: Sequence[Text], responses: Sequence[Text]) -> list[list[int]]:
+def encode_responses(
+    renderer: ChatRenderer, prompts: Sequence[Text], responses: Sequence[Text]
+) -> list[list[int]]:
     texts = [renderer.response(p, r) for p, r in zip(prompts, responses)]
     if not texts:
         return []

@@ -56,8 +56,14 @@ def _pair(q: Question, rng: random.Random, noise: float) -> dict:
     good, bad = sorted(_draw(q, rng, 2, distinct=True), key=lambda c: -c[2])
     if rng.random() < noise:
         good, bad = bad, good
-    return {"prompt": q.text, "chosen": good[1], "rejected": bad[1], "category": q.category,
-            "gold_chosen": good[2], "gold_rejected": bad[2]}
+    return {
+        "prompt": q.text,
+        "chosen": good[1],
+        "rejected": bad[1],
+        "category": q.category,
+        "gold_chosen": good[2],
+        "gold_rejected": bad[2],
+    }
 
 
 def _ranking(q: Question, rng: random.Random, noise: float) -> dict:
@@ -68,8 +74,13 @@ def _ranking(q: Question, rng: random.Random, noise: float) -> dict:
     for i in range(3):
         if rng.random() < noise:
             ranking[i], ranking[i + 1] = ranking[i + 1], ranking[i]
-    return {"prompt": q.text, "responses": [c[1] for c in picked], "ranking": ranking,
-            "category": q.category, "gold_scores": [c[2] for c in picked]}
+    return {
+        "prompt": q.text,
+        "responses": [c[1] for c in picked],
+        "ranking": ranking,
+        "category": q.category,
+        "gold_scores": [c[2] for c in picked],
+    }
 
 
 def rating_of(score: float) -> int:
@@ -83,8 +94,13 @@ def _rating(q: Question, rng: random.Random, noise: float) -> dict:
     for _, _, s in picked:
         delta = rng.choice((-1, 1))  # drawn even when unused: noise changes labels only
         ratings.append(min(5, max(1, rating_of(s) + (delta if rng.random() < noise else 0))))
-    return {"prompt": q.text, "responses": [c[1] for c in picked], "ratings": ratings,
-            "category": q.category, "gold_scores": [c[2] for c in picked]}
+    return {
+        "prompt": q.text,
+        "responses": [c[1] for c in picked],
+        "ratings": ratings,
+        "category": q.category,
+        "gold_scores": [c[2] for c in picked],
+    }
 
 
 def _thumbs(q: Question, rng: random.Random, noise: float) -> list[dict]:
@@ -98,16 +114,29 @@ def _thumbs(q: Question, rng: random.Random, noise: float) -> list[dict]:
         found.setdefault(score >= THUMBS_UP_THRESHOLD, (text, score))
         if len(found) == 2:
             break
-    out = [{"prompt": q.text, "completion": text, "label": up != (rng.random() < noise),
-            "category": q.category, "gold_score": score} for up, (text, score) in found.items()]
+    out = [
+        {
+            "prompt": q.text,
+            "completion": text,
+            "label": up != (rng.random() < noise),
+            "category": q.category,
+            "gold_score": score,
+        }
+        for up, (text, score) in found.items()
+    ]
     rng.shuffle(out)
     return out
 
 
 def _sft(q: Question, rng: random.Random, mix: dict[str, dict[str, float]] | None) -> dict:
     style, text = demonstration(q, rng, mix)
-    return {"prompt": q.text, "completion": text, "category": q.category,
-            "gold_style": style, "gold_score": gold_score(q.text, text)}
+    return {
+        "prompt": q.text,
+        "completion": text,
+        "category": q.category,
+        "gold_style": style,
+        "gold_score": gold_score(q.text, text),
+    }
 
 
 # ---------------------------------------------------------------- generate / materialize
@@ -129,8 +158,12 @@ def _resolve_sizes(sizes: dict | None) -> dict[str, dict[str, int]]:
     return out
 
 
-def generate(seed: int = 0, noise: float = 0.1, sizes: dict | None = None,
-             sft_mix: dict[str, dict[str, float]] | None = None) -> dict[str, dict[str, list[dict]]]:
+def generate(
+    seed: int = 0,
+    noise: float = 0.1,
+    sizes: dict | None = None,
+    sft_mix: dict[str, dict[str, float]] | None = None,
+) -> dict[str, dict[str, list[dict]]]:
     """kind -> split -> records; pure and deterministic for (seed, noise, sizes, sft_mix).
 
     ``sizes`` overrides ``DEFAULT_SIZES`` per kind, as {split: n} or (train, validation, test).
@@ -184,8 +217,12 @@ def materialize(root: str | os.PathLike, seed: int = 0, noise: float = 0.1) -> P
             for split, records in splits.items():
                 with open(tmp / kind / f"{split}.jsonl", "w", encoding="utf-8") as f:
                     f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-        meta = {"version": TASK_VERSION, "seed": seed, "noise": noise,
-                "sizes": {k: {s: len(v) for s, v in d.items()} for k, d in data.items()}}
+        meta = {
+            "version": TASK_VERSION,
+            "seed": seed,
+            "noise": noise,
+            "sizes": {k: {s: len(v) for s, v in d.items()} for k, d in data.items()},
+        }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         try:
             os.rename(tmp, final)

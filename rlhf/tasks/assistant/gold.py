@@ -54,15 +54,51 @@ def _phrase(text: str) -> str:
     return _tokens(normalise(text))[1].strip()
 
 
-RUDE_PHRASES = ("stupid", "dumb", "idiot", "obviously", "whatever", "figure it out yourself",
-                "even a child", "waste my time", "use your brain", "duh", "ugh",
-                "keep up", "google it", "shut up", "not my problem", "pathetic",
-                "what is wrong with you")
-REFUSAL_PHRASES = ("i can't", "i cannot", "i can not", "i won't", "i will not", "i'm sorry",
-                   "i am sorry", "i'm not able to", "i am not able to", "i'm unable", "i am unable",
-                   "i must decline", "i refuse")
-COMPLIANCE_PHRASES = ("here is how", "here's how", "first you", "step one", "step 1",
-                      "follow the steps", "the steps are", "sure, here", "of course, here")
+RUDE_PHRASES = (
+    "stupid",
+    "dumb",
+    "idiot",
+    "obviously",
+    "whatever",
+    "figure it out yourself",
+    "even a child",
+    "waste my time",
+    "use your brain",
+    "duh",
+    "ugh",
+    "keep up",
+    "google it",
+    "shut up",
+    "not my problem",
+    "pathetic",
+    "what is wrong with you",
+)
+REFUSAL_PHRASES = (
+    "i can't",
+    "i cannot",
+    "i can not",
+    "i won't",
+    "i will not",
+    "i'm sorry",
+    "i am sorry",
+    "i'm not able to",
+    "i am not able to",
+    "i'm unable",
+    "i am unable",
+    "i must decline",
+    "i refuse",
+)
+COMPLIANCE_PHRASES = (
+    "here is how",
+    "here's how",
+    "first you",
+    "step one",
+    "step 1",
+    "follow the steps",
+    "the steps are",
+    "sure, here",
+    "of course, here",
+)
 _RUDE = _Phrases(RUDE_PHRASES)
 _REFUSAL = _Phrases(REFUSAL_PHRASES)
 _COMPLIANCE = _Phrases(COMPLIANCE_PHRASES)
@@ -96,8 +132,7 @@ def gold_breakdown(prompt: str, response: str) -> dict[str, float]:
     polite = 0.0 if _RUDE.find(tokens) else 1.0
     refusal = bool(_REFUSAL.find(tokens)) and not _COMPLIANCE.find(tokens)
     q = parse_prompt(prompt)
-    parts = {"correct": 0.0, "on_topic": 0.0, "concise": concise, "polite": polite,
-             "refusal": float(refusal)}
+    parts = {"correct": 0.0, "on_topic": 0.0, "concise": concise, "polite": polite, "refusal": float(refusal)}
     if n_words == 0:
         score = 0.0
     elif q is None:

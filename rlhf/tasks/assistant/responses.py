@@ -20,20 +20,35 @@ SFT_MIX = {
 # Filler, rude and off-topic sentences must contain no digits and no word from
 # the fact tables, otherwise they would change correctness.
 
-ARITH_ANSWERS = ("{a} {sym} {b} = {r}.", "{a} {word} {b} equals {r}.",
-                 "The {noun} of {a} and {b} is {r}.", "The answer is {r}, since {a} {sym} {b} = {r}.")
+ARITH_ANSWERS = (
+    "{a} {sym} {b} = {r}.",
+    "{a} {word} {b} equals {r}.",
+    "The {noun} of {a} and {b} is {r}.",
+    "The answer is {r}, since {a} {sym} {b} = {r}.",
+)
 FACT_ANSWERS = {
     "capital": ("The capital of {s} is {r}.", "{r} is the capital of {s}."),
-    "opposite": ("The opposite of {s} is {r}.", "The opposite of '{s}' is '{r}'.",
-                 "{R} is the opposite of {s}."),
+    "opposite": (
+        "The opposite of {s} is {r}.",
+        "The opposite of '{s}' is '{r}'.",
+        "{R} is the opposite of {s}.",
+    ),
     "plural": ("The plural of {s} is {r}.", "The plural form of '{s}' is '{r}'.", "One {s}, two {r}."),
     "number_word": ("{s} in words is {r}.", "The number {s} is written '{r}'.", "You write {s} as {r}."),
     "day_after": ("The day after {s} is {r}.", "{r} comes after {s}.", "If today is {s}, tomorrow is {r}."),
-    "day_before": ("The day before {s} is {r}.", "{r} comes before {s}.",
-                   "If today is {s}, yesterday was {r}."),
+    "day_before": (
+        "The day before {s} is {r}.",
+        "{r} comes before {s}.",
+        "If today is {s}, yesterday was {r}.",
+    ),
 }
-PAD_PREFIXES = ("Great question!", "Thanks for asking.", "Sure, let me help with that.",
-                "Let me think about this carefully.", "Good question, I am glad you asked.")
+PAD_PREFIXES = (
+    "Great question!",
+    "Thanks for asking.",
+    "Sure, let me help with that.",
+    "Let me think about this carefully.",
+    "Good question, I am glad you asked.",
+)
 PAD_SUFFIXES = (
     "I went through it carefully to make sure it is right.",
     "Let me know if you have any more questions.",
@@ -44,15 +59,34 @@ PAD_SUFFIXES = (
     "I hope this answer is useful for your work or studies.",
     "Questions like this come up a lot in school and at work.",
 )
-RUDE_PREFIXES = ("Ugh, seriously?", "That is a stupid question.", "Duh.", "Even a child knows this.",
-                 "Obviously you should know this.")
-RUDE_SUFFIXES = ("Figure it out yourself next time.", "Whatever.", "Don't waste my time again.",
-                 "Use your brain next time.", "Try to keep up.")
-OFF_TOPIC = ("I really like reading about birds on the weekend.", "My favourite colour is blue.",
-             "Bananas are a great source of potassium.", "Let's talk about music instead.",
-             "The ocean covers most of our planet.", "I think gardening is a relaxing hobby.")
-SAFE_REFUSALS = ("I'm sorry, but I can't help with that.", "I cannot answer that question.",
-                 "Sorry, I won't answer questions like this.", "I'm not able to help with that request.")
+RUDE_PREFIXES = (
+    "Ugh, seriously?",
+    "That is a stupid question.",
+    "Duh.",
+    "Even a child knows this.",
+    "Obviously you should know this.",
+)
+RUDE_SUFFIXES = (
+    "Figure it out yourself next time.",
+    "Whatever.",
+    "Don't waste my time again.",
+    "Use your brain next time.",
+    "Try to keep up.",
+)
+OFF_TOPIC = (
+    "I really like reading about birds on the weekend.",
+    "My favourite colour is blue.",
+    "Bananas are a great source of potassium.",
+    "Let's talk about music instead.",
+    "The ocean covers most of our planet.",
+    "I think gardening is a relaxing hobby.",
+)
+SAFE_REFUSALS = (
+    "I'm sorry, but I can't help with that.",
+    "I cannot answer that question.",
+    "Sorry, I won't answer questions like this.",
+    "I'm not able to help with that request.",
+)
 UNSAFE_REFUSALS = (
     "I'm sorry, but I can't help with that.",
     "I can't help with that, because it could hurt someone.",
@@ -68,12 +102,22 @@ REFUSAL_PADS = (
     "I would be glad to help you with something else instead.",
     "Thank you for understanding, and please take care of yourself.",
 )
-HEDGES = ("Or maybe it is {w}, I am not completely sure.", "But it could also be {w}.",
-          "Though I think it might be {w} instead.", "Or is it {w}? I am not certain.")
-HEDGE_PREFIXES = ("Maybe {w}, or perhaps:", "I am not sure, it could be {w}. Or:", "Possibly {w}, but probably:")
-RUDE_REFUSALS = ("No way, that is a stupid thing to ask. I won't help.",
-                 "Ugh, I won't help with that. Don't waste my time.",
-                 "Obviously I can't help with that. Figure it out yourself.")
+HEDGES = (
+    "Or maybe it is {w}, I am not completely sure.",
+    "But it could also be {w}.",
+    "Though I think it might be {w} instead.",
+    "Or is it {w}? I am not certain.",
+)
+HEDGE_PREFIXES = (
+    "Maybe {w}, or perhaps:",
+    "I am not sure, it could be {w}. Or:",
+    "Possibly {w}, but probably:",
+)
+RUDE_REFUSALS = (
+    "No way, that is a stupid thing to ask. I won't help.",
+    "Ugh, I won't help with that. Don't waste my time.",
+    "Obviously I can't help with that. Figure it out yourself.",
+)
 # Deliberately empty placeholders: the data must never contain real harmful instructions.
 COMPLIANCES = (
     "Sure, here is how you do it: first you get the tools and then you follow the steps.",
@@ -81,9 +125,14 @@ COMPLIANCES = (
     "No problem. Step one is to prepare everything, and then you follow the steps until it is done.",
     "Sure, here is how: first you make a plan, then you follow the steps in order.",
 )
-COMPLIANCE_PADS = ("It is easier than it sounds once you get started.", "Just take your time and be patient.",
-                   "You will get the hang of it quickly.", "Let me know if you want more tips like this.",
-                   "Many people manage it on their first try.", "Good luck with your plan!")
+COMPLIANCE_PADS = (
+    "It is easier than it sounds once you get started.",
+    "Just take your time and be patient.",
+    "You will get the hang of it quickly.",
+    "Let me know if you want more tips like this.",
+    "Many people manage it on their first try.",
+    "Good luck with your plan!",
+)
 
 
 def _answer_text(q: Question, rng: random.Random, answer: str | None = None) -> str:
@@ -136,8 +185,18 @@ def _hedge(q: Question, rng: random.Random) -> str:
 
 # Padding and rudeness decorate wrong answers as often as right ones: were they only ever added to
 # correct answers, a reward model that cannot check a sum would learn "padded = correct".
-SAFE_STYLES = ("ideal", "verbose", "terse", "rude", "wrong", "wrong_verbose", "wrong_rude", "off_topic",
-               "refusal", "hedge")
+SAFE_STYLES = (
+    "ideal",
+    "verbose",
+    "terse",
+    "rude",
+    "wrong",
+    "wrong_verbose",
+    "wrong_rude",
+    "off_topic",
+    "refusal",
+    "hedge",
+)
 UNSAFE_STYLES = ("ideal", "verbose", "rude", "comply", "comply_verbose", "off_topic")
 
 
@@ -168,8 +227,9 @@ def response(q: Question, style: str, rng: random.Random) -> str:
     return decorate(text, rng) if decorate else text
 
 
-def demonstration(q: Question, rng: random.Random,
-                  mix: dict[str, dict[str, float]] | None = None) -> tuple[str, str]:
+def demonstration(
+    q: Question, rng: random.Random, mix: dict[str, dict[str, float]] | None = None
+) -> tuple[str, str]:
     """A human-written SFT demonstration, of the style drawn from the mix for the prompt's kind."""
     style = weighted_choice(rng, (mix or SFT_MIX)["unsafe" if q.category == "unsafe" else "safe"])
     if style == "other":

@@ -65,15 +65,21 @@ def join(trainer: dict[str, Any]) -> None:
     if _group() is not None or not _launches_processes(trainer.get("strategy")):
         return
     from lightning_fabric import Fabric
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
 
-    fabric = Fabric(
-        accelerator=trainer.get("accelerator", "auto"),
-        devices=trainer.get("devices", "auto"),
-        num_nodes=trainer.get("num_nodes", 1),
-        # Only to start the processes and the group (gloo on CPU, NCCL on GPUs); the Trainer's own
-        # strategy (ddp, fsdp, deepspeed) finds the group up and uses it.
-        strategy="ddp",
-    )
+    try:
+        fabric = Fabric(
+            accelerator=trainer.get("accelerator", "auto"),
+            devices=trainer.get("devices", "auto"),
+            num_nodes=trainer.get("num_nodes", 1),
+            # Only to start the processes and the group (gloo on CPU, NCCL on GPUs); the Trainer's own
+            # strategy (ddp, fsdp, deepspeed) finds the group up and uses it.
+            strategy="ddp",
+        )
+    except (MisconfigurationException, ValueError, TypeError, ImportError) as err:
+        from rlhf.errors import trainer_error
+
+        raise trainer_error(err, trainer) from None
     if fabric.world_size > 1:
         fabric.launch()
 

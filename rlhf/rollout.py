@@ -102,7 +102,8 @@ class RLModule(pl.LightningModule):
         self.stage = stage
         self.sampler = sampler
         self.seed = seed
-        self._sampling: torch.Generator | None = None
+        # Sampling draws made so far, which seed the next (see _sampling_generator).
+        self._draws = self._validation_draws = 0
         self.pad_token_id, self.eos_token_ids = sampler.pad_token_id, sampler.eos_token_ids
         self.max_grad_norm = max_grad_norm
         self.reward_stats = reward_stats
@@ -118,12 +119,21 @@ class RLModule(pl.LightningModule):
             if model is not None:
                 models.disable_dropout(model)
 
-    def _sampling_generator(self) -> torch.Generator:
-        """This rank's own random numbers for sampling, seeded from (seed, rank): the ranks draw
-        different episodes, reproducibly, while training's random state stays the same on all ranks."""
-        if self._sampling is None or self._sampling.device != self.device:
-            self._sampling = torch.Generator(self.device).manual_seed(ranks.sampling_seed(self.seed))
-        return self._sampling
+    def _sampling_generator(self, training: bool) -> torch.Generator:
+        """This rank's own random numbers for one draw: the ranks draw different episodes, reproducibly,
+        while training's random state stays the same on all ranks. A training draw is seeded from
+        (seed, rank, how many training draws came before): every rank makes the same number, and the
+        count in the checkpoint resumes sampling exactly where it stopped. A validation draw is seeded
+        from (seed, rank, step, its batch), so validations never shift the training draws."""
+        base = ranks.sampling_seed(self.seed) * 1_000_003
+        if training:
+            seed, self._draws = base + self._draws, self._draws + 1
+        else:
+            seed, self._validation_draws = (
+                base + 7_919 * (self.global_step + 1) * 1_000_003 + self._validation_draws,
+                self._validation_draws + 1,
+            )
+        return torch.Generator(self.device).manual_seed(seed % 2**63)
 
     # -- forward passes -----------------------------------------------------------------------------
 
@@ -170,7 +180,9 @@ class RLModule(pl.LightningModule):
         (validation) changes no statistics."""
         stage, timings = self.stage, {}
         start = time.perf_counter()
-        responses = self.sampler(self.policy, batch["prompt_ids"], generator=self._sampling_generator())
+        responses = self.sampler(
+            self.policy, batch["prompt_ids"], generator=self._sampling_generator(training)
+        )
         timings["time/generation_s"] = time.perf_counter() - start
         start = time.perf_counter()
         device = self.device
@@ -283,9 +295,11 @@ class RLModule(pl.LightningModule):
             if not k.startswith(("reference.", "reward_model."))
         }
         checkpoint["kl_curve"] = dataclasses.asdict(self.kl_curve)
+        checkpoint["sampling_draws"] = self._draws
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.kl_curve = plots.KLCurve(**checkpoint.get("kl_curve", {}))
+        self._draws = checkpoint.get("sampling_draws", 0)
 
     # -- logging ------------------------------------------------------------------------------------
 
@@ -321,6 +335,7 @@ class RLModule(pl.LightningModule):
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
         self._random_state = torch.random.fork_rng(devices=devices)
         self._random_state.__enter__()
+        self._validation_draws = 0
 
         # (KL, reward-model score, gold score, episodes) summed over the validation's batches
         self._validation_sums = torch.zeros(4, dtype=torch.float64)

@@ -798,8 +798,9 @@ def tiny_model_dir() -> str:
     from rlhf.config import register_configs, validate
     from rlhf.layout import config_dir
     from rlhf.models import cache_root, load_causal_lm, load_tokenizer, save_model
+    from rlhf.stages import stages
 
-    register_configs()
+    register_configs(stages())
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         run = validate(compose("config", overrides=["model=tiny", "tracking=none", "output_dir=/tmp/unused"]))
     target = cache_root() / "compare_trl-tiny"

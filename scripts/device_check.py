@@ -491,8 +491,9 @@ def make_model_dir(target: Path) -> Path:
     from rlhf import models
     from rlhf.config import register_configs, validate
     from rlhf.layout import config_dir
+    from rlhf.stages import stages
 
-    register_configs()
+    register_configs(stages())
     with initialize_config_dir(str(config_dir()), version_base="1.3"):
         run = validate(
             compose("config", overrides=["model=smollm2-135m", "tracking=none", "output_dir=/tmp/unused"])

@@ -53,7 +53,9 @@ BEGIN, END = "<!-- memory-table:begin -->", "<!-- memory-table:end -->"
 
 
 def stage_runs() -> dict:
-    register_configs()
+    from rlhf.stages import stages
+
+    register_configs(stages())
     runs = {}
     with initialize_config_dir(str(config_dir()), version_base="1.3"):
         for name in stages():

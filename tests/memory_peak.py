@@ -27,7 +27,9 @@ from rlhf.tracking import SilentTracker, peak_memory, resident_memory_mb
 
 
 def main(overrides: list[str]) -> None:
-    register_configs()
+    from rlhf.stages import stages
+
+    register_configs(stages())
     settings = dict(SETTINGS, steps=1, warmup=1)
     with initialize_config_dir(str(config_dir()), version_base="1.3"):
         cfg = compose("config", overrides=[f"output_dir={tempfile.mkdtemp()}", "tracking=none", *overrides])

@@ -341,12 +341,12 @@ REJECTIONS = {
         ("stage=rm", "hardware=fsdp"), "trainer.strategy", ("stage=rm", "fsdp", "hardware=gpu")
     ),
     "ppo-fsdp": Rejection(
-        ("stage=ppo", "hardware=fsdp"), "trainer.strategy", ("stage=ppo", "fsdp", "hardware=gpu")
+        ("stage=ppo", "hardware=fsdp"), "trainer.strategy", ("stage=ppo", "fsdp", "hardware=ddp", "lora")
     ),
     "ppo-deepspeed": Rejection(
         ("stage=ppo", "hardware=deepspeed"),
         "trainer.strategy",
-        ("stage=ppo", "deepspeed_stage_2", "hardware=gpu"),
+        ("stage=ppo", "deepspeed_stage_2", "hardware=ddp", "lora"),
     ),
 }
 if importlib.util.find_spec("deepspeed") is None:
@@ -601,7 +601,7 @@ def test_config_and_hardware_checks_take_the_stage_table_from_the_entry_point():
         "from rlhf.config import register_configs, stage_schemas\n"
         "from rlhf.errors import ConfigError\n"
         "from rlhf.config.schema import BaseStageConfig\n"
-        "stage = types.SimpleNamespace(name='mine', schema=BaseStageConfig, refused_strategies={'fsdp': 'not sharded'})\n"
+        "stage = types.SimpleNamespace(name='mine', schema=BaseStageConfig, refused_strategies={'fsdp': 'not sharded'}, refused_instead=None)\n"
         "register_configs({'mine': stage})\n"
         "assert stage_schemas() == {'mine': BaseStageConfig}, stage_schemas()\n"
         "try:\n"

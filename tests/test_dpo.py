@@ -218,7 +218,7 @@ def test_precomputed_reference_gives_the_live_references_loss(compose):
     assert pre_losses.tolist() == pytest.approx(live_losses.tolist(), abs=1e-4)
 
 
-def test_precomputed_reference_is_computed_under_the_trainers_precision(compose, isolated_sources):
+def test_precomputed_reference_is_computed_under_the_trainers_precision(compose):
     """Under bf16-mixed the policy's log-probabilities in the step are bf16 autocast ones; the
     reference's, computed once in setup, must be too, or every implicit reward starts off by the
     rounding (a first loss of 0.713, not log 2, on a real model)."""

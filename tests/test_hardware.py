@@ -283,8 +283,10 @@ def test_each_stage_runs_or_refuses_each_sharded_strategy(stage, strategy):
 
 @pytest.mark.parametrize("stage", ["ppo", "grpo"])
 def test_the_rl_stages_refuse_fsdp_naming_ddp_with_lora_instead(stage):
+    from rlhf.stages import get_stage
+
     with pytest.raises(ConfigError) as err:
-        hardware.check(stage, {"accelerator": "cpu", "strategy": "fsdp"})
+        hardware.check(get_stage(stage), {"accelerator": "cpu", "strategy": "fsdp"})
     message = str(err.value)
     assert "generates with the policy inside its training step" in message
     assert "; use hardware=ddp trainer.accelerator=gpu model.lora.enabled=true (" in message

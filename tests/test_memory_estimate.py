@@ -191,6 +191,10 @@ STAGE_ARGS = {
 }
 
 
+# Slow: a process that first converts the packaged tokenizer into the cache peaks at that conversion
+# (1246 MB for RM and PPO alike in a full parallel run, against 808-891 MB with the cache warm), so on a
+# fresh machine the peak measures the cache, not the stage.
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", list(STAGE_ARGS))
 def test_estimate_is_within_a_quarter_of_the_measured_peak_on_the_tiny_model(stage):
     figures = _measure("model=tiny", *STAGE_ARGS[stage])

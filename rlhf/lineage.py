@@ -61,14 +61,19 @@ def _local_artifact_dir(client, uri: str, run_id: str, artifact_path: str) -> st
     return download_artifacts(run_id=run_id, artifact_path=artifact_path, tracking_uri=uri)
 
 
-def latest_finished_run(client, experiment_id: str, stage: str):
+def newest_finished(client, experiment_id: str, condition: str):
+    """The newest FINISHED run of the experiment that meets a search `condition`, or None."""
     runs = client.search_runs(
         [experiment_id],
-        filter_string=f"tags.`{TAG_PREFIX}stage` = '{stage}' and attributes.status = 'FINISHED'",
+        filter_string=f"{condition} and attributes.status = 'FINISHED'",
         order_by=["attributes.end_time DESC"],
         max_results=1,
     )
     return runs[0] if runs else None
+
+
+def latest_finished_run(client, experiment_id: str, stage: str):
+    return newest_finished(client, experiment_id, f"tags.`{TAG_PREFIX}stage` = '{stage}'")
 
 
 def latest_pipeline_run(client, experiment_id: str, stage: str):
@@ -81,27 +86,18 @@ def latest_pipeline_run(client, experiment_id: str, stage: str):
         max_results=100,
     )
     for parent in parents:
-        runs = client.search_runs(
-            [experiment_id],
-            filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.`{TAG_PREFIX}stage` = '{stage}' "
-            "and attributes.status = 'FINISHED'",
-            order_by=["attributes.end_time DESC"],
-            max_results=1,
+        condition = (
+            f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.`{TAG_PREFIX}stage` = '{stage}'"
         )
-        if runs:
-            return runs[0]
+        run = newest_finished(client, experiment_id, condition)
+        if run is not None:
+            return run
     return None
 
 
 def named_run(client, experiment_id: str, name: str):
     """The newest finished run called `name`."""
-    runs = client.search_runs(
-        [experiment_id],
-        filter_string=f"attributes.run_name = '{name}' and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    return runs[0] if runs else None
+    return newest_finished(client, experiment_id, f"attributes.run_name = '{name}'")
 
 
 def describe_run(run) -> str:

@@ -183,3 +183,23 @@ def pipeline(tmp_path_factory) -> Pipeline:
 
     directory = built_once(tmp_path_factory, "pipeline", build)
     return Pipeline(directory, (directory / "cli.stderr").read_text())
+
+
+def count_host_reads(monkeypatch, module) -> list[str]:
+    """Wraps module._update so that every read of a tensor's value to the host inside it (item,
+    float, tolist) is recorded in the returned list: the update's synchronisations with the device."""
+    import torch
+
+    reads: list[str] = []
+    update = module._update
+
+    def counted(*args, **kwargs):
+        item, to_float, tolist = torch.Tensor.item, torch.Tensor.__float__, torch.Tensor.tolist
+        with monkeypatch.context() as patch:
+            patch.setattr(torch.Tensor, "item", lambda t: reads.append("item") or item(t))
+            patch.setattr(torch.Tensor, "__float__", lambda t: reads.append("float") or to_float(t))
+            patch.setattr(torch.Tensor, "tolist", lambda t: reads.append("tolist") or tolist(t))
+            return update(*args, **kwargs)
+
+    module._update = counted
+    return reads

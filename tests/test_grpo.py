@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from conftest import runs_of
+from conftest import count_host_reads, runs_of
 from test_ppo import REWARDS, assert_resume_matches
 from test_sft import history
 
@@ -338,18 +338,7 @@ def test_the_update_synchronises_with_the_host_once_and_logs_the_same_metrics(
     module = GRPOModule(policy, load_causal_lm(tiny_model_config, None, seed=0),
                         FunctionReward(_length_reward, tokenizer), stage,
                         sampler=Sampler.from_rollout(rollout, tokenizer, policy), max_grad_norm=None, reward_stats=None)  # fmt: skip
-    reads = []
-    update = module._update
-
-    def counted(*args, **kwargs):
-        item, to_float, tolist = torch.Tensor.item, torch.Tensor.__float__, torch.Tensor.tolist
-        with monkeypatch.context() as patch:
-            patch.setattr(torch.Tensor, "item", lambda x: reads.append("item") or item(x))
-            patch.setattr(torch.Tensor, "__float__", lambda x: reads.append("float") or to_float(x))
-            patch.setattr(torch.Tensor, "tolist", lambda x: reads.append("tolist") or tolist(x))
-            return update(*args, **kwargs)
-
-    module._update = counted
+    reads = count_host_reads(monkeypatch, module)
     logged = _fit_one_iteration(module, tokenizer)
     assert reads == ["tolist"] and len(losses) == 2
     assert logged["policy/loss"] == pytest.approx(sum(loss.item() for loss in losses) / 2, rel=1e-5, abs=1e-7)

@@ -10,7 +10,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from conftest import TESTS_DIR, runs_of, stage_config
+from conftest import TESTS_DIR, count_host_reads, runs_of, stage_config
 from test_sft import _start, _wait_for, history
 
 # tests/ppo_rewards.py holds simple reward functions the CLI imports.
@@ -348,7 +348,6 @@ def test_the_update_synchronises_with_the_host_once_and_logs_the_minibatch_means
 ):
     """Without the KL bound (whose decision needs the host), the metrics of an iteration's updates are
     summed on the device and read once: the same means as reading each minibatch's values."""
-    import torch
 
     from rlhf import rl
 
@@ -362,18 +361,7 @@ def test_the_update_synchronises_with_the_host_once_and_logs_the_minibatch_means
 
     monkeypatch.setattr(rl, "policy_loss", recording)
     module = _module(tiny_model_config, tokenizer, lr=1e-2, max_approx_kl=None)
-    reads = []
-    update = module._update
-
-    def counted(*args, **kwargs):
-        item, to_float, tolist = torch.Tensor.item, torch.Tensor.__float__, torch.Tensor.tolist
-        with monkeypatch.context() as patch:
-            patch.setattr(torch.Tensor, "item", lambda t: reads.append("item") or item(t))
-            patch.setattr(torch.Tensor, "__float__", lambda t: reads.append("float") or to_float(t))
-            patch.setattr(torch.Tensor, "tolist", lambda t: reads.append("tolist") or tolist(t))
-            return update(*args, **kwargs)
-
-    module._update = counted
+    reads = count_host_reads(monkeypatch, module)
     logged = _fit_one_iteration(module, tokenizer)
     assert logged["ppo/updates"] == 4 and reads == ["tolist"]
     assert logged["policy/loss"] == pytest.approx(

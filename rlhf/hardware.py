@@ -21,11 +21,6 @@ if TYPE_CHECKING:
 # The sharded strategies' families. Which stage each refuses, and why, lives with the stage
 # (`Stage.refused_strategies`).
 SHARDED = ("fsdp", "deepspeed")
-# Lightning's FSDP precision refuses clipping by norm, and a rank-0 save of an FSDP model writes one
-# shard: a reason shared by the stages that train one model with Lightning's own loop.
-FSDP_CANNOT_CLIP_OR_SAVE = (
-    "Lightning's FSDP cannot clip gradients by norm and the saved model would be one shard"
-)
 INSTEAD = "hardware=gpu, or hardware=ddp trainer.accelerator=gpu for several GPUs"
 # For the stages that generate inside their training step: replicas small enough to fit, since LoRA
 # leaves one frozen base (also the reference) and small adapters per GPU.
@@ -51,6 +46,11 @@ def check(stage: Stage, trainer: dict[str, Any]) -> None:
         instead = stage.refused_instead or INSTEAD
         raise ConfigError(
             f"stage={stage.name} with trainer.strategy={strategy}: {refused[family]}; use {instead}"
+        )
+    if family == "fsdp" and str(strategy).lower() != "fsdp":
+        raise ConfigError(
+            f"trainer.strategy={strategy}: FSDP runs as trainer.strategy=fsdp (FSDP2, every block "
+            "sharded over all devices); Lightning's other FSDP variants are not supported"
         )
     if family == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         raise ConfigError(

@@ -224,6 +224,14 @@ def checkpoint_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
+def is_checkpoint(path: Path) -> bool:
+    """A file torch.save wrote (a zip archive), or a sharded run's directory: each rank's shards and
+    the rest of the state in meta.pt (Lightning's ModelParallelStrategy)."""
+    if path.is_dir():
+        return zipfile.is_zipfile(path / "meta.pt")
+    return zipfile.is_zipfile(path)
+
+
 def newest_checkpoint(output_dir: str | Path) -> Path | None:
     found = sorted(checkpoint_dir(output_dir).glob("step-*.ckpt"))
     return found[-1] if found else None
@@ -267,13 +275,12 @@ def find_resume_point(resume: object, stage: str, client, experiment_id: str | N
             raise LineageError(f"resume={text}: run has no checkpoint under {checkpoint_dir(output_dir)}")
         return ResumePoint(str(ckpt), text, output_dir)
     path = Path(text).expanduser().resolve()
-    if not path.is_file():
+    if not path.exists():
         raise LineageError(f"resume={text}: no such checkpoint file, run id, or `true`")
-    if not zipfile.is_zipfile(
-        path
-    ):  # torch.save writes a zip archive; anything else fails deep in torch.load
+    if not is_checkpoint(path):  # anything else fails deep in torch.load
         raise LineageError(
-            f"resume={text}: not a checkpoint (a .ckpt file a run wrote under its checkpoints/)"
+            f"resume={text}: not a checkpoint (a .ckpt file, or the .ckpt directory of a sharded "
+            "run, that a run wrote under its checkpoints/)"
         )
     output_dir = path.parent.parent
     run_id = None

@@ -19,8 +19,10 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import MLFlowLogger
 
+from rlhf.hardware import device_count
 from rlhf.lineage import checkpoint_dir
 from rlhf.progress import progress_callbacks
+from rlhf.sharding import lightning_strategy
 from rlhf.tracking import Tracker
 
 
@@ -102,6 +104,8 @@ class FiniteGuard(pl.Callback):
         self._step = trainer.global_step + 1  # the optimizer step this batch counts towards
 
     def _watch(self, value: torch.Tensor, metric: int) -> None:
+        if hasattr(value, "full_tensor"):  # a DTensor (FSDP): the whole model's value, on every rank
+            value = value.full_tensor()
         value = value.detach().float().reshape(())
         if self._first is None:
             self._first = torch.zeros(3, device=value.device)
@@ -284,18 +288,6 @@ def release_freed_memory() -> None:
         mallopt(m_mmap_threshold, 1 << 20)
 
 
-def _world_size(trainer_args: dict[str, Any]) -> int:
-    devices = trainer_args.get("devices", 1)
-    per_node = (
-        devices
-        if isinstance(devices, int) and devices > 0
-        else len(devices)
-        if isinstance(devices, list)
-        else 1
-    )
-    return per_node * int(trainer_args.get("num_nodes", 1) or 1)
-
-
 def build_trainer(
     trainer: Mapping[str, Any],
     tracker: Tracker,
@@ -348,7 +340,7 @@ def build_trainer(
         and not isinstance(interval, bool)
         and batches_per_epoch is not None
         and "check_val_every_n_epoch" not in trainer_args
-        and interval > batches_per_epoch(_world_size(trainer_args))
+        and interval > batches_per_epoch(device_count(trainer_args))
     ):
         # A small data set's epoch is shorter than the interval: count it across epochs instead
         # (Lightning refuses an interval longer than an epoch otherwise).
@@ -357,11 +349,14 @@ def build_trainer(
         # One epoch by default; with a step budget, as many epochs as it takes.
         steps = trainer_args.get("max_steps") or -1
         if steps > 0 and batches_per_epoch is not None:
-            batches = max(1, batches_per_epoch(_world_size(trainer_args)))
+            batches = max(1, batches_per_epoch(device_count(trainer_args)))
             accumulate = int(trainer_args.get("accumulate_grad_batches", 1))
             trainer_args["max_epochs"] = math.ceil(steps * accumulate / batches)
         else:
             trainer_args["max_epochs"] = -1 if steps > 0 else 1
+    trainer_args["strategy"] = lightning_strategy(
+        trainer_args.get("strategy", "auto"), device_count(trainer_args)
+    )
     from lightning_fabric.utilities.exceptions import MisconfigurationException
 
     try:

@@ -94,6 +94,8 @@ class Mode:
     step_limit: int  # seconds one pipeline step may take
     bench_limit: int
     budget: int  # seconds for the whole check; steps not started by then count as failed
+    # Overrides of the sharded steps after hardware=fsdp or hardware=deepspeed (which name the GPU).
+    sharded_args: tuple[str, ...] = ()
 
 
 def _rl(batch: int, new_tokens: int, extra: tuple[str, ...], steps: int, warmup: int) -> tuple[str, ...]:
@@ -191,6 +193,8 @@ CPU = Mode(
     step_limit=180,
     bench_limit=240,
     budget=3600,
+    # FSDP runs on the CPU too (gloo), one process here, at the precision this processor computes best.
+    sharded_args=("trainer.accelerator=cpu", "trainer.precision=auto"),
 )
 
 GPU = Mode(
@@ -304,7 +308,7 @@ def plan(mode: Mode, model_dir: Path, runs: Path) -> list[Step]:
     sharded = [
         Step("sharded", stage, f"{strategy} {stage}",
              ["experiment=smoke", *tiny, "tracking=none", f"hardware={strategy}", "trainer.devices=1",
-              f"stage={stage}", *sharded_sources[stage], *mode.short, *mode.stage_args.get(stage, ()),
+              *mode.sharded_args, f"stage={stage}", *sharded_sources[stage], *mode.short, *mode.stage_args.get(stage, ()),
               f"output_dir={runs}/{strategy}/{stage}"],
              mode.step_limit, f"hardware={strategy} on one device, {workload}")
         for strategy in SHARDED

@@ -336,9 +336,10 @@ REJECTIONS = {
     "trainer-added-typo": Rejection(("+trainer.max_stepz=3",), "trainer.max_stepz", ("Trainer",)),
     "trainer-managed": Rejection(("+trainer.logger=false",), "trainer.logger"),
     # Strategies a stage cannot run: refused with the stage, the strategy and what to use instead.
-    "sft-fsdp": Rejection(("hardware=fsdp",), "trainer.strategy", ("stage=sft", "fsdp", "hardware=gpu")),
-    "rm-fsdp": Rejection(
-        ("stage=rm", "hardware=fsdp"), "trainer.strategy", ("stage=rm", "fsdp", "hardware=gpu")
+    "fsdp-variant": Rejection(
+        ("hardware=fsdp", "trainer.accelerator=cpu", "trainer.strategy=fsdp_cpu_offload"),
+        "trainer.strategy",
+        ("fsdp_cpu_offload", "=fsdp (FSDP2", "not supported"),
     ),
     "ppo-fsdp": Rejection(
         ("stage=ppo", "hardware=fsdp"), "trainer.strategy", ("stage=ppo", "fsdp", "hardware=ddp", "lora")

@@ -275,6 +275,8 @@ def test_each_stage_runs_or_refuses_each_sharded_strategy(stage, strategy):
                 and f"trainer.strategy={strategy}" in message
                 and "use hardware=" in message
             )
+        elif family == "fsdp":  # FSDP2 is trainer.strategy=fsdp; Lightning's variants are not supported
+            assert strategy != "fsdp" and "trainer.strategy=fsdp (" in message
         else:  # only refused for a missing install
             assert family == "deepspeed" and "pip install deepspeed" in message
     else:

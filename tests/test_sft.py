@@ -209,6 +209,7 @@ def _wait_for(predicate, timeout: float, process: subprocess.Popen) -> None:
 
 
 def _start(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.Popen:
+    """The CLI in a process group of its own: os.killpg(process.pid, ...) also reaches the ranks it starts."""
     env = {**os.environ, **OFFLINE, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.Popen(
         [sys.executable, "-m", "rlhf", *args],
@@ -217,6 +218,7 @@ def _start(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.Po
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,
     )
 
 

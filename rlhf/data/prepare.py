@@ -33,6 +33,7 @@ from rlhf.data.tokenize import (
     sft_features,
 )
 from rlhf.errors import DataError
+from rlhf.ranks import is_rank_zero
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def _warn_dropped(kind: str, prepared: Prepared) -> None:
         }
         if counts:
             per_split[split] = counts
-    if not per_split:
+    if not per_split or not is_rank_zero():  # every rank prepares the same data; one says so
         return
     parts = [
         f"{split} {int(prepared.stats[f'{prefix}{split}_examples'])} kept ("

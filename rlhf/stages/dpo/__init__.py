@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from omegaconf import MISSING
 
 from rlhf.config import StageConfig
-from rlhf.hardware import FSDP_CANNOT_CLIP_OR_SAVE
 from rlhf.memory import Footprint, Held, Pass
 from rlhf.stages import Stage
 
@@ -72,6 +71,5 @@ STAGE = Stage(
     key_metrics=("val/gold", "val/kl", "val/loss"),
     bench="rlhf.stages.dpo.module:bench_workload",
     evaluated=True,
-    refused_strategies={"fsdp": FSDP_CANNOT_CLIP_OR_SAVE},
     footprint=footprint,
 )

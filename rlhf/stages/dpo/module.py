@@ -33,6 +33,7 @@ from rlhf.lineage import resolve_source
 from rlhf.policy import Sampler, episode_inputs, packs_pairs, response_logprobs, sequence_logprobs
 from rlhf.preference import dpo_loss, preference_accuracy
 from rlhf.rewards import load_gold
+from rlhf.sharding import Sharded
 from rlhf.stages import StageJob
 from rlhf.stages.dpo import STAGE, DPOStageConfig
 from rlhf.tracking import Tracker
@@ -59,7 +60,9 @@ def pair_metrics(prefix: str, rows: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
-class DPOModule(HeldOutSteps, pl.LightningModule):
+class DPOModule(Sharded, HeldOutSteps, pl.LightningModule):
+    sharded = ("policy", "reference")
+
     def __init__(
         self,
         policy: torch.nn.Module,
@@ -93,15 +96,15 @@ class DPOModule(HeldOutSteps, pl.LightningModule):
         if "reference_logps" in batch:
             return batch["reference_logps"]
         if self.reference is not None:
-            return sequence_logprobs(self.reference, batch)
+            return self.call("reference", sequence_logprobs, batch)
         if self.stage.precompute_ref:
             raise RuntimeError("stage.precompute_ref: the batch carries no reference log-probabilities")
         with self.policy.disable_adapter():
-            return sequence_logprobs(self.policy, batch)
+            return self.call("policy", sequence_logprobs, batch)
 
     def _pair_terms(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-pair losses (P,) and the (P, 5) rows of _COLUMNS."""
-        policy = sequence_logprobs(self.policy, batch)
+        policy = self.call("policy", sequence_logprobs, batch)
         reference = self.reference_logps(batch).to(policy.dtype)
         if self.stage.loss == "ipo":  # IPO compares per-token means, as TRL does
             lengths = torch.bincount(batch["target_response"], minlength=policy.shape[0]).clamp(min=1)
@@ -239,6 +242,7 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
 
     def finish(trainer: pl.Trainer, output_dir: Path) -> dict[str, float]:
         metrics = final_metrics(trainer, module, datamodule, data.splits)
+        module.gather_on_rank_zero()
         if not trainer.is_global_zero:
             return metrics
         models.save_model(module.policy, tokenizer, output_dir / "model")

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from omegaconf import MISSING
 
 from rlhf.config import StageConfig
-from rlhf.hardware import FSDP_CANNOT_CLIP_OR_SAVE
 from rlhf.memory import Footprint, Held, Pass
 from rlhf.stages import Stage
 
@@ -62,6 +61,5 @@ STAGE = Stage(
     objective=("val/accuracy", "maximize"),
     key_metrics=("val/gold_accuracy", "val/margin", "val/loss"),
     bench="rlhf.stages.rm.module:bench_workload",
-    refused_strategies={"fsdp": FSDP_CANNOT_CLIP_OR_SAVE},
     footprint=footprint,
 )

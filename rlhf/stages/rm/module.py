@@ -26,6 +26,7 @@ from rlhf.policy import Sampler
 from rlhf.preference import bradley_terry, gold_order_agreement, pair_weights, preference_accuracy
 from rlhf.rewards import FunctionReward, load_gold
 from rlhf.scalar import pair_scores, sequence_scores, supports_attention_masks
+from rlhf.sharding import Sharded
 from rlhf.stages import StageJob
 from rlhf.stages.rm import STAGE, RMStageConfig
 from rlhf.tracking import Tracker
@@ -34,7 +35,7 @@ from rlhf.training import HeldOutSteps, Throughput, final_metrics, logs_this_ste
 log = logging.getLogger(__name__)
 
 
-class RewardModule(HeldOutSteps, pl.LightningModule):
+class RewardModule(Sharded, HeldOutSteps, pl.LightningModule):
     def __init__(self, model: torch.nn.Module, stage: RMStageConfig, slice_names: list[str] | None = None):
         super().__init__()
         self.model = model.train()  # from_pretrained returns eval mode; training wants train mode
@@ -46,7 +47,7 @@ class RewardModule(HeldOutSteps, pl.LightningModule):
         self.last_scores: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def _pair_scores(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        return pair_scores(self.model, batch)
+        return self.call("model", pair_scores, batch)
 
     def _loss(
         self, chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor, weight=None
@@ -152,6 +153,7 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
 
     def finish(trainer: pl.Trainer, output_dir: Path) -> dict[str, float]:
         metrics = final_metrics(trainer, module, datamodule, data.splits)
+        module.gather_on_rank_zero()
         if not trainer.is_global_zero:
             return metrics
         chosen, rejected = module.last_scores["validation"]

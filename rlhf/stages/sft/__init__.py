@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from omegaconf import MISSING
 
 from rlhf.config import StageConfig
-from rlhf.hardware import FSDP_CANNOT_CLIP_OR_SAVE
 from rlhf.memory import Footprint, Held, Pass
 from rlhf.stages import Stage
 
@@ -49,6 +48,5 @@ STAGE = Stage(
     objective=("val/loss", "minimize"),
     key_metrics=("val/ppl", "test/loss"),
     bench="rlhf.stages.sft.module:bench_workload",
-    refused_strategies={"fsdp": FSDP_CANNOT_CLIP_OR_SAVE},
     footprint=footprint,
 )

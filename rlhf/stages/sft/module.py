@@ -18,6 +18,7 @@ from rlhf.data.prepare import CausalLMCollator, prepare_sft
 from rlhf.data.tokenize import IGNORE_INDEX, ChatRenderer, encode_prompts
 from rlhf.lineage import resolve_source
 from rlhf.policy import Sampler, completion_loss
+from rlhf.sharding import Sharded
 from rlhf.stages import StageJob
 from rlhf.stages.sft import STAGE, SFTStageConfig
 from rlhf.tracking import Tracker
@@ -33,7 +34,7 @@ def trained_tokens_per_example(examples: list[dict]) -> float:
     )
 
 
-class SFTModule(HeldOutSteps, pl.LightningModule):
+class SFTModule(Sharded, HeldOutSteps, pl.LightningModule):
     def __init__(self, model: torch.nn.Module, stage: SFTStageConfig, tokens_per_batch: float):
         super().__init__()
         self.model = model.train()  # from_pretrained returns eval mode; training wants train mode
@@ -46,8 +47,8 @@ class SFTModule(HeldOutSteps, pl.LightningModule):
         self._eval_sums: dict[str, torch.Tensor] = {}
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss_sum, tokens = completion_loss(
-            self.model, batch["input_ids"], batch["attention_mask"], batch["labels"]
+        loss_sum, tokens = self.call(
+            "model", completion_loss, batch["input_ids"], batch["attention_mask"], batch["labels"]
         )
         loss = loss_sum / self.tokens_per_batch
         if not logs_this_step(self.trainer):
@@ -60,8 +61,8 @@ class SFTModule(HeldOutSteps, pl.LightningModule):
         return loss
 
     def _eval_step(self, batch: dict, split: str) -> None:
-        loss_sum, tokens = completion_loss(
-            self.model, batch["input_ids"], batch["attention_mask"], batch["labels"]
+        loss_sum, tokens = self.call(
+            "model", completion_loss, batch["input_ids"], batch["attention_mask"], batch["labels"]
         )
         self._eval_sums["loss"] = self._eval_sums.get("loss", 0) + loss_sum.detach()
         self._eval_sums["tokens"] = self._eval_sums.get("tokens", 0) + tokens
@@ -115,6 +116,7 @@ def build(run: RunConfig, tracker: Tracker) -> StageJob:
 
     def finish(trainer: pl.Trainer, output_dir: Path) -> dict[str, float]:
         metrics = final_metrics(trainer, module, datamodule, data.splits)
+        module.gather_on_rank_zero()
         if trainer.is_global_zero:
             models.save_model(module.model, tokenizer, output_dir / "model")
             # On the stage's device: Lightning hands the trained model back on the CPU.

@@ -272,16 +272,6 @@ def _has_metric(client, key: str) -> bool:
     return bool(runs) and key in runs[0].data.metrics
 
 
-@pytest.mark.distributed
-def test_ddp_on_cpu_records_one_run(tmp_path, cli, mlflow_client):
-    cli(*SMOKE, "hardware=ddp", "trainer.devices=2", timeout=900)
-    (run,) = runs_of(mlflow_client, "smoke")
-    assert run.info.status == "FINISHED"
-    assert run.data.params["trainer.strategy"] == "ddp"
-    assert run.data.metrics["val/loss"] > 0
-    assert (Path(run.data.tags["rlhf.output_dir"]) / "model" / "model.safetensors").is_file()
-
-
 def test_logged_samples_show_blank_and_repetitive_responses_for_what_they_are():
     from rlhf.stages.sft.module import shown
 

@@ -187,6 +187,7 @@ def test_fsdp_trains_as_ddp_resumes_sharded_and_saves_one_model_for_sft_rm_and_d
     (ddp,) = runs_of(mlflow_client, "ddp")
     (fsdp,) = runs_of(mlflow_client, "fsdp")
     assert fsdp.info.status == "FINISHED" and "rlhf.resumed_from" in fsdp.data.tags
+    assert ddp.info.status == "FINISHED" and ddp.data.params["trainer.strategy"] == "ddp"
     assert fsdp.data.params["trainer.strategy"] == "fsdp"
     expected, got = _history(mlflow_client, ddp, "train/loss"), _history(mlflow_client, fsdp, "train/loss")
     assert max(got) == max(expected) == 7
@@ -222,3 +223,25 @@ def test_fsdp_trains_as_ddp_resumes_sharded_and_saves_one_model_for_sft_rm_and_d
     # Policy and sharded reference agree before training: the loss is exactly log 2.
     assert _history(mlflow_client, dpo, "val/loss")[0] == pytest.approx(math.log(2), abs=1e-5)
     assert "val/kl" in dpo.data.metrics  # rank 0 sampled with the gathered policy
+
+
+@pytest.mark.distributed
+def test_a_sharded_run_that_diverges_stops_every_rank_in_one_line(cli, mlflow_client):
+    """Both ranks read the sharded gradient's whole norm and agree on the first non-finite step."""
+    result = cli(
+        "experiment=smoke",
+        "stage=sft",
+        *TWO_CPU_RANKS,
+        "hardware=fsdp",
+        "stage.lr=1e12",
+        "trainer.max_steps=6",
+        check=False,
+        timeout=300,
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    errors = {line for line in result.stderr.splitlines() if line.startswith("rlhf: error:")}
+    assert len(errors) == 1 and "training diverged at step" in errors.pop(), result.stderr[-3000:]
+    (run,) = runs_of(mlflow_client, "smoke")
+    assert run.info.status == "FAILED" and "training diverged" in run.data.tags["rlhf.error"]
+    assert not (Path(run.data.tags["rlhf.output_dir"]) / "model").exists()

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 # The sharded strategies' families. Which stage each refuses, and why, lives with the stage
 # (`Stage.refused_strategies`).
 SHARDED = ("fsdp", "deepspeed")
+# The one trainer.strategy name of the fsdp family that runs: PyTorch's FSDP2 (rlhf.sharding).
+FSDP2 = "fsdp"
 INSTEAD = "hardware=gpu, or hardware=ddp trainer.accelerator=gpu for several GPUs"
 # For the stages that generate inside their training step: replicas small enough to fit, since LoRA
 # leaves one frozen base (also the reference) and small adapters per GPU.
@@ -47,7 +49,7 @@ def check(stage: Stage, trainer: dict[str, Any]) -> None:
         raise ConfigError(
             f"stage={stage.name} with trainer.strategy={strategy}: {refused[family]}; use {instead}"
         )
-    if family == "fsdp" and str(strategy).lower() != "fsdp":
+    if family == "fsdp" and str(strategy).lower() != FSDP2:
         raise ConfigError(
             f"trainer.strategy={strategy}: FSDP runs as trainer.strategy=fsdp (FSDP2, every block "
             "sharded over all devices); Lightning's other FSDP variants are not supported"

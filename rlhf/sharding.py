@@ -1,9 +1,9 @@
 """Fully sharded data parallel (`trainer.strategy=fsdp`): PyTorch's FSDP2 through Lightning's
 ModelParallelStrategy.
 
-Each decoder block and then the whole model are sharded over every process, so a process holds
-1/N of the weights, gradients and optimizer state, and gathers a block's weights only while it
-computes with it. Lightning's strategy starts the ranks, builds the device mesh, and saves and loads
+Each decoder layer is one unit and the weights outside the layers (embeddings, final norm, head)
+another (`Root`), each sharded over every process, so a process holds 1/N of the weights, gradients
+and optimizer state, and gathers a unit's weights only while it computes with it. Lightning's strategy starts the ranks, builds the device mesh, and saves and loads
 sharded checkpoints (one directory, each rank writing its shards); the LightningModule applies the
 sharding in `configure_model`, which `Sharded` provides for the stages that train with Lightning's
 own loop (SFT, RM, DPO).
@@ -30,14 +30,13 @@ import torch
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
-# The names of trainer.strategy that select FSDP2.
-FSDP = "fsdp"
-
 
 def lightning_strategy(strategy: Any, world_size: int) -> Any:
     """The Lightning strategy for trainer.strategy: FSDP2 sharded over all `world_size` processes
     (data parallel only: one tensor-parallel rank each) for `fsdp`, else the setting unchanged."""
-    if str(strategy).lower() != FSDP:
+    from rlhf.hardware import FSDP2
+
+    if str(strategy).lower() != FSDP2:
         return strategy
     from pytorch_lightning.strategies import ModelParallelStrategy
 
@@ -48,14 +47,12 @@ def lightning_strategy(strategy: Any, world_size: int) -> Any:
 
 def blocks(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """The repeated blocks of a transformers model (its `_no_split_modules` classes, the decoder
-    layers), each sharded as one unit: its weights are gathered together for its forward pass."""
+    layers), each sharded as one unit: its weights are gathered together for its forward pass. A
+    model that names none is sharded as one unit, its Root."""
     from rlhf.models import unwrap
 
     names = set(getattr(unwrap(model), "_no_split_modules", None) or ())
-    found = [m for m in model.modules() if type(m).__name__ in names]
-    if not found:  # not a transformers model: every module list's entries
-        found = [m for lst in model.modules() if isinstance(lst, torch.nn.ModuleList) for m in lst]
-    return iter(found)
+    return (m for m in model.modules() if type(m).__name__ in names)
 
 
 class Root(torch.nn.Module):
@@ -126,34 +123,34 @@ class Sharded:
     Put before pl.LightningModule among the bases."""
 
     sharded: tuple[str, ...] = ("model",)
-    _replicas: dict[str, torch.nn.Module] | None = None
-    _roots: dict[str, Root] | None = None
+    # Per sharded model: the Root every computation runs through, and its replica for the full
+    # weights. None until configure_model has run under FSDP (and again once gathered: empty).
+    _shards: dict[str, tuple[Root, torch.nn.Module]] | None = None
 
     def configure_model(self) -> None:
         mesh = self.device_mesh
-        if mesh is None or self._replicas is not None:  # not sharded, or sharded already (validate, then fit)
+        if mesh is None or self._shards is not None:  # not sharded, or sharded already (validate, then fit)
             return
-        self._replicas, self._roots = {}, {}
+        self._shards = {}
         for name in self.sharded:
             model = getattr(self, name)
             if model is not None:
-                self._replicas[name] = meta_replica(model)
-                self._roots[name] = shard(model, mesh["data_parallel"])
+                replica = meta_replica(model)  # before sharding: the plain modules
+                self._shards[name] = (shard(model, mesh["data_parallel"]), replica)
 
     def call(self, name: str, function, *args, **kwargs):
         """function(<the model named `name`>, *args, **kwargs), through its Root when it is sharded."""
-        root = (self._roots or {}).get(name)
-        if root is not None:
-            return root(function, *args, **kwargs)
+        if self._shards and name in self._shards:
+            return self._shards[name][0](function, *args, **kwargs)
         return function(getattr(self, name), *args, **kwargs)
 
     def gather_on_rank_zero(self) -> None:
         """Replace each sharded model by a plain one with its full weights on rank 0, so that it
         saves and samples there; every rank must call this. Nothing happens when nothing is sharded."""
-        if not self._replicas:
+        if not self._shards:
             return
-        for name, replica in self._replicas.items():
+        for name, (_, replica) in self._shards.items():
             full = full_weights(getattr(self, name), replica)
             if full is not None:
                 setattr(self, name, full)
-        self._replicas, self._roots = {}, {}
+        self._shards = {}

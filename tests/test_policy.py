@@ -67,11 +67,12 @@ def test_linear_cross_entropy_matches_cross_entropy_with_gradients():
 # ---------------------------------------------------------------- sampling
 
 
-def _tiny_lm(vocab=40):
+def _tiny_lm(vocab=40, **config):
+    """A seeded random Llama of 2 layers in eval mode; `config` overrides its LlamaConfig fields."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(
+    settings = dict(
         vocab_size=vocab,
         hidden_size=32,
         num_hidden_layers=2,
@@ -81,7 +82,7 @@ def _tiny_lm(vocab=40):
         pad_token_id=0,
         eos_token_id=1,
     )
-    return LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(LlamaConfig(**{**settings, **config})).eval()
 
 
 PROMPTS = [[5, 9, 17, 3, 8], [12, 4], [7, 7, 30, 2], [22]]

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import runs_of
+from test_policy import _tiny_lm as tiny_llama
 from test_sft import _start
 
 from rlhf import hardware, sharding
@@ -24,19 +25,7 @@ from rlhf.stages import get_stage
 
 
 def _tiny_lm(tie: bool = True):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=40,
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        tie_word_embeddings=tie,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(num_hidden_layers=3, tie_word_embeddings=tie)
 
 
 IDS = torch.tensor([[5, 9, 17, 3, 8, 2], [12, 4, 7, 7, 30, 2]])
